@@ -1,0 +1,309 @@
+"""Quantization recipes (peers and hago_py) and an isolated runner for them.
+
+A *recipe* turns a corpus model into a quantized ONNX file. Recipes live in ``RECIPES`` (a registry:
+``register(Recipe(...))`` adds a row to every benchmark). Each recipe runs in a fresh ``spawn``ed child
+process so that
+
+* its peak memory is the child's own peak RSS (VmHWM, reset just before quantizing; see below),
+* a crash, hang or OOM in a peer tool becomes an error row instead of killing the benchmark.
+
+Memory figures: the child imports the recipe's framework and loads the calibration data, then resets
+its RSS high-water mark (``/proc/self/clear_refs`` = 5) and quantizes. ``peak_rss_mb`` is the peak RSS
+of the child during quantization (absolute, so it includes the interpreter, the framework and the
+calibration data); ``peak_delta_mb`` is that peak minus the RSS at the reset (what quantizing added).
+Where the reset is unavailable, ``ru_maxrss`` of the child is used (peak over its whole life).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from .corpus import BenchModel, get_model
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------------------ registry
+@dataclass
+class Recipe:
+    """One row of the benchmark.
+
+    ``fn(model, out_path, calib, notes) -> None`` writes the quantized model to ``out_path``;
+    ``calib`` is the dict of stacked calibration arrays; ``notes`` is a list to append remarks to.
+    """
+
+    name: str
+    family: str  # "ort" | "nncf" | "hago"
+    description: str
+    fn: Callable[[BenchModel, Path, Dict[str, np.ndarray], List[str]], None]
+    models: Optional[tuple] = None  # None: all models
+    imports: tuple = ()  # modules imported before the clock starts
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def applies_to(self, model_name: str) -> bool:
+        return self.models is None or model_name in self.models
+
+
+RECIPES: Dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _short(e: BaseException, limit: int = 400) -> str:
+    msg = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
+
+
+def feeds_from_arrays(calib: Dict[str, np.ndarray], batch: int = 1) -> List[Dict[str, np.ndarray]]:
+    n = len(next(iter(calib.values())))
+    return [{k: np.ascontiguousarray(v[s:s + batch]) for k, v in calib.items()} for s in range(0, n, batch)]
+
+
+def _ort_reader(calib: Dict[str, np.ndarray], batch: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._feeds = feeds_from_arrays(calib, batch)
+            self._it = iter(self._feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = iter(self._feeds)
+
+    return Reader()
+
+
+def _ort_preprocess(src: Path, dst: Path, notes: List[str]) -> Path:
+    """ORT's quant_pre_process (symbolic shape inference + ORT basic optimisation + ONNX shape
+    inference). Returns the model to quantize: the pre-processed one, or ``src`` when it failed."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+        if not dst.exists():
+            raise RuntimeError("quant_pre_process wrote no file")
+        notes.append("pre-processed")
+        return dst
+    except Exception as e:  # noqa: BLE001 - recorded, then quantize the raw model
+        notes.append(f"quant_pre_process failed ({_short(e, 200)}); quantized the raw model")
+        return src
+
+
+# ------------------------------------------------------------------------------------ ORT recipes
+_CALIB_BATCH = 8  # samples per calibration call for ORT (results do not depend on it)
+
+
+def _ort_static(method: str, per_channel: bool):
+    def fn(model: BenchModel, out: Path, calib, notes):
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        src = _ort_preprocess(model.model_path, out.with_suffix(".pre.onnx"), notes)
+        extra = {}
+        if method == "MinMax":
+            # flush ranges every few batches; exact for MinMax (min of mins), bounds memory
+            extra["CalibMaxIntermediateOutputs"] = 4
+        quantize_static(
+            str(src), str(out), _ort_reader(calib, _CALIB_BATCH),
+            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method), extra_options=extra,
+        )
+        if src != model.model_path:
+            Path(src).unlink(missing_ok=True)
+
+    return fn
+
+
+def _ort_dynamic(model: BenchModel, out: Path, calib, notes):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = _ort_preprocess(model.model_path, out.with_suffix(".pre.onnx"), notes)
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
+    if src != model.model_path:
+        Path(src).unlink(missing_ok=True)
+
+
+for _name, _method, _pc, _desc in [
+    ("ort_minmax_pc", "MinMax", True, "ORT quantize_static QDQ U8/S8, MinMax, per-channel weights"),
+    ("ort_minmax_pt", "MinMax", False, "ORT quantize_static QDQ U8/S8, MinMax, per-tensor weights"),
+    ("ort_entropy", "Entropy", True, "ORT quantize_static QDQ U8/S8, Entropy, per-channel weights"),
+    ("ort_percentile", "Percentile", True, "ORT quantize_static QDQ U8/S8, Percentile 99.999, per-channel"),
+]:
+    register(Recipe(_name, "ort", _desc, _ort_static(_method, _pc), imports=("onnxruntime.quantization",),
+                    options={"method": _method, "per_channel": _pc}))
+
+register(Recipe("ort_dynamic", "ort", "ORT quantize_dynamic, QInt8 weights, dynamic U8 activations",
+                _ort_dynamic, imports=("onnxruntime.quantization",)))
+
+
+# ------------------------------------------------------------------------------------ NNCF
+def _nncf_default(model: BenchModel, out: Path, calib, notes):
+    import nncf
+    import onnx
+
+    feeds = feeds_from_arrays(calib, 1)
+    m = onnx.load(str(model.model_path))
+    q = nncf.quantize(m, nncf.Dataset(feeds), subset_size=len(feeds))
+    notes.append(f"nncf {nncf.__version__}, subset_size={len(feeds)}")
+    onnx.save(q, str(out))
+
+
+register(Recipe("nncf_default", "nncf", "NNCF nncf.quantize defaults (benchmark-only extra)",
+                _nncf_default, imports=("nncf",)))
+
+
+# ------------------------------------------------------------------------------------ hago_py
+def hago_recipe(name: str, description: str = "", models=None, **options) -> Recipe:
+    """A hago_py row: ``hago_py.quantize(model, calibration=<arrays>, target=..., **options)``."""
+    opts = {"target": "x86_avx2", **options}
+
+    def fn(model: BenchModel, out: Path, calib, notes):
+        import onnx
+        import hago_py
+
+        res = hago_py.quantize(str(model.model_path), calibration=calib, **opts)
+        qm = res.model if hasattr(res, "model") else res
+        if not isinstance(qm, onnx.ModelProto):
+            raise TypeError(f"hago_py.quantize returned {type(res).__name__} without an onnx.ModelProto .model")
+        onnx.save(qm, str(out))
+        for attr in ("summary", "notes"):
+            v = getattr(res, attr, None)
+            if isinstance(v, str) and v:
+                notes.append(v[:300])
+
+    return Recipe(name, "hago", description or f"hago_py.quantize({opts})", fn, models=models,
+                  imports=("hago_py",), options=opts)
+
+
+register(hago_recipe("hago_default", "hago_py.quantize(target='x86_avx2') defaults"))
+# More hago rows, e.g.: register(hago_recipe("hago_u8u8", some_option=...))
+
+
+# ------------------------------------------------------------------------------------ runner
+def _rss_kb(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _child(conn, recipe_name: str, model_name: str, root: str, out_path: str, calib_n: Optional[int],
+           tmpdir: str, threads: Optional[int]):
+    """Child process body: import, load calibration data, reset the RSS peak, quantize, report."""
+    res: Dict[str, Any] = {"notes": []}
+    try:
+        os.environ["TMPDIR"] = tmpdir  # peers write temp models; keep them under results/
+        tempfile.tempdir = tmpdir
+        if threads:
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        recipe = RECIPES[recipe_name]
+        model = get_model(model_name, root)
+        for mod in recipe.imports:
+            __import__(mod)
+        calib = model.calib_arrays(calib_n)
+        res["calib_samples"] = int(len(next(iter(calib.values()))))
+        res["rss_before_mb"] = (_rss_kb("VmRSS") or 0) / 1024
+        reset = _reset_peak()
+        t0 = time.perf_counter()
+        recipe.fn(model, Path(out_path), calib, res["notes"])
+        res["quantize_s"] = time.perf_counter() - t0
+        if reset and _rss_kb("VmHWM"):
+            res["peak_rss_mb"] = _rss_kb("VmHWM") / 1024
+            res["peak_source"] = "VmHWM after reset"
+        else:
+            res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            res["peak_source"] = "ru_maxrss (whole child)"
+        res["peak_delta_mb"] = max(0.0, res["peak_rss_mb"] - res["rss_before_mb"])
+        if not Path(out_path).exists():
+            raise RuntimeError("recipe wrote no model file")
+        res["model_path"] = out_path
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a row
+        res["error"] = _short(e)
+        res["traceback"] = traceback.format_exc()[-3000:]
+    conn.send(res)
+    conn.close()
+
+
+def run_recipe(recipe_name: str, model: BenchModel, out_dir: Path, *, calib_n: Optional[int] = None,
+               timeout_s: float = 3600, threads: Optional[int] = None) -> Dict[str, Any]:
+    """Run one recipe on one model in a spawned child; always returns a row dict (maybe with 'error')."""
+    recipe = RECIPES[recipe_name]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmpdir = out_dir / f"tmp_{recipe_name}"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"{recipe_name}.onnx"
+    out_path.unlink(missing_ok=True)
+    row: Dict[str, Any] = {"recipe": recipe_name, "family": recipe.family, "description": recipe.description,
+                           "options": {k: str(v) for k, v in recipe.options.items()}}
+    ctx = mp.get_context("spawn")
+    parent, child_conn = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(child_conn, recipe_name, model.name, str(model.root), str(out_path),
+                                         calib_n, str(tmpdir), threads), daemon=True)
+    t0 = time.perf_counter()
+    p.start()
+    child_conn.close()
+    res: Optional[Dict[str, Any]] = None
+    try:
+        if parent.poll(timeout_s):
+            res = parent.recv()
+    except EOFError:
+        res = None
+    p.join(30)
+    if p.is_alive():
+        p.terminate()
+        p.join(10)
+    row["wall_s"] = time.perf_counter() - t0
+    if res is None:
+        if p.exitcode is None or (p.exitcode == -15 and row["wall_s"] >= timeout_s):
+            row["error"] = f"timed out after {timeout_s:.0f} s"
+        else:
+            row["error"] = f"child process died (exit code {p.exitcode}; OOM-killed if -9)"
+        row["notes"] = []
+    else:
+        row.update(res)
+    _rmtree_quiet(tmpdir)
+    return row
+
+
+def _rmtree_quiet(path: Path):
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def recipe_names(model_name: str, selected: Optional[List[str]] = None) -> List[str]:
+    names = selected or list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise KeyError(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+    return [n for n in names if RECIPES[n].applies_to(model_name)]

@@ -1,0 +1,26 @@
+"""hago_py: hardware-aware automated post-training quantization for ONNX models."""
+from .errors import (BackendError, DataError, HagoError, ModelError, OptionError, OutputError, SearchError,
+                     SpecError)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: keep `import hago_py` cheap
+    if name in ("quantize", "evaluate", "benchmark", "Result"):
+        from . import api
+
+        return getattr(api, name)
+    if name in ("load_spec", "list_specs"):
+        from . import hw
+
+        return getattr(hw, name)
+    if name in ("QuantPlan", "QuantOptions"):
+        from . import quant
+
+        return getattr(quant, name)
+    raise AttributeError(name)
+
+
+__all__ = ["quantize", "evaluate", "benchmark", "Result", "load_spec", "list_specs", "QuantPlan",
+           "QuantOptions", "HagoError", "ModelError", "SpecError", "DataError", "BackendError", "OptionError",
+           "OutputError", "SearchError", "__version__"]

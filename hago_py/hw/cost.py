@@ -1,0 +1,106 @@
+"""Analytic roofline cost model: predicted latency when the target cannot be measured from here.
+
+Each layer is modeled independently as ``max(compute time, memory time)``:
+
+* compute time = ops / peak rate, with 2 ops per multiply-accumulate; quantized layers run at the spec's
+  int8 rate (int4 rate when both operands have at most 4 bits and the spec gives one), FP32 layers at the
+  FP32 rate;
+* memory time = bytes moved / memory bandwidth, where a quantized layer moves its weights and activations
+  at their quantized widths (FP32 bytes x bits / 32).
+
+Layers run one after another, so a model's latency is the sum over its layers. The figures are upper bounds
+(peaks, no launch or requantization overhead, perfect overlap of compute and memory), so treat predicted
+speed-ups as optimistic; reports must label them as predicted, not measured.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+from ..errors import OptionError
+from .spec import CostModel, HardwareSpec
+
+__all__ = ["predict_latency", "predict_layer_latency", "predict_model_latency", "predict_speedup"]
+
+CostLike = Union[CostModel, HardwareSpec]
+
+
+def _cost(cost: CostLike) -> CostModel:
+    if isinstance(cost, HardwareSpec):
+        if cost.cost_model is None:  # pragma: no cover - the schema requires cost_model
+            raise OptionError(f"hardware spec {cost.name!r} has no cost_model; add one to predict latency")
+        return cost.cost_model
+    if not isinstance(cost, CostModel):
+        raise OptionError(f"cost must be a CostModel or HardwareSpec, got {type(cost).__name__}")
+    return cost
+
+
+def predict_latency(flops: float, bytes_moved: float, cost: CostLike, int8: bool) -> float:
+    """Roofline latency in seconds: ``max(flops / peak, bytes_moved / bandwidth)``.
+
+    ``flops``: arithmetic operations (2 per multiply-accumulate); ``int8`` selects the int8 peak instead of
+    the FP32 one.
+    """
+    cm = _cost(cost)
+    if flops < 0 or bytes_moved < 0:
+        raise OptionError(f"flops and bytes_moved must be >= 0 (got {flops}, {bytes_moved})")
+    peak = cm.peak_int8_ops_per_s if int8 else cm.peak_fp32_flops_per_s
+    return max(flops / peak, bytes_moved / cm.memory_bandwidth_bytes_per_s)
+
+
+def _layer_field(layer: Mapping[str, Any], key: str, i: int) -> int:
+    if key not in layer:
+        raise OptionError(f"layer {i} has no {key!r}; each layer needs macs, weight_bytes_fp32, act_bytes_fp32 "
+                          f"and quantized")
+    v = layer[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise OptionError(f"layer {i}: {key} must be a non-negative number (got {v!r})")
+    return v
+
+
+def predict_layer_latency(layer: Mapping[str, Any], cost: CostLike, *, index: int = 0) -> float:
+    """Latency (s) of one layer dict ``{"macs", "weight_bytes_fp32", "act_bytes_fp32", "quantized"}``.
+
+    Optional keys for quantized layers: ``weight_bits`` and ``activation_bits`` (default 8).
+    ``act_bytes_fp32`` counts the layer's input and output activations at FP32 width.
+    """
+    cm = _cost(cost)
+    macs = _layer_field(layer, "macs", index)
+    wb = _layer_field(layer, "weight_bytes_fp32", index)
+    ab = _layer_field(layer, "act_bytes_fp32", index)
+    flops = 2.0 * macs
+    if not layer.get("quantized", False):
+        return max(flops / cm.peak_fp32_flops_per_s, (wb + ab) / cm.memory_bandwidth_bytes_per_s)
+    w_bits = layer.get("weight_bits", 8)
+    a_bits = layer.get("activation_bits", 8)
+    for k, b in (("weight_bits", w_bits), ("activation_bits", a_bits)):
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 32:
+            raise OptionError(f"layer {index}: {k} must be an integer in 1..32 (got {b!r})")
+    peak = cm.peak_int8_ops_per_s
+    if w_bits <= 4 and a_bits <= 4 and cm.peak_int4_ops_per_s:
+        peak = cm.peak_int4_ops_per_s
+    elif w_bits > 8 or a_bits > 8:
+        peak = cm.peak_fp32_flops_per_s  # no wider-integer rate in the spec: assume no compute gain
+    bytes_moved = wb * w_bits / 32.0 + ab * a_bits / 32.0
+    return max(flops / peak, bytes_moved / cm.memory_bandwidth_bytes_per_s)
+
+
+def predict_model_latency(layers: Sequence[Mapping[str, Any]], cost: CostLike) -> float:
+    """Sum of :func:`predict_layer_latency` over ``layers`` (seconds)."""
+    return sum(predict_layer_latency(l, cost, index=i) for i, l in enumerate(layers))
+
+
+def predict_speedup(layers: Iterable[Mapping[str, Any]], cost: CostLike) -> float:
+    """Predicted FP32 latency / quantized latency for a model given as a list of layer dicts.
+
+    Each layer: ``{"macs": int, "weight_bytes_fp32": int, "act_bytes_fp32": int, "quantized": bool}``
+    (optionally ``weight_bits`` / ``activation_bits``). The FP32 baseline runs every layer unquantized;
+    the quantized model runs the layers marked ``quantized`` at their quantized rate and widths.
+    """
+    layers = list(layers)
+    if not layers:
+        raise OptionError("predict_speedup needs at least one layer")
+    fp32 = predict_model_latency([{**l, "quantized": False} for l in layers], cost)
+    quant = predict_model_latency(layers, cost)
+    if quant <= 0:
+        return 1.0  # nothing to do in either model
+    return fp32 / quant

@@ -1,0 +1,6 @@
+"""Graph passes (one per file), all onnx-ir InPlacePass subclasses."""
+from .constant_folding import ConstantFoldingPass
+from .fold_batchnorm import FoldBatchNormPass
+from .fold_pad import FoldPadIntoConvPass
+
+__all__ = ["ConstantFoldingPass", "FoldBatchNormPass", "FoldPadIntoConvPass"]

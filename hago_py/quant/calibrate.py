@@ -1,0 +1,91 @@
+"""calibrate(model, plan, data) -> plan with activation scales / zero points.
+
+The FP32 model is extended so that every tensor the plan quantizes statically is also a graph output;
+ORT runs it batch by batch and each tensor's observer streams the values (histograms, bounded memory).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from ..backends.ort import OrtBackend
+from ..errors import DataError
+from .observers import make_observer, qparams_from_range
+from .plan import QuantPlan
+
+
+def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """Copy of ``model`` that also returns the given intermediate tensors."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    vis = {vi.name: vi for vi in m.graph.value_info}
+    for n in names:
+        if n in existing:
+            continue
+        if n in vis:
+            m.graph.output.append(vis[n])
+        else:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    return m
+
+
+def calibration_targets(plan: QuantPlan):
+    return [n for n, tq in plan.activations.items() if tq.mode == "static" and tq.shared_with is None]
+
+
+def collect(model: onnx.ModelProto, plan: QuantPlan, data: Iterable[Mapping[str, np.ndarray]], *,
+            percentile: float = 99.999, threads: int = 1, progress: bool = False) -> Dict[str, object]:
+    """Stream the calibration set through the model; return {tensor: observer} for every static tensor."""
+    names = calibration_targets(plan)
+    if not names:
+        return {}
+    aug = with_outputs(model, names)
+    backend = OrtBackend(threads=threads)
+    sess = backend.compile(aug, optimization="basic")
+    out_names = [o.name for o in sess.get_outputs()]
+    idx = {n: out_names.index(n) for n in names}
+    observers = {}
+    for n in names:
+        tq = plan.activations[n]
+        opts = {"percentile": percentile} if tq.method == "percentile" else {}
+        observers[n] = make_observer(tq.method, n, **opts)
+    it = data
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            it = tqdm(data, desc="calibrating", unit="batch", leave=False)
+        except ImportError:  # pragma: no cover
+            pass
+    seen = 0
+    for batch in it:
+        outs = backend.run(sess, batch)
+        for n in names:
+            observers[n].update(np.asarray(outs[idx[n]], dtype=np.float32))
+        seen += 1
+    if seen == 0:
+        raise DataError("calibration set is empty: no batch reached the model; pass at least one sample")
+    return observers
+
+
+def apply_observers(plan: QuantPlan, observers: Dict[str, object]) -> QuantPlan:
+    """Fill scale / zero point of every static activation from its observer; shared tensors follow."""
+    for n, obs in observers.items():
+        tq = plan.activations[n]
+        scale, zp = obs.compute_qparams(tq.dtype, bits=tq.bits, symmetric=tq.symmetric, narrow=tq.narrow)
+        tq.scale = [float(scale)]
+        tq.zero_point = [int(zp)]
+        tq.stats = obs.state()
+    for n, tq in plan.activations.items():
+        if tq.shared_with is not None:
+            src = plan.resolve(n)
+            tq.scale, tq.zero_point, tq.dtype = list(src.scale), list(src.zero_point), src.dtype
+    plan.history.append("calibrate")
+    return plan
+
+
+def calibrate(model, plan, data, **kw) -> QuantPlan:
+    return apply_observers(plan, collect(model, plan, data, **kw))

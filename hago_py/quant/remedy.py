@@ -1,0 +1,115 @@
+"""Saturation remedies, driven by the spec's saturation hazards and chosen by measurement.
+
+On AVX2 without VNNI, ORT's u8 x s8 kernels use vpmaddubsw, which adds two u8*s8 products into a
+saturating int16 (2 * 255 * 127 > 32767). A spec lists such a hazard with the remedies the target offers:
+* ``reduce_range``: 7-bit weights in the int8 container (2 * 255 * 63 < 32767: cannot saturate);
+* ``u8u8``: unsigned weights with zero point 128, which MLAS runs on a widening u8 x u8 kernel.
+With ``saturation_remedy="auto"`` every candidate (none + the spec's remedies) is realized, its fused
+integer model is compared with FP32 on calibration batches (SQNR) and the candidates that match the best
+accuracy within 0.5 dB are timed; the fastest of those wins. Every figure is recorded in the report.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List
+
+import onnx
+
+from .annotate import is_depthwise
+from .plan import QuantPlan
+
+SQNR_TOLERANCE_DB = 0.5
+
+
+def affected_layers(model: onnx.ModelProto, plan: QuantPlan, hazard) -> List[str]:
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    out = []
+    for lp in plan.quantized_layers():
+        if lp.weight is None or lp.scheme is None:
+            continue
+        if lp.scheme.get("activation_dtype") != hazard.activation_dtype or lp.weight.dtype != hazard.weight_dtype:
+            continue
+        if lp.inputs and plan.activations.get(lp.inputs[0]) is not None and \
+                plan.activations[lp.inputs[0]].mode == "dynamic":
+            # dynamic MatMulInteger on AVX2 also uses the u8s8 path; include it
+            pass
+        node = nodes.get(lp.node)
+        if node is not None and is_depthwise(node, inits.get(lp.weight.tensor, [0, 0])):
+            continue  # depthwise kernels accumulate per tap in int32: no pair-sum hazard
+        out.append(lp.node)
+    return out
+
+
+def apply_remedy(plan: QuantPlan, remedy: str, layers: List[str], spec, hazard) -> QuantPlan:
+    for name in layers:
+        lp = plan.layers[name]
+        if remedy == "none":
+            continue
+        if remedy == "reduce_range":
+            lp.weight.bits = int(hazard.max_safe_weight_bits or 7)
+        elif remedy == "u8u8":
+            if spec.find_scheme(lp.op_type, lp.weight.bits, lp.scheme.get("activation_bits", 8),
+                                weight_dtype="uint8") is None:
+                continue
+            lp.weight.dtype = "uint8"
+            lp.weight.symmetric = True
+            lp.weight.narrow = False
+            lp.scheme = dict(lp.scheme, weight_dtype="uint8")
+        lp.remedy = remedy
+        lp.notes.append(f"saturation hazard {hazard.name} ({hazard.instruction}): remedy {remedy}")
+    return plan
+
+
+def choose_remedy(model: onnx.ModelProto, plan: QuantPlan, spec, opts, batches) -> Dict[str, Any]:
+    from .artifact import sqnr_db
+    from .realize import realize
+    from ..backends.ort import OrtBackend
+
+    hazards = [h for h in spec.saturation_hazards]
+    if not hazards:
+        return {"hazard": None, "chosen": "none", "why": f"target {spec.name} lists no saturation hazard"}
+    info: Dict[str, Any] = {"hazards": [h.name for h in hazards], "candidates": {}}
+    chosen_all = []
+    for hazard in hazards:
+        layers = affected_layers(model, plan, hazard)
+        if not layers:
+            info["candidates"][hazard.name] = {}
+            continue
+        if opts.saturation_remedy != "auto":
+            apply_remedy(plan, opts.saturation_remedy, layers, spec, hazard)
+            chosen_all.append(opts.saturation_remedy)
+            info["why"] = "set by option saturation_remedy"
+            continue
+        candidates = ["none"] + [r for r in hazard.remedies if r != "none"]
+        be = OrtBackend(threads=opts.threads)
+        out_names = [o.name for o in model.graph.output]
+        fp = [o for b in be.predict(model, batches) for o in b]
+        results, models = {}, {}
+        for cand in candidates:
+            p = apply_remedy(copy.deepcopy(plan), cand, layers, spec, hazard)
+            q = realize(model, p)
+            fused = [o for b in be.predict(q, batches, output_names=out_names) for o in b]
+            results[cand] = {"sqnr_fused_db": sqnr_db(fp, fused)}
+            models[cand] = q
+        best = max(r["sqnr_fused_db"] for r in results.values())
+        close = [c for c in candidates if results[c]["sqnr_fused_db"] >= best - SQNR_TOLERANCE_DB]
+        if len(close) > 1:
+            feed = {k: v[:1] for k, v in batches[0].items()}
+            tr = be.time({c: models[c] for c in close}, feed, repeats=max(10, opts.timing_repeats // 2), warmup=2)
+            for c in close:
+                results[c]["median_ms"] = tr.timings[close.index(c)].median * 1e3
+            choice = min(close, key=lambda c: results[c]["median_ms"])
+            why = (f"{len(close)} candidates within {SQNR_TOLERANCE_DB} dB of the best fused SQNR; "
+                   f"{choice} measured fastest")
+        else:
+            choice = close[0]
+            why = f"{choice} has the best fused SQNR ({best:.1f} dB)"
+        apply_remedy(plan, choice, layers, spec, hazard)
+        info["candidates"][hazard.name] = results
+        info["affected_layers"] = len(layers)
+        info["why"] = why
+        chosen_all.append(choice)
+    info["chosen"] = ",".join(chosen_all) if chosen_all else "none"
+    plan.history.append(f"remedy:{info['chosen']}")
+    return info

@@ -1,0 +1,58 @@
+"""Weight quantization: qparams per tensor / per channel, then the plan's rounding scheme."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from .observers import qrange
+from .plan import TensorQuant
+from .rounding import get_rounder
+
+
+def weight_qparams(w: np.ndarray, tq: TensorQuant) -> Tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (arrays of length C for per-channel, length 1 per-tensor)."""
+    qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
+    if tq.granularity == "per_channel":
+        axes = tuple(i for i in range(w.ndim) if i != tq.axis)
+        lo, hi = w.min(axis=axes), w.max(axis=axes)
+    else:
+        lo, hi = np.array([w.min()]), np.array([w.max()])
+    lo = np.minimum(lo.astype(np.float64), 0.0)
+    hi = np.maximum(hi.astype(np.float64), 0.0)
+    if tq.symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        if tq.dtype.startswith("u"):
+            zp = np.full(amax.shape, (qmin + qmax + 1) // 2, np.int64)
+            half = min(qmax - zp[0], zp[0] - qmin) if amax.size else 1
+        else:
+            zp = np.zeros(amax.shape, np.int64)
+            half = min(qmax, -qmin)
+        scale = amax / half
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        scale = np.where(scale > 0, scale, 1.0)
+        zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int64)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    scale = np.maximum(scale, np.float32(np.finfo(np.float32).tiny))
+    return scale, zp
+
+
+def quantize_weight(w: np.ndarray, tq: TensorQuant, **ctx) -> np.ndarray:
+    """Fill tq.scale / tq.zero_point and return the integer weight (int64 array, within the dtype range)."""
+    scale, zp = weight_qparams(w, tq)
+    qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
+    q = get_rounder(tq.method)(w, scale, zp, qmin, qmax, tq.axis if tq.granularity == "per_channel" else None, **ctx)
+    tq.scale = [float(s) for s in scale]
+    tq.zero_point = [int(z) for z in zp]
+    return q
+
+
+def dequantize(q: np.ndarray, tq: TensorQuant) -> np.ndarray:
+    s = np.asarray(tq.scale, np.float32)
+    z = np.asarray(tq.zero_point, np.int64)
+    if tq.granularity == "per_channel" and s.size > 1:
+        shape = [1] * q.ndim
+        shape[tq.axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return ((q - z) * s).astype(np.float32)
