@@ -106,7 +106,14 @@ def _ort_preprocess(src: Path, dst: Path, notes: List[str]) -> Path:
 
 
 # ------------------------------------------------------------------------------------ ORT recipes
-_CALIB_BATCH = 8  # samples per calibration call for ORT (results do not depend on it)
+_CALIB_BATCH = 8  # max samples per calibration call for ORT (results do not depend on it)
+
+
+def _calib_batch(calib: Dict[str, np.ndarray], max_batch: int = _CALIB_BATCH) -> int:
+    """Largest batch <= max_batch that divides the sample count: ORT's histogram calibrators
+    (Entropy, Percentile) np.asarray() the per-call outputs and fail on a ragged last batch."""
+    n = len(next(iter(calib.values())))
+    return max(b for b in range(1, max_batch + 1) if n % b == 0)
 
 
 def _ort_static(method: str, per_channel: bool):
@@ -114,12 +121,12 @@ def _ort_static(method: str, per_channel: bool):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         src = _ort_preprocess(model.model_path, out.with_suffix(".pre.onnx"), notes)
+        # Deliberately no CalibMaxIntermediateOutputs: in ORT 1.32 MinMaxCalibrater's flush
+        # (clear_collected_data) discards the collected outputs without merging their ranges, so
+        # the ranges would come from the last partial chunk only (or "No data is collected").
         extra = {}
-        if method == "MinMax":
-            # flush ranges every few batches; exact for MinMax (min of mins), bounds memory
-            extra["CalibMaxIntermediateOutputs"] = 4
         quantize_static(
-            str(src), str(out), _ort_reader(calib, _CALIB_BATCH),
+            str(src), str(out), _ort_reader(calib, _calib_batch(calib)),
             quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, method), extra_options=extra,
@@ -253,9 +260,36 @@ def _child(conn, recipe_name: str, model_name: str, root: str, out_path: str, ca
     conn.close()
 
 
+def _mem_available_mb() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _pid_rss_mb(pid: int) -> Optional[float]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_recipe(recipe_name: str, model: BenchModel, out_dir: Path, *, calib_n: Optional[int] = None,
-               timeout_s: float = 3600, threads: Optional[int] = None) -> Dict[str, Any]:
-    """Run one recipe on one model in a spawned child; always returns a row dict (maybe with 'error')."""
+               timeout_s: float = 3600, threads: Optional[int] = None,
+               mem_reserve_mb: float = 1500) -> Dict[str, Any]:
+    """Run one recipe on one model in a spawned child; always returns a row dict (maybe with 'error').
+
+    A watchdog kills the child when it runs past ``timeout_s`` or when the machine's MemAvailable
+    falls below ``mem_reserve_mb`` (the machine is shared; an OOM kill could hit someone else).
+    """
     recipe = RECIPES[recipe_name]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,22 +307,43 @@ def run_recipe(recipe_name: str, model: BenchModel, out_dir: Path, *, calib_n: O
     p.start()
     child_conn.close()
     res: Optional[Dict[str, Any]] = None
-    try:
-        if parent.poll(timeout_s):
-            res = parent.recv()
-    except EOFError:
-        res = None
+    killed: Optional[str] = None
+    seen_rss = 0.0
+    while True:
+        try:
+            if parent.poll(0.5):
+                res = parent.recv()
+                break
+        except EOFError:  # child exited without sending
+            break
+        if not p.is_alive():
+            try:
+                if parent.poll(0.5):
+                    res = parent.recv()
+            except EOFError:
+                pass
+            break
+        seen_rss = max(seen_rss, _pid_rss_mb(p.pid) or 0.0)
+        if time.perf_counter() - t0 > timeout_s:
+            killed = f"timed out after {timeout_s:.0f} s"
+        avail = _mem_available_mb()
+        if avail is not None and avail < mem_reserve_mb:
+            killed = (f"killed by the benchmark: machine memory nearly exhausted (MemAvailable {avail:.0f} MB "
+                      f"< {mem_reserve_mb:.0f} MB reserve; child RSS {seen_rss:.0f} MB)")
+        if killed:
+            p.kill()
+            break
     p.join(30)
     if p.is_alive():
-        p.terminate()
+        p.kill()
         p.join(10)
     row["wall_s"] = time.perf_counter() - t0
     if res is None:
-        if p.exitcode is None or (p.exitcode == -15 and row["wall_s"] >= timeout_s):
-            row["error"] = f"timed out after {timeout_s:.0f} s"
-        else:
-            row["error"] = f"child process died (exit code {p.exitcode}; OOM-killed if -9)"
+        row["error"] = killed or f"child process died (exit code {p.exitcode}; -9 = killed, e.g. by the OOM killer)"
         row["notes"] = []
+        if seen_rss:
+            row["peak_rss_mb"] = seen_rss
+            row["peak_source"] = "parent polling of VmRSS (child did not finish)"
     else:
         row.update(res)
     _rmtree_quiet(tmpdir)

@@ -151,7 +151,8 @@ def bench_model(model: BenchModel, recipes: List[str], args) -> Dict[str, Any]:
 
     rows: List[Dict[str, Any]] = []
     for name in recipes:
-        row = run_recipe(name, model, out_dir, calib_n=calib_n, timeout_s=args.timeout)
+        row = run_recipe(name, model, out_dir, calib_n=calib_n, timeout_s=args.timeout,
+                         mem_reserve_mb=args.mem_reserve)
         if not row.get("error"):
             t0 = time.perf_counter()
             try:
@@ -236,7 +237,7 @@ def format_table(results: List[Dict[str, Any]]) -> str:
         mn = res.get("metric_name", "")
         fp = res.get("fp32", {})
         fp_ms = fp.get("ms", {}).get("median")
-        notes = f"{fp_ms:.3f} ms/inference" if fp_ms is not None else ""
+        notes = f"{fp_ms:.3f} ms" if fp_ms is not None else ""
         lines.append(f"| {_cell(res['model'])} | fp32 | {_fmt_metric(mn, fp.get('metric'))} | - | 1.00x | - | - | "
                      f"{_cell(notes)} |")
         for r in res.get("rows", []):
@@ -310,6 +311,8 @@ def parse_args(argv=None):
                     help="intra-op threads for accuracy evaluation (default: all CPUs)")
     ap.add_argument("--calib", type=int, default=None, help="calibration samples (default per model)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per recipe before it is killed")
+    ap.add_argument("--mem-reserve", type=float, default=1500,
+                    help="kill a recipe when the machine's MemAvailable falls below this many MB")
     ap.add_argument("--quick", action="store_true", help="subset of eval data, fewer timing rounds (smoke run)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--keep-tracebacks", action="store_true", help="keep child tracebacks in the JSON")

@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-bits", type=int, default=8)
     q.add_argument("--activation-bits", type=int, default=8)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
-    q.add_argument("--calibration", default="auto", help="minmax | percentile | mse | entropy | auto")
+    q.add_argument("--clipping", default="auto", help="activation range method: minmax | percentile | mse | entropy | auto")
     q.add_argument("--activation-mode", default="auto", help="static | dynamic | auto")
     q.add_argument("--saturation-remedy", default="auto", help="auto | none | reduce_range | u8u8")
     q.add_argument("--exclude", action="append", default=[], help="node name to keep FP32 (repeatable)")
@@ -49,7 +49,7 @@ def _cmd_quantize(a) -> int:
         raise OutputError(f"cannot write '{out}': folder '{out.parent}' does not exist; create it first")
     res = api.quantize(a.model, a.calib, a.target, progress=not a.quiet, measure_latency=not a.no_latency,
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
-                       calibration=a.calibration, activation_mode=a.activation_mode,
+                       clipping=a.clipping, activation_mode=a.activation_mode,
                        saturation_remedy=a.saturation_remedy, exclude=a.exclude, simulate=a.simulate,
                        threads=a.threads, max_calib_samples=a.max_calib_samples)
     res.save(out, report_dir=a.report)

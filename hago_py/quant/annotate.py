@@ -102,7 +102,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
             return acts[name]
         tq = TensorQuant(tensor=name, role="activation", dtype=dtype, bits=a_bits, symmetric=symmetric,
                          narrow=False, granularity="per_tensor", mode="static",
-                         method=options.calibration if options.calibration != "auto" else "mse")
+                         method=options.clipping if options.clipping != "auto" else "mse")
         acts[name] = tq
         in_region.add(name)
         return tq
@@ -192,6 +192,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                              "(token activations have per-batch ranges; scales computed at run time)")
             else:
                 static_act(x, a_dtype, a_sym)
+                static_act(out_name, a_dtype, a_sym)
                 lp.inputs = [x]
                 lp.output = out_name
                 lp.reason = (f"{op} -> {scheme_d['kernel'] or 'fake-quant (simulated)'} W{weight.bits}A{a_bits} "
@@ -229,7 +230,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                                              mode="static", method="shared", shared_with=float_inputs[0])
                 in_region.add(out_name)
             else:
-                static_act(out_name, sch.activation_dtype, False in sch.activation_symmetric and False)
+                static_act(out_name, sch.activation_dtype, False)
             plan.layers[node.name] = lp
             continue
 

@@ -8,7 +8,7 @@ from ..errors import OptionError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse", "entropy")
 ACTIVATION_MODES = ("static", "dynamic", "auto")
-REMEDIES = ("auto", "none", "reduce_range", "u8u8")
+REMEDIES = ("auto", "none", "reduce_range", "u8u8", "reduce_range@saturating", "u8u8@saturating")
 ROUNDING = ("nearest",)
 
 
@@ -17,7 +17,7 @@ class QuantOptions:
     weight_bits: int = 8
     activation_bits: int = 8
     per_channel: bool = True
-    calibration: str = "auto"           # auto: mse for inputs of weighted layers, minmax elsewhere... see annotate
+    clipping: str = "auto"              # activation range method: minmax | percentile | mse | entropy (auto = mse)
     percentile: float = 99.999
     activation_mode: str = "auto"       # auto: static for conv nets, dynamic for MatMul-heavy (transformer) nets
     rounding: str = "nearest"
@@ -56,8 +56,8 @@ class QuantOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
                 raise OptionError(f"option {name}={v!r} is invalid; use an integer between 2 and 16")
-        if self.calibration not in CALIBRATION_METHODS + ("auto",):
-            bad("calibration", self.calibration, CALIBRATION_METHODS + ("auto",))
+        if self.clipping not in CALIBRATION_METHODS + ("auto",):
+            bad("clipping", self.clipping, CALIBRATION_METHODS + ("auto",))
         if self.activation_mode not in ACTIVATION_MODES:
             bad("activation_mode", self.activation_mode, ACTIVATION_MODES)
         if self.saturation_remedy not in REMEDIES:

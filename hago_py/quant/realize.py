@@ -15,6 +15,7 @@ from typing import Dict, Optional
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ..errors import ModelError
 from ..ir.io import to_ir, to_proto
@@ -111,6 +112,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         v = values.get(name)
         if v is None:
             raise ModelError(f"plan quantizes tensor '{name}' which is not in the model")
+        users = [(u.node, u.idx) for u in v.uses()]
         s_val, z_val = _qparam_values(graph, name, TensorQuant(tensor=name, dtype=tq_eff.dtype,
                                                                scale=tq_eff.scale, zero_point=tq_eff.zero_point),
                                       {})
@@ -119,7 +121,6 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s_val, z_val], name=f"{name}/dequantize",
                      num_outputs=1)
         dq.outputs[0].name = f"{name}_dequantized"
-        users = [(u.node, u.idx) for u in v.uses()]
         prod = v.producer()
         if prod is not None:
             graph.insert_after(prod, [q, dq])
@@ -130,6 +131,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
             user.replace_input_with(idx, dq.outputs[0])
 
     m.graph.sort()
+    RemoveUnusedNodesPass()(m)
     out = to_proto(m)
     _ensure_ms_opset(out)
     if any((lp.weight is not None and lp.weight.dtype in ("int4", "uint4")) for lp in plan.quantized_layers()):

@@ -23,7 +23,7 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
     lines = [f"# hago_py quantization report — target `{r['target']}`", ""]
     opts = r.get("options", {})
     lines.append(f"- weights W{opts.get('weight_bits')} / activations A{opts.get('activation_bits')}, "
-                 f"calibration `{opts.get('calibration')}` on {r.get('calibration_samples')} samples, "
+                 f"clipping `{opts.get('clipping')}` on {r.get('calibration_samples')} samples, "
                  f"activation mode `{opts.get('activation_mode')}`")
     lines.append(f"- prepare passes that changed the graph: {', '.join(r.get('prepare_passes') or []) or 'none'}")
     rem = r.get("remedy") or {}

@@ -31,7 +31,7 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     while name in existing:
         k += 1
         name = f"{base}_{k}"
-    array = np.ascontiguousarray(array)
+    array = np.array(array, copy=True, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
     v = ir.Value(name=name, shape=ir.Shape(array.shape),
                  type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                  const_value=ir.tensor(array, name=name))
