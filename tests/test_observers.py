@@ -313,8 +313,16 @@ def test_entropy_clips_heavy_tail_and_stays_in_range():
     er = _fed("entropy", relu, 3)
     lo, hi = er.compute_range("uint8")
     assert lo == 0.0 and 0.0 < hi <= relu.max()
-    # on the heavy-tailed data the clipped range quantizes better than min/max at 8 bits
-    assert _quant_mse(x, ent, symmetric=True) < _quant_mse(x, _fed("minmax", x), symmetric=True)
+    # fewer levels -> coarser rounding -> the divergence is minimised with more clipping
+    t8 = ent.compute_range("int8", symmetric=True)[1]
+    t4 = ent.compute_range("int4", symmetric=True)[1]
+    assert t4 < t8
+    # exact zeros (half of a Relu output) do not drag the threshold down: Relu(N(0,1)) at 8 bits
+    # is clipped near the top of the positive half, like N(0,1) itself
+    g = rng.normal(size=100000).astype(np.float32)
+    tg = _fed("entropy", g).compute_range("int8", symmetric=True)[1]
+    tr = _fed("entropy", np.maximum(g, 0)).compute_range("int8", symmetric=True)[1]
+    assert tr > 0.8 * tg > 2.5
 
 
 # ------------------------------------------------------------------ sign conventions

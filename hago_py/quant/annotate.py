@@ -98,7 +98,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
         return etypes.get(name, TensorProto.FLOAT) in _FLOAT
 
     def static_act(name: str, dtype: str, symmetric: bool) -> TensorQuant:
-        if name in acts and acts[name].mode == "static" and acts[name].shared_with is None:
+        if name in acts and acts[name].mode == "static":  # already quantized (own or shared qparams)
             return acts[name]
         tq = TensorQuant(tensor=name, role="activation", dtype=dtype, bits=a_bits, symmetric=symmetric,
                          narrow=False, granularity="per_tensor", mode="static",

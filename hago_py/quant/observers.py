@@ -52,6 +52,7 @@ __all__ = [
 _F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
 _F32_MAX = float(np.finfo(np.float32).max)
 _DTYPE_RE = re.compile(r"^(u?)int(\d+)$")
+_CHUNK = 1 << 20  # elements binned at a time
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +190,8 @@ class _Histogram:
         return e
 
     def add(self, x: np.ndarray, mn: float, mx: float) -> None:
-        """Add the float64 values ``x``; ``mn``/``mx`` is the global range including ``x``."""
+        """Add the (flat, finite) values ``x``; ``mn``/``mx`` is the global range including ``x``.
+        Bin indices are computed exactly in float64 (scaling by a power of two is exact)."""
         e = self._exponent(mn, mx)
         off = math.floor(math.ldexp(mn, -e))
         if self.exp is None:
@@ -202,9 +204,12 @@ class _Histogram:
             self.counts = np.bincount(local, weights=self.counts[nz], minlength=self.bins
                                       ).round().astype(np.int64)
             self.exp, self.off = e, off
-        idx = np.floor(np.ldexp(x, -e)) - off
-        idx = np.clip(idx, 0, self.bins - 1).astype(np.int64)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        for start in range(0, x.size, _CHUNK):  # bounded float64 temporaries for huge batches
+            part = x[start:start + _CHUNK].astype(np.float64)
+            idx = np.floor(np.ldexp(part, -e), out=part)
+            idx -= off
+            np.clip(idx, 0, self.bins - 1, out=idx)
+            self.counts += np.bincount(idx.astype(np.int64), minlength=self.bins)
 
     def signed_bins(self, mn: float, mx: float, zeros: int):
         """Non-empty bins as sorted arrays (left, right, count); exact zeros are a point bin [0, 0]."""
@@ -298,11 +303,10 @@ class Observer:
                             f"real numeric (float32) array; check the calibration data / model")
         if a.size == 0:
             return
-        a = a.astype(np.float64, copy=False).ravel()
-        finite = np.isfinite(a)
-        if not finite.all():
+        a = a.ravel()  # a view for contiguous batches; no float64 copy of the whole batch
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
             n_nan = int(np.isnan(a).sum())
-            n_inf = int(a.size - finite.sum()) - n_nan
+            n_inf = int(np.isinf(a).sum())
             raise DataError(f"tensor '{self.name}' has {n_nan} NaN and {n_inf} Inf value(s) in "
                             f"calibration batch {self.batches}; check the calibration data / model "
                             f"(unnormalised inputs, overflow, or a broken preprocessing step)")
@@ -613,11 +617,11 @@ def _kl_divergences(hist: np.ndarray, nlevels: int, eps: float = 1e-4, stride: i
     nzp = Z[I - 1] + lastnz
     zp = If - nzp
     with np.errstate(divide="ignore", invalid="ignore"):
-        e_p = np.where(nzp > 0, eps * zp / np.maximum(nzp, 1), 0.0)
-        elog_p = np.where(e_p > 0, e_p * np.log(np.where(e_p > 0, e_p, 1.0)), 0.0)
+        e_p = np.where(nzp > 0, eps * zp / np.maximum(nzp, 1), 0.0)  # taken from each non-zero bin
+        elog = eps * math.log(eps) if eps > 0 else 0.0  # a zero bin becomes eps
         A = (F1[I - 1] - e_p * G1[I - 1] + 0.5 * e_p * e_p * G2[I - 1]
-             + (If - 1 - Z[I - 1]) * elog_p
-             + np.where(lastnz, _xlogx(last - e_p), elog_p))
+             + (If - 1 - Z[I - 1]) * elog
+             + np.where(lastnz, _xlogx(last - e_p), elog))
 
         idt = np.int32 if nb * (m + 1) < 2**31 else np.int64
         j = np.arange(m + 1, dtype=idt)
@@ -632,13 +636,12 @@ def _kl_divergences(hist: np.ndarray, nlevels: int, eps: float = 1e-4, stride: i
         nzq = np.einsum("ij,ij->i", Zc, qnz.astype(np.float64))
         zq = If - nzq
         e_q = eps * zq / np.maximum(nzq, 1)
-        # q value per chunk (S / Zc - e_q where the chunk has mass, else e_q); chunks with Zc == 0
+        # q value per chunk (S / Zc - e_q where the chunk has mass, else eps); chunks with Zc == 0
         # carry no p mass and get q = 1 (log 0 contribution)
         qv = np.divide(S, Zc, out=np.ones_like(S), where=Zc > 0)
         qv -= e_q[:, None]
         empty = ~qnz & (Zc > 0)
-        if empty.any():
-            qv[empty] = np.broadcast_to(e_q[:, None], qv.shape)[empty]
+        qv[empty] = eps
         qv[Zc <= 0] = 1.0
         qbad = (qv <= 0).any(axis=1)
         np.maximum(qv, 1e-300, out=qv)
@@ -646,11 +649,9 @@ def _kl_divergences(hist: np.ndarray, nlevels: int, eps: float = 1e-4, stride: i
         S[:, -1] += tail  # S becomes P (p mass per chunk)
         S -= Zc * e_p[:, None]
         Bterm = np.einsum("ij,ij->i", S, qv)
-        logeq = np.log(np.where(e_q > 0, e_q, 1.0))
-        Bterm += zp * e_p * logeq
+        Bterm += zp * elog  # p-zero bins: p' = q' = eps
         kl = A / N - np.log(N) - Bterm / N + np.log(np.where(C[I] > 0, C[I], 1.0))
         bad = (nzq <= 0) | qbad | (e_p >= 1) | (e_q >= 1)
-        bad |= (zq > 0) & (e_q <= 0)
     kl = np.where(bad, np.inf, np.maximum(kl, 0.0))
     return I, kl
 
@@ -658,7 +659,7 @@ def _kl_divergences(hist: np.ndarray, nlevels: int, eps: float = 1e-4, stride: i
 class EntropyObserver(_HistogramObserver):
     """TensorRT-style entropy (KL-divergence) calibration on the |x| histogram.
 
-    The |x| histogram (exact zeros included, as in TensorRT) is merged by a power of two into
+    The |x| histogram is merged by a power of two into
     ``kl_bins``..``2*kl_bins`` bins over ``[0, max|x|]`` (fewer if the histogram is coarser); every
     threshold from ``nlevels`` bins up (every bin, every 2nd bin above 1.5*kl_bins bins, so about
     ``kl_bins`` thresholds as in TensorRT) is scored with :func:`_kl_divergences`; the threshold with the
@@ -666,6 +667,9 @@ class EntropyObserver(_HistogramObserver):
     intersected with ``[-t, t]``.  ``nlevels`` is the number of quantization levels covering ``[0, t]``:
     ``qmax + 1`` (symmetric signed, 128 for int8), ``qmax - zp + 1`` (symmetric unsigned), the whole
     range for one-sided asymmetric data (256 for uint8 after Relu), half of it for two-sided data.
+    Exact zeros are left out of the |x| histogram (unlike pytorch-quantization): they are exactly
+    representable whatever the threshold, and the spike they make in bin 0 (half of a Relu output)
+    otherwise dominates the divergence and drags the threshold far down (~2 sigma for Relu(N(0,1))).
     The internal histogram defaults to 8192 bins so the |x| histogram has >= ~2048 bins.
     """
 
@@ -689,7 +693,7 @@ class EntropyObserver(_HistogramObserver):
 
     def _abs_histogram(self):
         """(|x| counts from 0, bin width) merged so that it has < 2*kl_bins bins."""
-        f0, cnt = self.hist.folded_counts(self.zeros, include_zeros=True)
+        f0, cnt = self.hist.folded_counts(self.zeros, include_zeros=False)
         nfold = f0 + cnt.size
         kl_bins = int(self.opts["kl_bins"])
         r = 0

@@ -20,6 +20,7 @@ from .annotate import is_depthwise
 from .plan import QuantPlan
 
 SATURATION_THRESHOLD_DB = 40.0  # a layer whose saturation error is 40 dB below its output needs no remedy
+SPEED_MARGIN = 0.10
 SQNR_TOLERANCE_DB = 3.0  # measured on Lite0: reduce_range@saturating at -2.3 dB scored +0.5 pp, u8u8 ran 1.25x slower
 
 
@@ -116,9 +117,15 @@ def choose_remedy(model: onnx.ModelProto, plan: QuantPlan, spec, opts, batches) 
             tr = be.time({c: models[c] for c in close}, feed, repeats=max(10, opts.timing_repeats // 2), warmup=2)
             for c in close:
                 results[c]["median_ms"] = tr.timings[close.index(c)].median * 1e3
-            choice = min(close, key=lambda c: results[c]["median_ms"])
+            # prefer the earliest candidate (least intrusive) unless another is clearly faster:
+            # keeps the choice reproducible when timings differ only by noise
+            choice = close[0]
+            for c in close[1:]:
+                if results[c]["median_ms"] < results[choice]["median_ms"] * (1 - SPEED_MARGIN):
+                    choice = c
             why = (f"{len(close)} candidates within {SQNR_TOLERANCE_DB} dB of the best fused SQNR "
-                   f"({best:.1f} dB); {choice} measured fastest")
+                   f"({best:.1f} dB); {choice} is the least intrusive without being "
+                   f">{SPEED_MARGIN:.0%} slower than another (measured)")
         else:
             choice = close[0]
             why = f"{choice} has the best fused SQNR ({best:.1f} dB)"

@@ -1,0 +1,98 @@
+"""Tiny ONNX models built in code for the tests."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _init(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def small_cnn(seed: int = 0, opset: int = 17, with_bn: bool = False, with_pad: bool = False) -> onnx.ModelProto:
+    """input [N,3,8,8] -> Conv+Relu -> Conv -> Add(residual) -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, 8).astype(np.float32)
+    w2 = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, 8).astype(np.float32)
+    wf = rng.normal(0, 0.3, (4, 8)).astype(np.float32)
+    bf = rng.normal(0, 0.1, 4).astype(np.float32)
+    nodes, inits = [], [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", b2), _init("wf", wf),
+                        _init("bf", bf)]
+    x = "input"
+    if with_pad:
+        inits.append(_init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)))
+        nodes.append(helper.make_node("Pad", ["input", "pads"], ["padded"], name="pad0"))
+        x = "padded"
+        nodes.append(helper.make_node("Conv", [x, "w1", "b1"], ["c1"], name="conv1", pads=[0, 0, 0, 0]))
+    else:
+        nodes.append(helper.make_node("Conv", [x, "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]))
+    c1 = "c1"
+    if with_bn:
+        inits += [_init("g", rng.uniform(0.5, 1.5, 8).astype(np.float32)),
+                  _init("be", rng.normal(0, 0.1, 8).astype(np.float32)),
+                  _init("mu", rng.normal(0, 0.1, 8).astype(np.float32)),
+                  _init("var", rng.uniform(0.5, 2, 8).astype(np.float32))]
+        nodes.append(helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["bn1"], name="bn1"))
+        c1 = "bn1"
+    nodes += [
+        helper.make_node("Relu", [c1], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g1"], name="gap"),
+        helper.make_node("Flatten", ["g1"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["output"], name="fc", transB=1),
+    ]
+    g = helper.make_graph(nodes, "small_cnn",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def small_transformer_mlp(seed: int = 0) -> onnx.ModelProto:
+    """input [B,S,16] -> MatMul+Add -> Relu -> MatMul+Add (token activations: rank-3 MatMuls)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (16, 32)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, 32).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (32, 16)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, 16).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu"),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["m2", "b2"], ["output"], name="add2"),
+    ]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", 16])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", 16])],
+                          [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", b2)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def calib(seed: int = 1, n: int = 32, shape=(3, 8, 8)) -> dict:
+    return {"input": np.random.default_rng(seed).normal(0, 1, (n,) + tuple(shape)).astype(np.float32)}
+
+
+def run(model, feeds, optimization="all"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimization == "all"
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def sqnr(ref, test) -> float:
+    ref, test = np.asarray(ref, np.float64), np.asarray(test, np.float64)
+    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - test) ** 2), 1e-30)))

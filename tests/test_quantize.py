@@ -1,0 +1,176 @@
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import hago_py
+from hago_py.cli import main as cli_main
+from hago_py.errors import DataError, ModelError, OptionError, SpecError
+from hago_py.quant.artifact import optimized_graph
+from hago_py.quant.plan import QuantPlan
+
+from models import calib, run, small_cnn, small_transformer_mlp, sqnr
+
+FAST = dict(measure_latency=False)
+
+
+@pytest.fixture(scope="module")
+def cnn_result():
+    return hago_py.quantize(small_cnn(), calib(), "x86_avx2", **FAST)
+
+
+def test_quantized_output_close_to_fp32(cnn_result):
+    x = calib(seed=7, n=16)
+    ref = run(small_cnn(), x)[0]
+    q = run(cnn_result.model, x)[0]
+    assert sqnr(ref, q) > 25.0
+
+
+def test_every_planned_layer_runs_as_integer_kernel(cnn_result):
+    chk = cnn_result.report["artifact_check"]
+    assert chk["ok"], chk["fallbacks"]
+    ops = Counter(n.op_type for n in optimized_graph(cnn_result.model).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1
+    assert ops["Conv"] == 0 and ops["FusedConv"] == 0
+
+
+def test_weight_scales_exact_per_channel(cnn_result):
+    m = cnn_result.model
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    lp = cnn_result.plan.layers["conv1"]
+    w = numpy_helper.to_array({i.name: i for i in small_cnn().graph.initializer}["w1"])
+    qmax = 2 ** (lp.weight.bits - 1) - 1
+    expected = np.abs(w).reshape(8, -1).max(axis=1) / qmax
+    np.testing.assert_allclose(inits["w1_scale"], expected.astype(np.float32), rtol=1e-6)
+    q = inits["w1_quantized"].astype(np.int64)
+    assert np.abs(q).max() <= qmax
+    # dequantized weights within half a step of the FP32 weights
+    deq = q * inits["w1_scale"].reshape(-1, 1, 1, 1)
+    assert np.all(np.abs(deq - w) <= inits["w1_scale"].reshape(-1, 1, 1, 1) / 2 + 1e-7)
+
+
+def test_relu_outputs_use_zero_point_zero(cnn_result):
+    plan = cnn_result.plan
+    assert plan.activations["r1"].zero_point == [0]          # Conv+Relu fused: quantized after the Relu
+    assert "c1" not in plan.activations                     # no Q/DQ between Conv and Relu
+    assert plan.activations["f"].shared_with == "g1"        # Flatten reuses the pool's qparams
+
+
+def test_plan_json_round_trip(cnn_result, tmp_path):
+    plan = cnn_result.plan
+    again = QuantPlan.from_json(plan.to_json())
+    assert again.to_json() == plan.to_json()
+    assert again.diff(plan) == []
+    p = tmp_path / "plan.json"
+    plan.save(p)
+    assert QuantPlan.load(p).to_json() == plan.to_json()
+
+
+def test_same_inputs_same_bytes():
+    a = hago_py.quantize(small_cnn(), calib(), "x86_avx2", **FAST)
+    b = hago_py.quantize(small_cnn(), calib(), "x86_avx2", **FAST)
+    assert a.model.SerializeToString(deterministic=True) == b.model.SerializeToString(deterministic=True)
+    assert a.plan.to_json() == b.plan.to_json()
+
+
+def test_spec_rules_obeyed_op_missing_from_spec_stays_fp(tmp_path):
+    spec = hago_py.load_spec("x86_avx2").to_dict()
+    del spec["ops"]["Add"]
+    spec["fusion_patterns"] = [p for p in spec["fusion_patterns"] if "Add" not in p]
+    res = hago_py.quantize(small_cnn(), calib(), spec, **FAST)
+    add = res.plan.layers.get("add")
+    assert add is None or not add.quantize
+    ops = Counter(n.op_type for n in optimized_graph(res.model).graph.node)
+    assert ops["QLinearAdd"] == 0 and ops["QLinearConv"] == 2
+
+
+def test_spec_without_bit_pair_keeps_layers_fp_or_errors():
+    with pytest.raises(OptionError, match="nothing to quantize"):
+        hago_py.quantize(small_cnn(), calib(), "x86_avx2", weight_bits=6, **FAST)
+
+
+def test_saturation_hazard_drives_remedy(cnn_result):
+    rem = cnn_result.report["remedy"]
+    assert rem["hazards"] == ["avx2_u8s8_int16_pair"]
+    cands = rem["candidates"]["avx2_u8s8_int16_pair"]
+    assert "none" in cands and "reduce_range" in cands and "u8u8" in cands
+    assert all(np.isfinite(v["sqnr_fused_db"]) for v in cands.values())
+    # no hazard on VNNI: weights keep 8 bits and int8
+    vnni = hago_py.quantize(small_cnn(), calib(), "x86_avx512_vnni", check_artifact=False, **FAST)
+    assert vnni.report["remedy"]["chosen"] == "none"
+    assert all(lp.weight.bits == 8 for lp in vnni.plan.quantized_layers() if lp.weight is not None)
+
+
+def test_forced_reduce_range_gives_7_bit_weights():
+    res = hago_py.quantize(small_cnn(), calib(), "x86_avx2", saturation_remedy="reduce_range", **FAST)
+    w = numpy_helper.to_array({i.name: i for i in res.model.graph.initializer}["w2_quantized"])
+    assert np.abs(w.astype(np.int64)).max() <= 63
+
+
+def test_dynamic_matmul_for_token_activations():
+    m = small_transformer_mlp()
+    x = {"input": np.random.default_rng(0).normal(0, 1, (8, 5, 16)).astype(np.float32)}
+    res = hago_py.quantize(m, x, "x86_avx2", **FAST)
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert ops["DynamicQuantizeLinear"] == 2 and ops["MatMulInteger"] == 2 and ops["MatMul"] == 0
+    assert res.report["artifact_check"]["ok"]
+    assert sqnr(run(m, x)[0], run(res.model, x)[0]) > 25
+
+
+def test_unknown_target_and_bad_options():
+    with pytest.raises(SpecError, match="x86_avx2"):
+        hago_py.quantize(small_cnn(), calib(), "x86_avx3", **FAST)
+    with pytest.raises(OptionError, match="weight_bitz"):
+        hago_py.quantize(small_cnn(), calib(), "x86_avx2", weight_bitz=8, **FAST)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"input": np.zeros((0, 3, 8, 8), np.float32)}, "empty"),
+    ({"inputs": np.zeros((4, 3, 8, 8), np.float32)}, "input"),
+    ({"input": np.zeros((4, 3, 9, 8), np.float32)}, "axis"),
+    ({"input": np.full((4, 3, 8, 8), np.nan, np.float32)}, "NaN"),
+])
+def test_bad_calibration_is_data_error(data, match):
+    with pytest.raises(DataError, match=match):
+        hago_py.quantize(small_cnn(), data, "x86_avx2", **FAST)
+
+
+def test_cli_quantize_and_exit_codes(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(small_cnn(), str(model))
+    np.savez(tmp_path / "calib.npz", **calib())
+    out = tmp_path / "q.onnx"
+    rc = cli_main(["quantize", str(model), "--calib", str(tmp_path / "calib.npz"), "--out", str(out),
+                   "--report", str(tmp_path / "rep"), "--no-latency", "-q"])
+    assert rc == 0 and out.exists()
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "plan.json").exists()
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["artifact_check"]["ok"]
+    # bad input: one line, exit 2, nothing written
+    out2 = tmp_path / "q2.onnx"
+    rc = cli_main(["quantize", str(tmp_path / "missing.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                   "--out", str(out2)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "missing.onnx" in err[0] and not out2.exists()
+    rc = cli_main(["quantize", str(model), "--calib", str(tmp_path / "calib.npz"), "--out",
+                   str(tmp_path / "no_dir" / "q.onnx")])
+    assert rc == 2 and not (tmp_path / "no_dir").exists()
+    rc = cli_main(["quantize", str(model), "--calib", str(tmp_path / "calib.npz"), "--out", str(out2),
+                   "--target", "nope"])
+    assert rc == 2 and not out2.exists()
+
+
+def test_cli_targets(capsys):
+    assert cli_main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("x86_avx2", "x86_avx512_vnni", "cuda_t4", "arm_cortex_a72", "arm_cortex_a76"):
+        assert name in out
+
+
+def test_latency_is_measured_against_fp32_in_same_run():
+    res = hago_py.quantize(small_cnn(), calib(), "x86_avx2", check_artifact=False, timing_repeats=5)
+    lat = res.report["latency"]
+    assert lat["measured"] and set(lat["models"]) == {"fp32", "int8"} and lat["speedup"] > 0
