@@ -174,3 +174,11 @@ def test_latency_is_measured_against_fp32_in_same_run():
     res = hago_py.quantize(small_cnn(), calib(), "x86_avx2", check_artifact=False, timing_repeats=5)
     lat = res.report["latency"]
     assert lat["measured"] and set(lat["models"]) == {"fp32", "int8"} and lat["speedup"] > 0
+
+
+def test_exclude_keeps_layer_fp_with_reason():
+    res = hago_py.quantize(small_cnn(), calib(), "x86_avx2", exclude=["conv2"], **FAST)
+    lp = res.plan.layers["conv2"]
+    assert not lp.quantize and "exclude" in lp.reason
+    ops = Counter(n.op_type for n in optimized_graph(res.model).graph.node)
+    assert ops["QLinearConv"] == 1

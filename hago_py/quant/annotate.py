@@ -107,6 +107,13 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
         in_region.add(name)
         return tq
 
+    def user_reason(node) -> Optional[str]:
+        if node.name in options.exclude:
+            return "excluded by the user (option exclude)"
+        if allowed_ops is not None and node.op_type not in allowed_ops:
+            return f"op type {node.op_type} not in option op_types"
+        return None
+
     def keep_fp(node, reason, **kw):
         plan.layers[node.name] = LayerPlan(node=node.name, op_type=node.op_type, quantize=False, reason=reason, **kw)
 
@@ -125,11 +132,8 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                 else:
                     keep_fp(node, f"weight '{w_name}' is computed at run time, not a constant: kept FP32")
                 continue
-            if node.name in options.exclude:
-                keep_fp(node, "excluded by the user (option exclude)")
-                continue
-            if allowed_ops is not None and op not in allowed_ops:
-                keep_fp(node, f"op type {op} not in option op_types")
+            if user_reason(node):
+                keep_fp(node, user_reason(node))
                 continue
             if not is_float(node.input[0]):
                 keep_fp(node, "input is not float32")
@@ -205,11 +209,8 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
         if op in quantizable_ops and op not in WEIGHTED_OPS:
             float_inputs = [i for i in node.input if i and i not in inits and is_float(i)]
             has_const = any(i in inits for i in node.input if i)
-            if node.name in options.exclude:
-                keep_fp(node, "excluded by the user (option exclude)")
-                continue
-            if allowed_ops is not None and op not in allowed_ops:
-                keep_fp(node, f"op type {op} not in option op_types")
+            if user_reason(node):
+                keep_fp(node, user_reason(node))
                 continue
             if has_const or not float_inputs:
                 keep_fp(node, f"{op} with a constant operand: kept FP32 (no benefit from an integer kernel)")
