@@ -182,3 +182,10 @@ def test_exclude_keeps_layer_fp_with_reason():
     assert not lp.quantize and "exclude" in lp.reason
     ops = Counter(n.op_type for n in optimized_graph(res.model).graph.node)
     assert ops["QLinearConv"] == 1
+
+
+def test_op_types_unknown_to_spec_is_an_error():
+    with pytest.raises(OptionError, match="LSTM"):
+        hago_py.quantize(small_cnn(), calib(), "x86_avx2", op_types=["Conv", "LSTM"], **FAST)
+    res = hago_py.quantize(small_cnn(), calib(), "x86_avx2", op_types=["Conv"], **FAST)
+    assert {lp.op_type for lp in res.plan.quantized_layers()} == {"Conv"}

@@ -93,6 +93,10 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
     in_region: Set[str] = set()   # float tensors that carry int8 qparams (quantized or shared)
     a_bits = options.activation_bits
     allowed_ops = set(options.op_types) if options.op_types else None
+    if allowed_ops is not None and not allowed_ops <= quantizable_ops:
+        unknown = sorted(allowed_ops - quantizable_ops)
+        raise OptionError(f"option op_types names {', '.join(unknown)}, which target {spec.name} has no "
+                          f"quantized scheme for; quantizable op types: {', '.join(sorted(quantizable_ops))}")
 
     def is_float(name: str) -> bool:
         return etypes.get(name, TensorProto.FLOAT) in _FLOAT
