@@ -22,7 +22,6 @@ class QuantOptions:
     activation_mode: str = "auto"       # auto: static for conv nets, dynamic for MatMul-heavy (transformer) nets
     rounding: str = "nearest"
     saturation_remedy: str = "auto"     # how to handle the spec's saturation hazard
-    bias_correction: bool = True        # empirical bias correction of weight quantization error
     quantize_outputs: bool = False      # quantize tensors that are graph outputs
     op_types: Optional[List[str]] = None  # restrict quantization to these op types
     exclude: List[str] = field(default_factory=list)  # node names kept FP32
