@@ -20,7 +20,6 @@ from .annotate import is_depthwise
 from .plan import QuantPlan
 
 SATURATION_THRESHOLD_DB = 40.0  # a layer whose saturation error is 40 dB below its output needs no remedy
-SPEED_MARGIN = 0.10
 SQNR_TOLERANCE_DB = 3.0  # measured on Lite0: reduce_range@saturating at -2.3 dB scored +0.5 pp, u8u8 ran 1.25x slower
 
 
