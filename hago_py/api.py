@@ -16,11 +16,11 @@ import onnx
 
 from .backends.ort import OrtBackend
 from .data import load_calibration, model_input_specs
-from .errors import HagoError, OptionError
+from .errors import OptionError
 from .hw import load_spec
 from .ir import load_model, model_digest, prepare, save_model
 from .quant.annotate import annotate
-from .quant.artifact import check_artifact, sqnr_db
+from .quant.artifact import check_artifact
 from .quant.calibrate import apply_observers, collect
 from .quant.options import QuantOptions
 from .quant.plan import QuantPlan

@@ -133,7 +133,6 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
     m.graph.sort()
     RemoveUnusedNodesPass()(m)
     out = to_proto(m)
-    _ensure_ms_opset(out)
     if any((lp.weight is not None and lp.weight.dtype in ("int4", "uint4")) for lp in plan.quantized_layers()):
         _set_opset(out, 21)
     out.producer_name = "hago_py"
@@ -154,10 +153,7 @@ def _realize_dynamic(graph: ir.Graph, node: ir.Node, lp, q: np.ndarray, x_tq: Te
     tq = lp.weight
     x = node.inputs[0]
     if node.op_type == "Gemm" and any(a.name == "transB" and a.value for a in node.attributes.values()):
-        q = q.T
-        axis = 1
-    else:
-        axis = 1
+        q = q.T  # MatMulInteger wants [K, N]
     key = ("dql", x.name)
     if key not in cache:
         dql = ir.Node("", "DynamicQuantizeLinear", [x], name=f"{x.name}/dynamic_quantize", num_outputs=3)
@@ -193,10 +189,6 @@ def _realize_dynamic(graph: ir.Graph, node: ir.Node, lp, q: np.ndarray, x_tq: Te
     graph.remove(node, safe=False)
     old.name = None
     out_v.name = name
-
-
-def _ensure_ms_opset(model: onnx.ModelProto) -> None:
-    pass
 
 
 def _set_opset(model: onnx.ModelProto, version: int) -> None:

@@ -32,10 +32,7 @@ def affected_layers(model: onnx.ModelProto, plan: QuantPlan, hazard) -> List[str
             continue
         if lp.scheme.get("activation_dtype") != hazard.activation_dtype or lp.weight.dtype != hazard.weight_dtype:
             continue
-        if lp.inputs and plan.activations.get(lp.inputs[0]) is not None and \
-                plan.activations[lp.inputs[0]].mode == "dynamic":
-            # dynamic MatMulInteger on AVX2 also uses the u8s8 path; include it
-            pass
+        # dynamic MatMulInteger on AVX2 also uses the u8s8 path: included like static layers
         node = nodes.get(lp.node)
         if node is not None and is_depthwise(node, inits.get(lp.weight.tensor, [0, 0])):
             continue  # depthwise kernels accumulate per tap in int32: no pair-sum hazard
