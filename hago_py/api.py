@@ -15,17 +15,12 @@ import numpy as np
 import onnx
 
 from .backends.ort import OrtBackend
-from .data import load_calibration, model_input_specs
 from .errors import OptionError
-from .hw import load_spec
-from .ir import load_model, model_digest, prepare, save_model
-from .quant.annotate import annotate
+from .ir import load_model, save_model
+from .pipeline import Built, Pipeline, _progress
 from .quant.artifact import check_artifact
-from .quant.calibrate import apply_observers, collect
 from .quant.options import QuantOptions
 from .quant.plan import QuantPlan
-from .quant.realize import realize
-from .quant.remedy import choose_remedy
 
 
 @dataclass
@@ -49,79 +44,69 @@ class Result:
         return path
 
 
-def _progress(enabled: bool, msg: str) -> None:
-    if enabled:
-        print(f"[hago] {msg}", flush=True)
-
-
 def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, progress: bool = False,
-             measure_latency: bool = True, **options) -> Result:
+             measure_latency: bool = True, search: bool = False, evaluate: Optional[Callable] = None,
+             accuracy_budget: Optional[float] = None, latency_budget: Optional[float] = None,
+             time_budget: Optional[float] = None, checkpoint=None, resume: bool = False, **options) -> Result:
     """Quantize ``model`` for ``target``.
 
     model: path / ModelProto. calibration: .npz path, folder of .npy, dict of arrays or iterable of feed
     dicts (leading batch axis). target: built-in spec name, path to a spec JSON, or a dict.
-    options: see QuantOptions (weight_bits, activation_bits, per_channel, calibration, ...).
+    options: see QuantOptions (weight_bits, activation_bits, per_channel, clipping, rounding, layers, ...).
+    search=True: per-layer configurations chosen by measured accuracy (``evaluate(model) -> float``, higher is
+    better, or a calibration-set proxy) and measured latency, within ``accuracy_budget`` (max drop, in the
+    metric's units), ``latency_budget`` (min speedup vs FP32) and ``time_budget`` (seconds); ``checkpoint``
+    names the state file, ``resume=True`` continues it. See hago_py.search.
     """
     t0 = time.perf_counter()
     opts = QuantOptions.from_kwargs(**options)
-    spec = load_spec(target)
-    proto = load_model(model)
-    digest = model_digest(proto)
-    inputs = model_input_specs(proto)
-    calib = load_calibration(calibration, inputs, batch_size=opts.calib_batch_size,
-                             max_samples=opts.max_calib_samples)
-    prepared, changed = prepare(proto)
-    _progress(progress, f"prepared graph ({', '.join(changed) or 'no changes'})")
-    plan = annotate(prepared, spec, opts, target_name=spec.name, model_digest=digest)
-    if not plan.quantized_layers():
-        raise OptionError(f"nothing to quantize: target {spec.name} allows none of this model's layers at "
-                          f"W{opts.weight_bits}A{opts.activation_bits} (see the reasons with hago_py.annotate "
-                          "or pass simulate=True)")
-    observers = collect(prepared, plan, calib, percentile=opts.percentile, threads=opts.threads,
-                        progress=progress)
-    apply_observers(plan, observers)
-    t_cal = time.perf_counter()
-    _progress(progress, f"calibrated {len(observers)} tensors on {calib.num_samples} samples")
-    check_batches = _first_batches(calib, 64)
-    remedy_info = choose_remedy(prepared, plan, spec, opts, check_batches)
-    qmodel = realize(prepared, plan)
-    plan.history.append("realize")
+    pipe = Pipeline(model, calibration, target, opts, progress=progress)
+    if search:
+        from .search import run_search
+
+        return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget, latency_budget=latency_budget,
+                          time_budget=time_budget, checkpoint=checkpoint, resume=resume,
+                          measure_latency=measure_latency)
+    if any(x is not None for x in (evaluate, accuracy_budget, latency_budget, time_budget, checkpoint)) or resume:
+        raise OptionError("evaluate / accuracy_budget / latency_budget / time_budget / checkpoint / resume only "
+                          "apply to a search: pass search=True")
+    built = pipe.build()
+    result = finish(pipe, built, measure_latency=measure_latency)
+    result.report["timings_s"]["total"] = time.perf_counter() - t0
+    return result
+
+
+def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Result:
+    """Artifact check, latency vs FP32 and the report for one built plan."""
+    opts, spec, plan, qmodel = pipe.opts, pipe.spec, built.plan, built.model
     report: Dict[str, Any] = {
         "target": spec.name,
         "backend": spec.backend,
         "options": opts.to_dict(),
-        "prepare_passes": changed,
-        "calibration_samples": calib.num_samples,
-        "remedy": remedy_info,
+        "prepare_passes": pipe.changed,
+        "calibration_samples": pipe.calib.num_samples,
+        "remedy": built.info.get("remedy", {}),
         "layers": layer_rows(plan),
-        "timings_s": {"calibrate": t_cal - t0},
+        "timings_s": dict(pipe.timings),
     }
+    for k in ("rounding", "brecq", "lapq"):
+        if k in built.info:
+            report[k] = built.info[k]
     if opts.check_artifact:
-        chk = check_artifact(qmodel, plan, prepared, check_batches, threads=opts.threads)
+        chk = check_artifact(qmodel, plan, pipe.prepared, pipe.check_batches, threads=opts.threads)
         report["artifact_check"] = chk.to_dict()
-        _progress(progress, f"artifact check: {'ok' if chk.ok else 'FLOAT FALLBACK'}; integer kernels "
-                            f"{chk.integer_kernels}; SQNR fused {chk.sqnr_fused_db:.1f} dB / simulated "
-                            f"{chk.sqnr_simulated_db:.1f} dB")
+        _progress(pipe.progress, f"artifact check: {'ok' if chk.ok else 'FLOAT FALLBACK'}; integer kernels "
+                                 f"{chk.integer_kernels}; SQNR fused {chk.sqnr_fused_db:.1f} dB / simulated "
+                                 f"{chk.sqnr_simulated_db:.1f} dB")
     if measure_latency and spec.backend.get("name") == "ort":
-        feed = {k: v[:1] for k, v in check_batches[0].items()}
-        tr = OrtBackend(threads=opts.threads).time({"fp32": proto, "int8": qmodel}, feed,
+        feed = {k: v[:1] for k, v in pipe.check_batches[0].items()}
+        tr = OrtBackend(threads=opts.threads).time({"fp32": pipe.proto, "int8": qmodel}, feed,
                                                    repeats=opts.timing_repeats, warmup=3)
         report["latency"] = {"measured": True, "speedup": tr.speedup("int8"),
                              "speedup_spread": tr.speedup_spread("int8"), **tr.to_dict()}
-        _progress(progress, f"measured speedup {tr.speedup('int8'):.2f}x vs FP32 (batch 1, "
-                            f"{opts.threads} thread(s))")
-    report["timings_s"]["total"] = time.perf_counter() - t0
-    return Result(model=qmodel, plan=plan, report=report, fp32_model=prepared)
-
-
-def _first_batches(calib, n_samples: int) -> List[Dict[str, np.ndarray]]:
-    out, seen = [], 0
-    for b in calib:
-        out.append(b)
-        seen += len(next(iter(b.values())))
-        if seen >= n_samples:
-            break
-    return out
+        _progress(pipe.progress, f"measured speedup {tr.speedup('int8'):.2f}x vs FP32 (batch 1, "
+                                 f"{opts.threads} thread(s))")
+    return Result(model=qmodel, plan=plan, report=report, fp32_model=pipe.prepared)
 
 
 def layer_rows(plan: QuantPlan) -> List[Dict[str, Any]]:

@@ -101,12 +101,13 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
     def is_float(name: str) -> bool:
         return etypes.get(name, TensorProto.FLOAT) in _FLOAT
 
-    def static_act(name: str, dtype: str, symmetric: bool) -> TensorQuant:
+    default_clip = options.clipping if options.clipping not in ("auto", "lapq") else "mse"
+
+    def static_act(name: str, dtype: str, symmetric: bool, method: Optional[str] = None) -> TensorQuant:
         if name in acts and acts[name].mode == "static":  # already quantized (own or shared qparams)
             return acts[name]
         tq = TensorQuant(tensor=name, role="activation", dtype=dtype, bits=a_bits, symmetric=symmetric,
-                         narrow=False, granularity="per_tensor", mode="static",
-                         method=options.clipping if options.clipping != "auto" else "mse")
+                         narrow=False, granularity="per_tensor", mode="static", method=method or default_clip)
         acts[name] = tq
         in_region.add(name)
         return tq
@@ -114,6 +115,8 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
     def user_reason(node) -> Optional[str]:
         if node.name in options.exclude:
             return "excluded by the user (option exclude)"
+        if options.layer(node.name, "quantize", True) is False:
+            return "kept FP32 by a per-layer setting (option layers / search)"
         if allowed_ops is not None and node.op_type not in allowed_ops:
             return f"op type {node.op_type} not in option op_types"
         return None
@@ -150,16 +153,19 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
             if op == "MatMul" and len(w_shape) != 2:
                 keep_fp(node, f"MatMul weight of rank {len(w_shape)} (batched weights): kept FP32")
                 continue
-            scheme = spec.find_scheme(op, options.weight_bits, a_bits)
+            w_bits = options.layer(node.name, "weight_bits", options.weight_bits)
+            want_dtype = options.layer(node.name, "weight_dtype")
+            scheme = spec.find_scheme(op, w_bits, a_bits, weight_dtype=want_dtype)
             simulated = False
             if scheme is None:
                 if not options.simulate:
-                    keep_fp(node, f"target {spec.name} has no W{options.weight_bits}A{a_bits} scheme for {op}"
+                    keep_fp(node, f"target {spec.name} has no W{w_bits}A{a_bits}"
+                                  f"{' ' + want_dtype if want_dtype else ''} scheme for {op}"
                                   " (pass simulate=True to fake-quantize it anyway)")
                     continue
                 simulated = True
-                w_dtype = "int8" if options.weight_bits > 4 else "int4"
-                scheme_d = {"weight_bits": options.weight_bits, "activation_bits": a_bits, "weight_dtype": w_dtype,
+                w_dtype = want_dtype or ("int8" if w_bits > 4 else "int4")
+                scheme_d = {"weight_bits": w_bits, "activation_bits": a_bits, "weight_dtype": w_dtype,
                             "activation_dtype": "uint8", "kernel": None, "native": False}
             else:
                 w_dtype = scheme.weight_dtype
@@ -168,17 +174,18 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                             "weight_dtype": scheme.weight_dtype, "activation_dtype": scheme.activation_dtype,
                             "kernel": scheme.kernel, "native": scheme.native}
             gran_allowed = list(scheme.granularity) if scheme is not None else ["per_channel", "per_tensor"]
-            gran = "per_channel" if options.per_channel and "per_channel" in gran_allowed else "per_tensor"
+            per_channel = options.layer(node.name, "per_channel", options.per_channel)
+            gran = "per_channel" if per_channel and "per_channel" in gran_allowed else "per_tensor"
             if gran not in gran_allowed:
                 gran = gran_allowed[0]
             axis = weight_axis(node, w_shape)
             w_sym = True if scheme is None else (True in scheme.weight_symmetric)
-            weight = TensorQuant(tensor=w_name, role="weight", dtype=w_dtype, bits=options.weight_bits,
+            weight = TensorQuant(tensor=w_name, role="weight", dtype=w_dtype, bits=w_bits,
                                  symmetric=w_sym, narrow=w_sym and w_dtype.startswith("int"), granularity=gran,
                                  axis=axis if gran == "per_channel" else None, mode="constant",
-                                 method=options.rounding)
+                                 method=options.layer(node.name, "rounding", options.rounding))
             # activation mode
-            mode = options.activation_mode
+            mode = options.layer(node.name, "activation_mode", options.activation_mode)
             dyn_ok = op in ("MatMul", "Gemm") and spec.supports_dynamic(op) and (
                 scheme is None or "dynamic" in scheme.activation_mode)
             if mode == "auto":
@@ -200,7 +207,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                              "(token activations have per-batch ranges; scales computed at run time)")
             else:
                 static_act(x, a_dtype, a_sym)
-                static_act(out_name, a_dtype, a_sym)
+                static_act(out_name, a_dtype, a_sym, options.layer(node.name, "clipping"))
                 lp.inputs = [x]
                 lp.output = out_name
                 lp.reason = (f"{op} -> {scheme_d['kernel'] or 'fake-quant (simulated)'} W{weight.bits}A{a_bits} "
@@ -235,7 +242,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                                              mode="static", method="shared", shared_with=float_inputs[0])
                 in_region.add(out_name)
             else:
-                static_act(out_name, sch.activation_dtype, False)
+                static_act(out_name, sch.activation_dtype, False, options.layer(node.name, "clipping"))
             plan.layers[node.name] = lp
             continue
 

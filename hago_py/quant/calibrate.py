@@ -39,7 +39,14 @@ def calibration_targets(plan: QuantPlan):
 def collect(model: onnx.ModelProto, plan: QuantPlan, data: Iterable[Mapping[str, np.ndarray]], *,
             percentile: float = 99.999, threads: int = 1, progress: bool = False) -> Dict[str, object]:
     """Stream the calibration set through the model; return {tensor: observer} for every static tensor."""
-    names = calibration_targets(plan)
+    return collect_tensors(model, {n: plan.activations[n].method for n in calibration_targets(plan)}, data,
+                           percentile=percentile, threads=threads, progress=progress)
+
+
+def collect_tensors(model: onnx.ModelProto, methods: Mapping[str, str], data: Iterable[Mapping[str, np.ndarray]],
+                    *, percentile: float = 99.999, threads: int = 1, progress: bool = False) -> Dict[str, object]:
+    """One pass over ``data``: an observer of the given method for each tensor name in ``methods``."""
+    names = list(methods)
     if not names:
         return {}
     aug = with_outputs(model, names)
@@ -49,9 +56,8 @@ def collect(model: onnx.ModelProto, plan: QuantPlan, data: Iterable[Mapping[str,
     idx = {n: out_names.index(n) for n in names}
     observers = {}
     for n in names:
-        tq = plan.activations[n]
-        opts = {"percentile": percentile} if tq.method == "percentile" else {}
-        observers[n] = make_observer(tq.method, n, **opts)
+        opts = {"percentile": percentile} if methods[n] == "percentile" else {}
+        observers[n] = make_observer(methods[n], n, **opts)
     it = data
     if progress:
         try:

@@ -7,9 +7,14 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..errors import OptionError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse", "entropy")
+CLIPPING = CALIBRATION_METHODS + ("lapq", "auto")  # lapq: joint loss-aware refinement from the MSE ranges
 ACTIVATION_MODES = ("static", "dynamic", "auto")
 REMEDIES = ("auto", "none", "reduce_range", "u8u8", "reduce_range@saturating", "u8u8@saturating")
-ROUNDING = ("nearest",)
+ROUNDING = ("nearest", "adaround", "adaquant", "flexround", "gptq", "brecq")
+# per-layer overrides (QuantOptions.layers[node] = {...}): what a search or a user may set per layer
+LAYER_KEYS = {"quantize": bool, "weight_bits": int, "per_channel": bool, "rounding": str, "activation_mode": str,
+              "weight_dtype": str, "remedy": str, "clipping": str}
+LAYER_REMEDIES = ("none", "reduce_range", "u8u8")
 
 
 @dataclass
@@ -17,7 +22,7 @@ class QuantOptions:
     weight_bits: int = 8
     activation_bits: int = 8
     per_channel: bool = True
-    clipping: str = "auto"              # activation range method: minmax | percentile | mse | entropy (auto = mse)
+    clipping: str = "auto"              # activation range method: minmax | percentile | mse | entropy | lapq (auto = mse)
     percentile: float = 99.999
     activation_mode: str = "auto"       # auto: static for conv nets, dynamic for MatMul-heavy (transformer) nets
     rounding: str = "nearest"
@@ -25,7 +30,13 @@ class QuantOptions:
     quantize_outputs: bool = False      # quantize tensors that are graph outputs
     op_types: Optional[List[str]] = None  # restrict quantization to these op types
     exclude: List[str] = field(default_factory=list)  # node names kept FP32
+    layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-layer overrides, keys LAYER_KEYS
     simulate: bool = False              # allow schemes the target has no kernel for (fake-quant)
+    equalize: bool = False              # cross-layer equalization before calibration (Relu-separated pairs)
+    bias_correction: bool = False       # empirical bias correction of every quantized weighted layer
+    bn_reestimate: bool = False         # per-channel mean + variance re-matched after rounding (folded BN)
+    recon_samples: int = 256            # calibration samples used by data-driven rounding (adaround, gptq, ...)
+    rounding_iters: Optional[int] = None  # iterations of iterative rounding methods (None: method default)
     calib_batch_size: int = 16
     max_calib_samples: Optional[int] = 512
     threads: int = 1
@@ -55,22 +66,44 @@ class QuantOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
                 raise OptionError(f"option {name}={v!r} is invalid; use an integer between 2 and 16")
-        if self.clipping not in CALIBRATION_METHODS + ("auto",):
-            bad("clipping", self.clipping, CALIBRATION_METHODS + ("auto",))
+        if self.clipping not in CLIPPING:
+            bad("clipping", self.clipping, CLIPPING)
         if self.activation_mode not in ACTIVATION_MODES:
             bad("activation_mode", self.activation_mode, ACTIVATION_MODES)
         if self.saturation_remedy not in REMEDIES:
             bad("saturation_remedy", self.saturation_remedy, REMEDIES)
         if self.rounding not in ROUNDING:
             bad("rounding", self.rounding, ROUNDING)
+        for node, ov in self.layers.items():
+            if not isinstance(ov, dict):
+                raise OptionError(f"option layers[{node!r}] must be a dict of per-layer settings "
+                                  f"({', '.join(LAYER_KEYS)}), got {type(ov).__name__}")
+            for k, v in ov.items():
+                if k not in LAYER_KEYS:
+                    raise OptionError(f"option layers[{node!r}] has unknown key {k!r}; valid: {', '.join(LAYER_KEYS)}")
+                if not isinstance(v, LAYER_KEYS[k]) or (LAYER_KEYS[k] is int and isinstance(v, bool)):
+                    raise OptionError(f"option layers[{node!r}][{k!r}]={v!r} must be {LAYER_KEYS[k].__name__}")
+            checks = {"rounding": ROUNDING, "activation_mode": ACTIVATION_MODES, "remedy": LAYER_REMEDIES,
+                      "clipping": CALIBRATION_METHODS, "weight_dtype": ("int8", "uint8", "int4", "uint4")}
+            for k, allowed in checks.items():
+                if k in ov and ov[k] not in allowed:
+                    bad(f"layers[{node!r}][{k!r}]", ov[k], allowed)
+            if "weight_bits" in ov and not 2 <= ov["weight_bits"] <= 16:
+                raise OptionError(f"option layers[{node!r}]['weight_bits']={ov['weight_bits']} must be 2..16")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise OptionError(f"option percentile={self.percentile!r} is invalid; use a value in (50, 100]")
         if self.calib_batch_size < 1:
             raise OptionError("option calib_batch_size must be >= 1")
         if self.max_calib_samples is not None and self.max_calib_samples < 1:
             raise OptionError("option max_calib_samples must be >= 1 or None")
+        if self.recon_samples < 1:
+            raise OptionError("option recon_samples must be >= 1")
         if self.threads < 1:
             raise OptionError("option threads must be >= 1")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def layer(self, node: str, key: str, default=None):
+        """Per-layer override ``key`` of ``node``, else ``default``."""
+        return self.layers.get(node, {}).get(key, default)

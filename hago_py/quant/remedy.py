@@ -66,12 +66,18 @@ def choose_remedy(model: onnx.ModelProto, plan: QuantPlan, spec, opts, batches) 
     from ..backends.ort import OrtBackend
 
     hazards = [h for h in spec.saturation_hazards]
+    forced = {n: opts.layer(n, "remedy") for n in plan.layers if opts.layer(n, "remedy") is not None}
     if not hazards:
         return {"hazard": None, "chosen": "none", "why": f"target {spec.name} lists no saturation hazard"}
     info: Dict[str, Any] = {"hazards": [h.name for h in hazards], "candidates": {}}
     chosen_all = []
     for hazard in hazards:
         layers = affected_layers(model, plan, hazard)
+        for n in [n for n in layers if n in forced]:  # per-layer setting (search / user) wins
+            apply_remedy(plan, forced[n], [n], spec, hazard)
+        if forced:
+            info.setdefault("per_layer", {}).update({n: forced[n] for n in layers if n in forced})
+        layers = [n for n in layers if n not in forced]
         if not layers:
             info["candidates"][hazard.name] = {}
             continue

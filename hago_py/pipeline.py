@@ -1,0 +1,171 @@
+"""Pipeline: the stages of quantize() as reusable pieces, so a search can build many plans from one
+loaded model, one prepared graph and one calibration pass.
+
+    pipe = Pipeline(model, calibration, "x86_avx2", QuantOptions.from_kwargs(...))
+    built = pipe.build()                          # plan + QDQ model for the global options
+    built = pipe.build({"conv3": {"quantize": False}, "fc": {"per_channel": False}})  # per-layer overrides
+
+Observers are cached per (tensor, method): a plan that keeps a layer FP32 or changes a clipping method only
+calibrates what it has not seen before.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import onnx
+
+from .data import load_calibration, model_input_specs
+from .errors import OptionError
+from .hw import load_spec
+from .ir import load_model, model_digest, prepare
+from .quant.annotate import annotate
+from .quant.calibrate import collect_tensors
+from .quant.options import QuantOptions
+from .quant.plan import QuantPlan
+from .quant.realize import realize
+from .quant.remedy import choose_remedy
+
+
+@dataclass
+class Built:
+    plan: QuantPlan
+    model: onnx.ModelProto
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def _progress(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(f"[hago] {msg}", flush=True)
+
+
+class Pipeline:
+    def __init__(self, model, calibration, target="x86_avx2", opts: Optional[QuantOptions] = None, *,
+                 progress: bool = False):
+        t0 = time.perf_counter()
+        self.opts = opts or QuantOptions()
+        self.progress = progress
+        self.spec = load_spec(target)
+        self.proto = load_model(model)
+        self.digest = model_digest(self.proto)
+        self.inputs = model_input_specs(self.proto)
+        self.calib = load_calibration(calibration, self.inputs, batch_size=self.opts.calib_batch_size,
+                                      max_samples=self.opts.max_calib_samples)
+        self.prepared, self.changed = prepare(self.proto)
+        if self.opts.equalize:
+            self._equalize()
+        _progress(progress, f"prepared graph ({', '.join(self.changed) or 'no changes'})")
+        self.check_batches = _first_batches(self.calib, 64)
+        self._observers: Dict[tuple, object] = {}
+        self._node_names = {n.name for n in self.prepared.graph.node}
+        self.timings: Dict[str, float] = {"prepare": time.perf_counter() - t0}
+
+    def _equalize(self) -> None:
+        from .ir.io import to_ir, to_proto
+        from .ir.passes.equalize import CrossLayerEqualizationPass
+
+        m = to_ir(self.prepared)
+        res = CrossLayerEqualizationPass()(m)
+        if res.modified:
+            self.prepared = to_proto(m)
+            self.changed = list(self.changed) + ["cross_layer_equalization"]
+
+    # -- stages ----------------------------------------------------------------------------
+    def options(self, layers: Optional[Mapping[str, Mapping[str, Any]]] = None, **changes) -> QuantOptions:
+        """The pipeline's options with per-layer overrides (merged over the user's) and global changes."""
+        merged = {k: dict(v) for k, v in self.opts.layers.items()}
+        for node, ov in (layers or {}).items():
+            merged.setdefault(node, {}).update(ov)
+        unknown = sorted(set(merged) - self._node_names)
+        if unknown:
+            import difflib
+
+            hint = difflib.get_close_matches(unknown[0], self._node_names, 1)
+            raise OptionError(f"option layers names node(s) {', '.join(unknown[:5])} not in the model"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + "; use node names from the report's per-layer table")
+        opts = dataclasses.replace(self.opts, layers=merged, **changes)
+        opts.validate()
+        return opts
+
+    def annotate(self, opts: QuantOptions) -> QuantPlan:
+        plan = annotate(self.prepared, self.spec, opts, target_name=self.spec.name, model_digest=self.digest)
+        if not plan.quantized_layers() and not opts.layers:
+            raise OptionError(f"nothing to quantize: target {self.spec.name} allows none of this model's layers "
+                              f"at W{opts.weight_bits}A{opts.activation_bits} (see the reasons with "
+                              "hago_py.annotate or pass simulate=True)")
+        return plan
+
+    def calibrate(self, plan: QuantPlan, opts: QuantOptions) -> QuantPlan:
+        wanted = {n: tq.method for n, tq in plan.activations.items()
+                  if tq.mode == "static" and tq.shared_with is None}
+        missing = {n: m for n, m in wanted.items() if (n, m) not in self._observers}
+        if missing:
+            t = time.perf_counter()
+            obs = collect_tensors(self.prepared, missing, self.calib, percentile=opts.percentile,
+                                  threads=opts.threads, progress=self.progress)
+            for n, o in obs.items():
+                self._observers[(n, missing[n])] = o
+            self.timings["calibrate"] = self.timings.get("calibrate", 0.0) + time.perf_counter() - t
+            _progress(self.progress, f"calibrated {len(missing)} tensors on {self.calib.num_samples} samples")
+        from .quant.calibrate import apply_observers
+
+        apply_observers(plan, {n: self._observers[(n, m)] for n, m in wanted.items()})
+        return plan
+
+    def build(self, layers: Optional[Mapping[str, Mapping[str, Any]]] = None, **changes) -> Built:
+        """annotate -> calibrate (-> LAPQ) -> saturation remedy -> rounding -> realize, for these options."""
+        opts = self.options(layers, **changes)
+        info: Dict[str, Any] = {}
+        plan = self.annotate(opts)
+        self.calibrate(plan, opts)
+        if opts.clipping == "lapq":
+            from .quant.lapq import lapq
+
+            t = time.perf_counter()
+            info["lapq"] = lapq(self.prepared, plan, self.check_batches, threads=opts.threads, seed=opts.seed)
+            plan.history.append("lapq")
+            self.timings["lapq"] = time.perf_counter() - t
+        info["remedy"] = choose_remedy(self.prepared, plan, self.spec, opts, self.check_batches)
+        weights, biases, model = None, {}, self.prepared
+        from .quant.reconstruct import apply_biases, needs_reconstruction, reconstruct
+
+        if any(lp.weight is not None and lp.weight.method == "brecq" for lp in plan.quantized_layers()):
+            from .quant.brecq import brecq
+
+            t = time.perf_counter()
+            weights, info["brecq"] = brecq(self.prepared, plan, self.recon_batches(opts), seed=opts.seed,
+                                           threads=opts.threads, progress=self.progress,
+                                           **({} if opts.rounding_iters is None else
+                                              {"iterations": opts.rounding_iters}))
+            self.timings["brecq"] = time.perf_counter() - t
+        elif needs_reconstruction(plan, opts):
+            t = time.perf_counter()
+            weights, biases, info["rounding"] = reconstruct(self.prepared, plan, self.recon_batches(opts), opts,
+                                                            progress=self.progress)
+            self.timings["rounding"] = time.perf_counter() - t
+            _progress(self.progress, f"rounded {len(weights)} layers in {self.timings['rounding']:.1f} s")
+            model = apply_biases(self.prepared, biases)
+        qmodel = realize(model, plan, weights=weights)
+        plan.history.append("realize")
+        return Built(plan=plan, model=qmodel, info=info)
+
+    def recon_batches(self, opts: QuantOptions) -> List[Dict[str, np.ndarray]]:
+        return _first_batches(self.calib, opts.recon_samples, exact=True)
+
+
+def _first_batches(calib, n_samples: int, exact: bool = False) -> List[Dict[str, np.ndarray]]:
+    out, seen = [], 0
+    for b in calib:
+        k = len(next(iter(b.values())))
+        if exact and seen + k > n_samples:
+            b = {n: v[: n_samples - seen] for n, v in b.items()}
+            k = n_samples - seen
+        out.append(b)
+        seen += k
+        if seen >= n_samples:
+            break
+    return out

@@ -1,0 +1,229 @@
+"""Data-driven weight rounding, sequential over the layers (AdaRound, AdaQuant, FlexRound, GPTQ, bias
+correction, BN re-estimation).
+
+Layers are visited in topological order in *waves*. For every wave the FP32 model and the partially
+quantized model (all earlier waves already rounded by their solver, everything else nearest) run on the
+reconstruction samples, truncated to what the wave's inputs need; each layer's input rows from the two
+models stream into H = sum x~x~^T, C = sum x~x^T, G = sum xx^T (layer_stats.py), and the plan's solver for that
+layer turns the statistics into integer weights (+ learned scale / bias). So each layer is fitted on the
+inputs it will really see (AdaQuant's sequential mode). With more layers than ``max_waves`` consecutive
+layers share a wave: they see quantized inputs from earlier waves and nearest-rounded layers inside the wave.
+
+The result is plain data: integer weights per node (the original layout), the plan's weight scales
+updated in place, and new float biases per node, applied to the model with ``apply_biases`` before realize.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..backends.ort import OrtBackend
+from ..errors import ModelError
+from .layer_stats import LayerGeometry, StatsAccumulator, dynamic_fake_quant, sub_model
+from .observers import qrange
+from .plan import LayerPlan, QuantPlan
+from .weights import weight_qparams
+
+DATA_DRIVEN = ("adaround", "adaquant", "flexround", "gptq")
+
+
+def needs_reconstruction(plan: QuantPlan, opts) -> bool:
+    return bool(opts.bias_correction or opts.bn_reestimate or any(
+        lp.weight is not None and lp.weight.method in DATA_DRIVEN for lp in plan.quantized_layers()))
+
+
+def _bias_source(model: onnx.ModelProto, node: onnx.NodeProto, consumers) -> Tuple[Optional[str], Optional[str]]:
+    """(kind, initializer name) of the bias of a weighted node: ('input', name) for Conv/Gemm C input,
+    ('add', name) for MatMul followed by Add of a constant, (None, None) if it has none."""
+    inits = {i.name for i in model.graph.initializer}
+    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
+        return "input", node.input[2]
+    if node.op_type == "MatMul":
+        users = consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Add":
+            other = [i for i in users[0].input if i != node.output[0]]
+            if len(other) == 1 and other[0] in inits:
+                return "add", other[0]
+    return None, None
+
+
+def apply_biases(model: onnx.ModelProto, biases: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """Copy of ``model`` with the biases of the given weighted nodes replaced (added where missing)."""
+    if not biases:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    nodes = {n.name: n for n in m.graph.node}
+    inits = {t.name: t for t in m.graph.initializer}
+    uses = {}
+    for n in m.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for name, b in biases.items():
+        node = nodes[name]
+        kind, init = _bias_source(m, node, consumers)
+        b = np.asarray(b, np.float32)
+        if kind is not None and uses.get(init, 0) == 1:
+            old = numpy_helper.to_array(inits[init])
+            inits[init].CopyFrom(numpy_helper.from_array(b.reshape(old.shape), init))
+        elif node.op_type in ("Conv", "Gemm") and (len(node.input) < 3 or not node.input[2]):
+            new = f"{name}/bias_corrected"
+            m.graph.initializer.append(numpy_helper.from_array(b, new))
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = new
+        else:
+            raise ModelError(f"cannot update the bias of '{name}' ({node.op_type}): its bias is shared or it has "
+                             "none; disable bias_correction / bn_reestimate for this layer")
+    return m
+
+
+def _waves(order: List[str], max_waves: int) -> List[List[str]]:
+    if len(order) <= max_waves:
+        return [[n] for n in order]
+    size = int(np.ceil(len(order) / max_waves))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mapping[str, np.ndarray]], opts, *,
+                progress: bool = False, max_waves: int = 64
+                ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, Any]]:
+    """Round the weights of every quantized weighted layer with its plan method, sequentially.
+
+    Returns (integer weights per node in the original layout, new float biases per node, info)."""
+    from .realize import realize
+    from .rounding import get_solver
+    from .rounding.adaquant import bias_correction, bn_reestimate
+    from .rounding.problem import LayerProblem
+
+    t0 = time.perf_counter()
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    topo = {n.name: i for i, n in enumerate(model.graph.node)}
+    layers = [lp for lp in plan.quantized_layers() if lp.weight is not None]
+    layers.sort(key=lambda lp: topo.get(lp.node, 0))
+    todo = [lp.node for lp in layers if lp.weight.method in DATA_DRIVEN or opts.bias_correction or opts.bn_reestimate]
+    weights: Dict[str, np.ndarray] = {}
+    biases: Dict[str, np.ndarray] = {}
+    info: Dict[str, Any] = {"layers": {}, "waves": 0, "samples": 0}
+    if not todo:
+        return weights, biases, info
+    be = OrtBackend(threads=opts.threads)
+    n_samples = sum(len(next(iter(b.values()))) for b in batches)
+    info["samples"] = n_samples
+    waves = _waves(todo, max_waves)
+    info["waves"] = len(waves)
+    it = waves
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            it = tqdm(waves, desc="rounding", unit="wave", leave=False)
+        except ImportError:  # pragma: no cover
+            pass
+    for wave in it:
+        # partially quantized model: solved layers use their weights; the rest nearest
+        cur = copy.deepcopy(plan)
+        for lp in cur.quantized_layers():
+            if lp.weight is not None and lp.node not in weights:
+                lp.weight.method = "nearest"
+        qmodel = realize(apply_biases(model, biases), cur, weights=weights)
+        wanted_fp, wanted_q, dyn = [], [], {}
+        for name in wave:
+            lp = plan.layers[name]
+            x = lp.inputs[0]
+            tq = plan.activations.get(x)
+            wanted_fp.append(x)
+            if tq is not None and tq.mode == "static":
+                wanted_q.append(f"{x}_dequantized")
+                dyn[name] = False
+            else:
+                wanted_q.append(x)
+                dyn[name] = tq is not None and tq.mode == "dynamic"
+        fp_sess = be.compile(sub_model(model, list(dict.fromkeys(wanted_fp))), optimization="basic")
+        q_sess = be.compile(sub_model(qmodel, list(dict.fromkeys(wanted_q))), optimization="basic")
+        fp_names = [o.name for o in fp_sess.get_outputs()]
+        q_names = [o.name for o in q_sess.get_outputs()]
+        fp_in = {i.name for i in fp_sess.get_inputs()}
+        q_in = {i.name for i in q_sess.get_inputs()}
+        geos: Dict[str, LayerGeometry] = {}
+        accs: Dict[str, StatsAccumulator] = {}
+        for name in wave:
+            node = nodes[name]
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            geos[name] = LayerGeometry.of(name, node.op_type, attrs, inits[node.input[1]].dims)
+        for b in batches:
+            fo = dict(zip(fp_names, be.run(fp_sess, {k: v for k, v in b.items() if k in fp_in})))
+            qo = dict(zip(q_names, be.run(q_sess, {k: v for k, v in b.items() if k in q_in})))
+            for name, xf_name, xq_name in zip(wave, wanted_fp, wanted_q):
+                xq = qo[xq_name]
+                if dyn[name]:
+                    xq = dynamic_fake_quant(xq)
+                rq, rf = geos[name].rows(xq), geos[name].rows(fo[xf_name])
+                if name not in accs:
+                    accs[name] = StatsAccumulator(rq.shape[0], rq.shape[2])
+                accs[name].add(rq, rf)
+        for name in wave:
+            lp = plan.layers[name]
+            geo, acc = geos[name], accs[name]
+            t1 = time.perf_counter()
+            w = numpy_helper.to_array(inits[nodes[name].input[1]]).astype(np.float32)
+            tq = lp.weight
+            scale, zp = weight_qparams(w, tq)
+            qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
+            kind, b_init = _bias_source(model, nodes[name], consumers)
+            bias = None
+            if kind is not None:
+                bias = geo.channel_to_grouped(numpy_helper.to_array(inits[b_init]).astype(np.float32).reshape(-1))
+            prob = LayerProblem(w=geo.to_grouped(w).astype(np.float32), h=acc.h, c=acc.c, g=acc.g, m_q=acc.m_q,
+                                m=acc.m, n=acc.n, scale=geo.channel_to_grouped(scale).astype(np.float32),
+                                zero_point=geo.channel_to_grouped(zp).astype(np.int64), qmin=qmin, qmax=qmax,
+                                per_channel=tq.granularity == "per_channel" and scale.size > 1, bias=bias, name=name)
+            params = {} if opts.rounding_iters is None else {"iterations": int(opts.rounding_iters)}
+            method = tq.method if tq.method in DATA_DRIVEN else "nearest"
+            res = get_solver(method)(prob, seed=opts.seed, **(params if method != "nearest" else {}))
+            q, s_new, b_new = res.q, res.scale, res.bias
+            linfo = {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))}
+            if opts.bn_reestimate:
+                s_new, b_new = bn_reestimate(prob, q, s_new, b_new if b_new is not None else
+                                             (bias if bias is not None else np.zeros(prob.scale.shape, np.float32)))
+                linfo["bn_reestimate"] = True
+            elif opts.bias_correction:
+                b_new = bias_correction(prob, q, s_new) if b_new is None or method != "adaquant" else b_new
+                linfo["bias_correction"] = True
+            weights[name] = geo.from_grouped(np.asarray(q, np.int64))
+            s_flat = np.asarray(s_new, np.float32).reshape(-1)
+            if prob.per_channel:
+                tq.scale = [float(v) for v in s_flat]
+            else:
+                tq.scale = [float(s_flat[0])]
+                tq.zero_point = [int(np.asarray(zp).reshape(-1)[0])]
+            if tq.granularity == "per_channel" and prob.per_channel:
+                tq.zero_point = [int(v) for v in np.asarray(zp).reshape(-1)]
+            if tq.zero_point is None:
+                tq.zero_point = [int(v) for v in np.asarray(zp).reshape(-1)]
+            if b_new is not None:
+                biases[name] = np.asarray(b_new, np.float32).reshape(-1)
+            linfo["seconds"] = time.perf_counter() - t1
+            linfo["rows"] = int(acc.n)
+            info["layers"][name] = linfo
+            lp.notes.append(f"rounding {method}: relative reconstruction error "
+                            f"{linfo.get('loss', float('nan')):.3g} (nearest {linfo.get('loss_nearest', float('nan')):.3g})"
+                            + (", bias corrected" if linfo.get("bias_correction") else "")
+                            + (", BN re-estimated" if linfo.get("bn_reestimate") else ""))
+    info["seconds"] = time.perf_counter() - t0
+    plan.history.append("reconstruct")
+    return weights, biases, info
