@@ -92,12 +92,27 @@ class Pipeline:
         return opts
 
     def annotate(self, opts: QuantOptions) -> QuantPlan:
+        self._check_bits(opts)
         plan = annotate(self.prepared, self.spec, opts, target_name=self.spec.name, model_digest=self.digest)
         if not plan.quantized_layers() and not opts.layers:
             raise OptionError(f"nothing to quantize: target {self.spec.name} allows none of this model's layers "
                               f"at W{opts.weight_bits}A{opts.activation_bits} (see the reasons with "
                               "hago_py.annotate or pass simulate=True)")
         return plan
+
+    def _check_bits(self, opts: QuantOptions) -> None:
+        """The asked bit pair must exist in the spec for at least one weighted op of the model (or simulate)."""
+        if opts.simulate:
+            return
+        ops = sorted({n.op_type for n in self.prepared.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")})
+        wb, ab = opts.weight_bits, opts.activation_bits
+        if not ops or any(self.spec.find_scheme(op, wb, ab) is not None for op in ops):
+            return
+        pairs = sorted({f"W{s.weight_bits}A{s.activation_bits}" for op in ops for s in self.spec.schemes(op)
+                        if s.weight_bits})
+        raise OptionError(f"target {self.spec.name} has no W{wb}A{ab} scheme for {', '.join(ops)} "
+                          f"(it offers {', '.join(pairs) or 'none'}); choose one of those or pass simulate=True "
+                          "to fake-quantize (accuracy measured on ORT, labelled simulated)")
 
     def calibrate(self, plan: QuantPlan, opts: QuantOptions) -> QuantPlan:
         wanted = {n: tq.method for n, tq in plan.activations.items()

@@ -87,9 +87,31 @@ def test_spec_rules_obeyed_op_missing_from_spec_stays_fp(tmp_path):
     assert ops["QLinearAdd"] == 0 and ops["QLinearConv"] == 2
 
 
-def test_spec_without_bit_pair_keeps_layers_fp_or_errors():
-    with pytest.raises(OptionError, match="nothing to quantize"):
+def test_spec_without_bit_pair_is_an_error_unless_simulated():
+    with pytest.raises(OptionError, match=r"x86_avx2 has no W6A8 scheme for Conv, Gemm .*W8A8.*simulate=True"):
         hago_py.quantize(small_cnn(), calib(), "x86_avx2", weight_bits=6, **FAST)
+    with pytest.raises(OptionError, match="no W4A4 scheme"):
+        hago_py.quantize(small_cnn(), calib(), "x86_avx2", weight_bits=4, activation_bits=4, **FAST)
+    res = hago_py.quantize(small_cnn(), calib(), "x86_avx2", weight_bits=6, simulate=True, **FAST)
+    assert all(lp.simulated for lp in res.plan.quantized_layers() if lp.weight is not None)
+    assert res.report["artifact_check"]["ok"]
+
+
+def test_w4_weights_stored_as_int4_and_model_shrinks():
+    res = hago_py.quantize(small_cnn(), calib(), "x86_avx2", weight_bits=4, simulate=True, **FAST)
+    m = res.model
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    int4 = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT4 and t.name.endswith("_quantized")]
+    assert len(int4) == 3  # conv1, conv2, fc
+    from onnx import numpy_helper
+    for t in int4:
+        q = numpy_helper.to_array(t).astype(np.int8)
+        assert q.min() >= -7 and q.max() <= 7  # symmetric narrow int4
+    fp_bytes = sum(t.ByteSize() for t in small_cnn().graph.initializer)
+    q_bytes = sum(t.ByteSize() for t in int4)
+    assert q_bytes < fp_bytes / 6
+    x = calib(seed=7, n=16)
+    assert sqnr(run(small_cnn(), x)[0], run(m, x)[0]) > 8.0
 
 
 def test_saturation_hazard_drives_remedy(cnn_result):

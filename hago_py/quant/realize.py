@@ -51,6 +51,10 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
             ) -> onnx.ModelProto:
     """Build the QDQ model. ``weights`` may hold pre-rounded integer weights per layer (from a rounding
     method that needs data); otherwise each weight is rounded here with the plan's rounding scheme."""
+    if any(lp.weight is not None and lp.weight.dtype in ("int4", "uint4") for lp in plan.quantized_layers()):
+        from ..ir.io import upgrade_opset
+
+        model = upgrade_opset(model, 21, "the model (int4 weights need DequantizeLinear-21)")
     m = to_ir(model)
     graph = m.graph
     nodes = {n.name: n for n in graph}
@@ -133,8 +137,6 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
     m.graph.sort()
     RemoveUnusedNodesPass()(m)
     out = to_proto(m)
-    if any((lp.weight is not None and lp.weight.dtype in ("int4", "uint4")) for lp in plan.quantized_layers()):
-        _set_opset(out, 21)
     out.producer_name = "hago_py"
     return out
 
@@ -189,9 +191,3 @@ def _realize_dynamic(graph: ir.Graph, node: ir.Node, lp, q: np.ndarray, x_tq: Te
     graph.remove(node, safe=False)
     old.name = None
     out_v.name = name
-
-
-def _set_opset(model: onnx.ModelProto, version: int) -> None:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx") and op.version < version:
-            op.version = version

@@ -9,6 +9,8 @@ from .observers import qrange
 from .plan import TensorQuant
 from .rounding import get_rounder
 
+_DATA_DRIVEN = ("adaround", "adaquant", "flexround", "gptq", "brecq")
+
 
 def weight_qparams(w: np.ndarray, tq: TensorQuant) -> Tuple[np.ndarray, np.ndarray]:
     """Scale and zero point (arrays of length C for per-channel, length 1 per-tensor)."""
@@ -40,6 +42,12 @@ def weight_qparams(w: np.ndarray, tq: TensorQuant) -> Tuple[np.ndarray, np.ndarr
 
 def quantize_weight(w: np.ndarray, tq: TensorQuant, **ctx) -> np.ndarray:
     """Fill tq.scale / tq.zero_point and return the integer weight (int64 array, within the dtype range)."""
+    if tq.method != "nearest" and tq.method in _DATA_DRIVEN:
+        from ..errors import OptionError
+
+        raise OptionError(f"weight '{tq.tensor}' uses rounding {tq.method!r}, which needs calibration statistics: "
+                          "it is applied by hago_py.quantize / Pipeline.build (pass the weights it returns to "
+                          "realize), not by realize alone")
     scale, zp = weight_qparams(w, tq)
     qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
     q = get_rounder(tq.method)(w, scale, zp, qmin, qmax, tq.axis if tq.granularity == "per_channel" else None, **ctx)
