@@ -48,6 +48,7 @@ class Recipe:
     models: Optional[tuple] = None  # None: all models
     imports: tuple = ()  # modules imported before the clock starts
     options: Dict[str, Any] = field(default_factory=dict)
+    suite: str = "default"  # default (foundation table) | rounding (issue 5 table) | search (issue 4)
 
     def applies_to(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
@@ -176,7 +177,7 @@ register(Recipe("nncf_default", "nncf", "NNCF nncf.quantize defaults (benchmark-
 
 
 # ------------------------------------------------------------------------------------ hago_py
-def hago_recipe(name: str, description: str = "", models=None, **options) -> Recipe:
+def hago_recipe(name: str, description: str = "", models=None, suite: str = "default", **options) -> Recipe:
     """A hago_py row: ``hago_py.quantize(model, calibration=<arrays>, target=..., **options)``."""
     opts = {"target": "x86_avx2", **options}
 
@@ -195,11 +196,26 @@ def hago_recipe(name: str, description: str = "", models=None, **options) -> Rec
                 notes.append(v[:300])
 
     return Recipe(name, "hago", description or f"hago_py.quantize({opts})", fn, models=models,
-                  imports=("hago_py",), options=opts)
+                  imports=("hago_py",), options=opts, suite=suite)
 
 
 register(hago_recipe("hago_default", "hago_py.quantize(target='x86_avx2') defaults"))
 # More hago rows, e.g.: register(hago_recipe("hago_u8u8", some_option=...))
+
+# Rounding / reconstruction table (issue 5): method x bits, all in one run with FP32 and nearest.
+# W4 has no integer kernel on ORT CPU: those rows are simulated (int4 initializers + DequantizeLinear-21).
+for _bits, _abits in ((4, 8), (4, 4), (8, 8)):
+    for _method in ("nearest", "adaround", "adaquant", "flexround", "gptq", "brecq"):
+        _extra = {"simulate": True} if (_bits, _abits) != (8, 8) else {}
+        register(hago_recipe(f"hago_w{_bits}a{_abits}_{_method}", f"W{_bits}A{_abits}, rounding={_method}",
+                             suite="rounding", weight_bits=_bits, activation_bits=_abits, rounding=_method,
+                             measure_latency=False, **_extra))
+register(hago_recipe("hago_w4a8_cle_adaround", "W4A8, cross-layer equalization + AdaRound", suite="rounding",
+                     weight_bits=4, simulate=True, equalize=True, rounding="adaround", measure_latency=False))
+register(hago_recipe("hago_w4a8_adaround_bc", "W4A8, AdaRound + bias correction", suite="rounding",
+                     weight_bits=4, simulate=True, rounding="adaround", bias_correction=True, measure_latency=False))
+register(hago_recipe("hago_w8a8_lapq", "W8A8, LAPQ clipping", suite="rounding", clipping="lapq",
+                     measure_latency=False))
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -356,8 +372,8 @@ def _rmtree_quiet(path: Path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def recipe_names(model_name: str, selected: Optional[List[str]] = None) -> List[str]:
-    names = selected or list(RECIPES)
+def recipe_names(model_name: str, selected: Optional[List[str]] = None, suite: str = "default") -> List[str]:
+    names = selected or [n for n, r in RECIPES.items() if r.suite == suite]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise KeyError(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")

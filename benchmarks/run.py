@@ -313,6 +313,8 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per recipe before it is killed")
     ap.add_argument("--mem-reserve", type=float, default=1500,
                     help="kill a recipe when the machine's MemAvailable falls below this many MB")
+    ap.add_argument("--suite", default="default", choices=("default", "rounding", "search"),
+                    help="which registered rows run when --recipes is not given (default: the foundation table)")
     ap.add_argument("--quick", action="store_true", help="subset of eval data, fewer timing rounds (smoke run)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--keep-tracebacks", action="store_true", help="keep child tracebacks in the JSON")
@@ -324,7 +326,8 @@ def parse_args(argv=None):
     if a.min_time is None:
         a.min_time = 3.0 if a.quick else 30.0
     if a.out is None:
-        a.out = str(RESULTS_DIR / "quick") if a.quick else str(RESULTS_DIR)
+        base = RESULTS_DIR if a.suite == "default" else RESULTS_DIR / a.suite
+        a.out = str(base / "quick") if a.quick else str(base)
     return a
 
 
@@ -345,7 +348,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     for name, model in models.items():
         try:
-            recipes = recipe_names(name, selected)
+            recipes = recipe_names(name, selected, args.suite)
         except KeyError as e:
             print(f"error: {e}")
             return 2

@@ -137,14 +137,13 @@ class Pipeline:
         info: Dict[str, Any] = {}
         plan = self.annotate(opts)
         self.calibrate(plan, opts)
-        if opts.clipping == "lapq":
+        info["remedy"] = choose_remedy(self.prepared, plan, self.spec, opts, self.check_batches)
+        if opts.clipping == "lapq":  # after the remedy: it may change weight bits / dtypes, LAPQ sees the final ones
             from .quant.lapq import lapq
 
             t = time.perf_counter()
             info["lapq"] = lapq(self.prepared, plan, self.check_batches, threads=opts.threads, seed=opts.seed)
-            plan.history.append("lapq")
             self.timings["lapq"] = time.perf_counter() - t
-        info["remedy"] = choose_remedy(self.prepared, plan, self.spec, opts, self.check_batches)
         weights, biases, model = None, {}, self.prepared
         from .quant.reconstruct import apply_biases, needs_reconstruction, reconstruct
 
