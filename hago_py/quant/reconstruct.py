@@ -87,6 +87,23 @@ def apply_biases(model: onnx.ModelProto, biases: Mapping[str, np.ndarray]) -> on
     return m
 
 
+class _Runner:
+    """Runs the part of a model that computes ``outputs``; graph inputs asked for come from the feed."""
+
+    def __init__(self, backend, model: onnx.ModelProto, outputs: List[str]):
+        self.be = backend
+        self.outputs = list(dict.fromkeys(outputs))
+        self.sess = backend.compile(sub_model(model, self.outputs), optimization="basic") if self.outputs else None
+        self.inputs = {i.name for i in self.sess.get_inputs()} if self.sess is not None else set()
+
+    def __call__(self, feed: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        out = dict(feed)
+        if self.sess is not None:
+            names = [o.name for o in self.sess.get_outputs()]
+            out.update(zip(names, self.be.run(self.sess, {k: v for k, v in feed.items() if k in self.inputs})))
+        return out
+
+
 def _waves(order: List[str], max_waves: int) -> List[List[str]]:
     if len(order) <= max_waves:
         return [[n] for n in order]
@@ -153,12 +170,9 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
             else:
                 wanted_q.append(x)
                 dyn[name] = tq is not None and tq.mode == "dynamic"
-        fp_sess = be.compile(sub_model(model, list(dict.fromkeys(wanted_fp))), optimization="basic")
-        q_sess = be.compile(sub_model(qmodel, list(dict.fromkeys(wanted_q))), optimization="basic")
-        fp_names = [o.name for o in fp_sess.get_outputs()]
-        q_names = [o.name for o in q_sess.get_outputs()]
-        fp_in = {i.name for i in fp_sess.get_inputs()}
-        q_in = {i.name for i in q_sess.get_inputs()}
+        graph_inputs = {i.name for i in model.graph.input}
+        fp_run = _Runner(be, model, [t for t in wanted_fp if t not in graph_inputs])
+        q_run = _Runner(be, qmodel, [t for t in wanted_q if t not in graph_inputs])
         geos: Dict[str, LayerGeometry] = {}
         accs: Dict[str, StatsAccumulator] = {}
         for name in wave:
@@ -166,8 +180,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             geos[name] = LayerGeometry.of(name, node.op_type, attrs, inits[node.input[1]].dims)
         for b in batches:
-            fo = dict(zip(fp_names, be.run(fp_sess, {k: v for k, v in b.items() if k in fp_in})))
-            qo = dict(zip(q_names, be.run(q_sess, {k: v for k, v in b.items() if k in q_in})))
+            fo, qo = fp_run(b), q_run(b)
             for name, xf_name, xq_name in zip(wave, wanted_fp, wanted_q):
                 xq = qo[xq_name]
                 if dyn[name]:

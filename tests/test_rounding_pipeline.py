@@ -1,0 +1,132 @@
+"""Data-driven rounding through the whole pipeline: the plan names the method per layer, the sequential
+statistics feed the solver, the realized model on ORT is at least as close to FP32 as nearest rounding."""
+import numpy as np
+import onnx
+import pytest
+
+import hago_py
+from hago_py.errors import DataError, OptionError
+
+from models import calib, run, small_cnn, small_transformer_mlp, sqnr
+
+FAST = dict(measure_latency=False, check_artifact=False)
+W4 = dict(weight_bits=4, simulate=True, **FAST)
+
+
+def _sqnr(model, res, x):
+    return sqnr(run(model, x)[0], run(res.model, x)[0])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return calib(seed=1, n=64), calib(seed=7, n=32)
+
+
+@pytest.fixture(scope="module")
+def nearest_w4(data):
+    return hago_py.quantize(small_cnn(), data[0], "x86_avx2", **W4)
+
+
+def correlated_mlp(seed=0, k=48, h=32, n_out=8):
+    """Gemm -> Relu -> Gemm on strongly correlated inputs: where rounding jointly (not per weight) pays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1 = (rng.normal(size=(k, h)) / np.sqrt(k)).astype(np.float32)
+    w2 = (rng.normal(size=(h, n_out)) / np.sqrt(h)).astype(np.float32)
+    b1 = (rng.normal(size=h) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n_out])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+                           numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def correlated_inputs(n, seed, k=48):
+    rng = np.random.default_rng(100)  # the same mixing for calibration and test data
+    mix = rng.normal(size=(4, k)) + 0.1 * rng.normal(size=(k, k))[:4]
+    z = np.random.default_rng(seed).normal(size=(n, 4))
+    return {"x": (z @ mix + 0.05 * np.random.default_rng(seed + 1).normal(size=(n, k))).astype(np.float32)}
+
+
+@pytest.mark.parametrize("method", ["adaround", "adaquant", "flexround", "gptq"])
+def test_w4_method_beats_nearest_on_held_out_data(method):
+    m, x, xt = correlated_mlp(), correlated_inputs(512, 1), correlated_inputs(256, 2)
+    near = hago_py.quantize(m, x, "x86_avx2", **W4)
+    res = hago_py.quantize(m, x, "x86_avx2", rounding=method, recon_samples=512, **W4)
+    s_near, s = _sqnr(m, near, xt), _sqnr(m, res, xt)
+    assert s > s_near + 1.0, (method, s, s_near)
+    layers = [lp for lp in res.plan.quantized_layers() if lp.weight is not None]
+    assert layers and all(lp.weight.method == method for lp in layers)
+    info = res.report["rounding"]["layers"]
+    assert set(info) == {lp.node for lp in layers}
+    for name, li in info.items():
+        assert li["loss"] <= li["loss_nearest"] * (1 + 1e-9), (name, li)
+    w4 = [t for t in res.model.graph.initializer if t.data_type == onnx.TensorProto.INT4 and t.name.endswith("_quantized")]
+    assert len(w4) == len(layers)
+
+
+@pytest.mark.parametrize("method", ["adaround", "gptq"])
+def test_conv_net_layer_losses_never_worse_than_nearest(method, data, nearest_w4):
+    res = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding=method, bias_correction=True, **W4)
+    for name, li in res.report["rounding"]["layers"].items():
+        assert li["loss"] <= li["loss_nearest"] * (1 + 1e-9), (name, li)
+    # on the data it was fitted on, the whole network is closer to FP32 than nearest rounding
+    assert _sqnr(small_cnn(), res, data[0]) > _sqnr(small_cnn(), nearest_w4, data[0])
+
+
+def test_same_seed_same_bytes_and_plan_records_method(data):
+    a = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="adaround", seed=3, **W4)
+    b = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="adaround", seed=3, **W4)
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    assert "reconstruct" in a.plan.history
+
+
+def test_per_layer_rounding_mix(data):
+    names = [n.name for n in small_cnn().graph.node if n.op_type in ("Conv", "Gemm")]
+    res = hago_py.quantize(small_cnn(), data[0], "x86_avx2", layers={names[0]: {"rounding": "gptq"}}, **W4)
+    methods = {lp.node: lp.weight.method for lp in res.plan.quantized_layers() if lp.weight is not None}
+    assert methods[names[0]] == "gptq" and all(m == "nearest" for n, m in methods.items() if n != names[0])
+    assert set(res.report["rounding"]["layers"]) == {names[0]}
+
+
+def test_bias_correction_removes_mean_output_error(data):
+    x = data[1]
+    fp = run(small_cnn(), x)[0]
+    plain = hago_py.quantize(small_cnn(), data[0], "x86_avx2", **W4)
+    bc = hago_py.quantize(small_cnn(), data[0], "x86_avx2", bias_correction=True, **W4)
+    err_plain = np.abs((run(plain.model, x)[0] - fp).mean(0)).mean()
+    err_bc = np.abs((run(bc.model, x)[0] - fp).mean(0)).mean()
+    assert err_bc < err_plain
+
+
+def test_w4_gptq_on_token_matmuls_with_separate_bias_add():
+    m = small_transformer_mlp()
+    x = {"input": np.random.default_rng(0).normal(size=(64, 6, 16)).astype(np.float32)}
+    xt = {"input": np.random.default_rng(5).normal(size=(16, 6, 16)).astype(np.float32)}
+    near = hago_py.quantize(m, x, "x86_avx2", weight_bits=4, simulate=True, **FAST)
+    res = hago_py.quantize(m, x, "x86_avx2", weight_bits=4, simulate=True, rounding="gptq", bias_correction=True,
+                           **FAST)
+    assert sqnr(run(m, xt)[0], run(res.model, xt)[0]) > sqnr(run(m, xt)[0], run(near.model, xt)[0])
+    # MatMul + Add(bias): the corrected bias lands in the Add's constant
+    assert set(res.report["rounding"]["layers"]) == {"mm1", "mm2"}
+
+
+def test_unknown_rounding_and_realize_without_data_are_errors(data):
+    with pytest.raises(OptionError, match="rounding='adarund' is invalid"):
+        hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="adarund", **FAST)
+    res = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="gptq", **W4)
+    from hago_py.quant.realize import realize
+
+    with pytest.raises(OptionError, match="needs calibration statistics"):
+        realize(res.fp32_model, res.plan)
+
+
+def test_too_few_rows_for_fan_in_is_a_clear_error():
+    # fc has fan-in 8 after global pooling: 2 samples give 2 rows < K
+    with pytest.raises((DataError, OptionError), match="fc"):
+        hago_py.quantize(small_cnn(), calib(n=2), "x86_avx2", rounding="adaround", recon_samples=2,
+                         layers={"conv1": {"rounding": "nearest"}, "conv2": {"rounding": "nearest"}}, **W4)
