@@ -29,10 +29,10 @@ def solve_nearest(problem: LayerProblem, *, seed: int = 0, **params) -> Rounding
     from . import problem as pr
 
     t0 = time.perf_counter()
-    pr.validate(problem)
-    if params:
-        raise OptionError(f"layer {problem.name!r}: nearest rounding takes no parameters, got "
-                          f"{', '.join(sorted(params))}")
+    pr.validate(problem, need_rows=False)
+    extra = sorted(set(params) - {"iterations"})          # iterations: accepted (and ignored) like gptq
+    if extra:
+        raise OptionError(f"layer {problem.name!r}: nearest rounding takes no parameters, got {', '.join(extra)}")
     q = pr.nearest(problem)
     return pr.finish(problem, "nearest", q, problem.scale, problem.bias, {"iterations": 0}, t0)
 

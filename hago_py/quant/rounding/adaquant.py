@@ -11,15 +11,14 @@ plus its two closed-form companions: bias correction and BN re-estimation.
 * the bias b̂ = b + σ·β (σ: RMS of the FP32 output channel), when the layer has a bias (``tune_bias``).
 
 The forward pass is the hard-quantized layer, so every iteration's loss is exact; the best iterate is kept
-(per output channel when rows are independent, as a whole with a shared scale).  The bias of the result is
-then re-fitted in closed form (``bias_correction``: the optimal bias for the final weight), which can only
-lower the loss.  Channels still worse than nearest rounding fall back to it (problem.finish).
+(per output channel when rows are independent, as a whole with a shared scale), scored with the bias it will
+get: the bias of the result is re-fitted in closed form (``bias_correction``: the optimal bias for the final
+weight), which can only lower the loss.  Channels still worse than nearest rounding fall back to it (problem.finish).
 
 ``bias_correction`` and ``bn_reestimate`` work on any rounding and are computed from the statistics.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Optional, Tuple
 
@@ -32,8 +31,8 @@ DEFAULTS = {
     "iterations": None,        # None: from the work budget
     "max_iterations": 1000,
     "min_iterations": 50,
-    "work": 2.5e11,
-    "lr": None,                # weight perturbation U (units of the step); None: min(0.02, 4 / iterations)
+    "work": 2e11,
+    "lr": None,                # weight perturbation U (units of the step); None: min(0.03, 16 / iterations)
     "lr_scale": None,          # log step; None: lr / 10
     "lr_bias": None,           # bias in units of the output RMS; None: lr / 10
     "learn_scale": True,
@@ -50,7 +49,7 @@ def bias_correction(problem: LayerProblem, q: np.ndarray, scale: np.ndarray) -> 
 
     This is the bias minimising the reconstruction loss for the weight Ŵ = dequant(q, scale); it makes the
     mean output error over the calibration rows zero.  A layer without bias gets one (b = 0)."""
-    validate(problem)
+    validate(problem, need_rows=False)
     p = problem
     w_hat = dequant(q, scale, p.zero_point).astype(np.float64)
     err = (np.einsum("gnk,gk->gn", w_hat, np.asarray(p.m_q, np.float64))
@@ -76,7 +75,7 @@ def bn_reestimate(problem: LayerProblem, q: np.ndarray, scale: np.ndarray, bias:
     it is left alone (a = 1).  The bias is then set so the means match: b̂_i = μ_i - a_i ŵ_i·m̃/n (computed with
     the rounded float32 step).  ``bias`` (the current bias of the quantized layer) is replaced, so it does not
     enter the result; it is accepted for symmetry with the other post-processing steps."""
-    validate(problem)
+    validate(problem, need_rows=False)
     p = problem
     zp = np.asarray(p.zero_point, np.int64)
     scale = np.asarray(scale, np.float32)
@@ -116,7 +115,7 @@ def solve(problem: LayerProblem, *, seed: int = 0, **params: Any) -> RoundingRes
             positive("adaquant", p, prm, nm)
     iters = auto_iterations(p, prm["iterations"], int(prm["max_iterations"]), int(prm["min_iterations"]),
                             float(prm["work"]))
-    lr = float(prm["lr"]) if prm["lr"] is not None else min(0.02, 4.0 / iters)
+    lr = float(prm["lr"]) if prm["lr"] is not None else min(0.03, 16.0 / iters)
     lr_s = float(prm["lr_scale"]) if prm["lr_scale"] is not None else lr / 10
     lr_b = float(prm["lr_bias"]) if prm["lr_bias"] is not None else lr / 10
     tune_bias = (p.bias is not None) if prm["tune_bias"] is None else bool(prm["tune_bias"])
@@ -196,8 +195,10 @@ def solve(problem: LayerProblem, *, seed: int = 0, **params: Any) -> RoundingRes
             gw *= inr[b]
             gw *= s0f[b]
             opt_u.step(gw, t, b, tmp=tmp_b[:gw.size].reshape(gw.shape))
-        dm += obj.wdm
-        score += (2.0 * d * dm + p.n * d * d) / dnorm
+        dm += obj.wdm                                            # Ŵm̃ - Wm
+        if tune_bias:
+            # scored with the optimal bias for this weight (what is returned): 2d·dm + n d² = -dm²/n
+            score -= dm * dm / (p.n * dnorm)
         if best is None:
             best = [score.copy(), (qz + zf).astype(np.int64), s.copy()]
         elif rows_indep:

@@ -37,7 +37,7 @@ DEFAULTS = {
     "iterations": None,        # None: from the work budget
     "max_iterations": 1000,
     "min_iterations": 50,
-    "work": 2.5e11,            # multiply-adds per layer when iterations is None
+    "work": 2e11,              # multiply-adds per layer when iterations is None
     "lr": None,                # None: 30 / iterations, at most 0.5
     "reg_weight": 10.0,        # λ, in units of the normalised reconstruction loss
     "warmup": 0.2,

@@ -28,8 +28,8 @@ DEFAULTS = {
     "iterations": None,        # None: from the work budget
     "max_iterations": 1000,
     "min_iterations": 50,
-    "work": 2.5e11,
-    "lr": None,                # S2, s3, s4 (log-divisor units); None: min(0.01, 2 / iterations)
+    "work": 2e11,
+    "lr": None,                # S2, s3, s4 (log-divisor units); None: 0.15 / (qmax - qmin)
     "lr_scale": None,          # log s1; None: lr / 2
     "use_s4": False,
 }
@@ -50,7 +50,7 @@ def solve(problem: LayerProblem, *, seed: int = 0, **params: Any) -> RoundingRes
             positive("flexround", p, prm, nm)
     iters = auto_iterations(p, prm["iterations"], int(prm["max_iterations"]), int(prm["min_iterations"]),
                             float(prm["work"]))
-    lr = float(prm["lr"]) if prm["lr"] is not None else min(0.01, 2.0 / iters)
+    lr = float(prm["lr"]) if prm["lr"] is not None else 0.15 / (p.qmax - p.qmin)
     lr_s = float(prm["lr_scale"]) if prm["lr_scale"] is not None else lr / 2
     use_s4 = bool(prm["use_s4"])
 

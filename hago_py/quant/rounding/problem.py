@@ -74,8 +74,11 @@ def _label(p: LayerProblem) -> str:
     return f"layer {p.name!r}" if p.name else "layer <unnamed>"
 
 
-def validate(p: LayerProblem) -> None:
-    """Check shapes, finiteness and qparams; raise DataError (statistics / weight) or OptionError (qparams)."""
+def validate(p: LayerProblem, *, need_rows: bool = True) -> None:
+    """Check shapes, finiteness and qparams; raise DataError (statistics / weight) or OptionError (qparams).
+
+    ``need_rows``: the data-driven solvers fit K unknowns per output channel to the statistics, which needs
+    at least K calibration rows (n >= K); nearest rounding, bias correction and BN re-estimation do not."""
     lab = _label(p)
     w = np.asarray(p.w)
     if w.ndim != 3 or min(w.shape) < 1:
@@ -101,7 +104,7 @@ def validate(p: LayerProblem) -> None:
     if isinstance(p.n, bool) or not isinstance(p.n, (int, np.integer)) or p.n < 1:
         raise DataError(f"{lab}: the number of calibration rows n={p.n!r} must be a positive integer; "
                         "give calibration samples")
-    if p.n < k:
+    if need_rows and p.n < k:
         raise DataError(f"{lab} has fan-in K={k} but only n={int(p.n)} calibration rows; give at least K rows "
                         f"(more calibration samples) or use nearest rounding for this layer")
     for name in ("h", "g"):
@@ -194,6 +197,7 @@ class Objective:
         return out
 
     def relative(self, total: float) -> float:
+        """total / tr(W G Wᵀ); the absolute loss when the FP32 output energy is 0."""
         return float(total / self.energy) if self.energy > 0 else float(total)
 
 
