@@ -30,8 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--simulate", action="store_true", help="allow schemes without an integer kernel")
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--max-calib-samples", type=int, default=512)
-    q.add_argument("--no-latency", action="store_true", help="skip the FP32-vs-quantized timing")
+    q.add_argument("--no-latency", action="store_true", help="skip the FP32-vs-quantized timing (with --search: "
+                   "latency predicted by the spec's cost model instead of measured)")
     q.add_argument("--quiet", "-q", action="store_true")
+    s = q.add_argument_group("hardware-aware search (per-layer configurations by measured accuracy and latency)")
+    s.add_argument("--search", action="store_true", help="search per-layer bits / granularity / FP32 fallback; "
+                   "the accuracy metric is a calibration-set proxy (output fidelity vs FP32)")
+    s.add_argument("--accuracy-budget", type=float, help="max drop of the proxy metric vs FP32 (e.g. 0.003)")
+    s.add_argument("--latency-budget", type=float, help="min speed-up vs FP32 (e.g. 1.5)")
+    s.add_argument("--time-budget", type=float, help="wall-clock seconds; the best plan so far is returned")
+    s.add_argument("--checkpoint", help="search state file, written after every trial "
+                   "(default with --search: <out>.search.json)")
+    s.add_argument("--resume", action="store_true", help="continue the search recorded in the checkpoint")
+    s.add_argument("--peers", help="benchmark result JSON (benchmarks/results/<model>.json) whose recipes are "
+                   "drawn on the report's Pareto plot")
 
     sub.add_parser("targets", help="list the built-in hardware targets")
 
@@ -44,19 +56,42 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_quantize(a) -> int:
     from . import api
 
+    from .errors import OptionError
+
     out = Path(a.out)
     if out.parent and not out.parent.exists():
         raise OutputError(f"cannot write '{out}': folder '{out.parent}' does not exist; create it first")
+    search_flags = {"--accuracy-budget": a.accuracy_budget, "--latency-budget": a.latency_budget,
+                    "--time-budget": a.time_budget, "--checkpoint": a.checkpoint, "--peers": a.peers,
+                    "--resume": a.resume or None}
+    if not a.search and any(v is not None for v in search_flags.values()):
+        used = ", ".join(k for k, v in search_flags.items() if v is not None)
+        raise OptionError(f"{used} only apply to a search: add --search")
+    search = {}
+    if a.search:
+        search = dict(search=True, accuracy_budget=a.accuracy_budget, latency_budget=a.latency_budget,
+                      time_budget=a.time_budget, resume=a.resume,
+                      checkpoint=a.checkpoint or str(out.with_suffix(".search.json")))
     res = api.quantize(a.model, a.calib, a.target, progress=not a.quiet, measure_latency=not a.no_latency,
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
                        clipping=a.clipping, activation_mode=a.activation_mode,
                        saturation_remedy=a.saturation_remedy, exclude=a.exclude, simulate=a.simulate,
-                       threads=a.threads, max_calib_samples=a.max_calib_samples)
+                       threads=a.threads, max_calib_samples=a.max_calib_samples, **search)
+    if a.search and a.peers:
+        from .report.plot import load_peers
+
+        res.report["search"]["peers"] = load_peers(a.peers)
     res.save(out, report_dir=a.report)
     n_q = len(res.plan.quantized_layers())
     msg = f"wrote {out} ({n_q} layers quantized, {len(res.plan.fp_layers())} kept FP32)"
-    if "latency" in res.report:
-        msg += f"; measured speedup {res.report['latency']['speedup']:.2f}x vs FP32"
+    lat = res.report.get("latency")
+    if lat:
+        msg += f"; {'measured' if lat['measured'] else 'predicted'} speedup {lat['speedup']:.2f}x vs FP32"
+    if a.search:
+        s, c = res.report["search"], res.report["search"]["counts"]
+        msg += (f"; search: {s['metric']['name']} drop {res.chosen['drop']:+.4g} ({s['metric']['kind']}), "
+                f"{c['trials']} trials ({c['measured_this_run']} measured, {c['replayed']} replayed) in "
+                f"{s['search_s']:.0f} s, {len(res.pareto)} points on the Pareto front; state in {s['checkpoint']}")
     print(msg)
     return 0
 

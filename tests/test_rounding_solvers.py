@@ -161,6 +161,16 @@ def test_per_channel_scales_are_learned_per_channel():
     assert np.unique(res.scale).size > 1
 
 
+@pytest.mark.parametrize("method,params", [("flexround", {"use_s4": True}), ("adaquant", {"learn_scale": False}),
+                                           ("gptq", {"act_order": False, "asymmetric": False})])
+def test_solver_options(method, params):
+    p, _, _ = _problem(g=2, nout=6, k=12, seed=13)
+    res = SOLVERS[method](p, **params, **({"iterations": 100} if method != "gptq" else {}))
+    assert res.info["loss"] <= res.info["loss_nearest"]
+    if params.get("learn_scale") is False:
+        np.testing.assert_array_equal(res.scale, p.scale)
+
+
 def test_adaquant_without_bias_keeps_no_bias():
     p, _, _ = _problem(bias=False, seed=9)
     res = SOLVERS["adaquant"](p, iterations=100)
@@ -263,10 +273,14 @@ def test_bn_reestimate_matches_mean_and_variance(per_channel):
 # bad input
 # ------------------------------------------------------------------------------------------------
 def test_too_few_rows_is_a_data_error_naming_the_layer():
-    p, _, _ = _problem(k=24, n=400, name="block3.conv2")
-    p.n = 10
-    with pytest.raises(DataError, match=r"block3\.conv2.*K=24.*n=10.*at least K rows"):
-        SOLVERS["adaround"](p)
+    p, _, _ = _problem(k=24, n=10, name="block3.conv2")
+    for method in ITERATIVE + ("gptq",):
+        with pytest.raises(DataError, match=r"block3\.conv2.*K=24.*n=10.*at least K rows"):
+            SOLVERS[method](p)
+    # nearest rounding, bias correction and BN re-estimation only need the means / second moments
+    res = SOLVERS["nearest"](p, iterations=5)
+    bias_correction(p, res.q, res.scale)
+    bn_reestimate(p, res.q, res.scale, p.bias)
 
 
 @pytest.mark.parametrize("field", ["h", "c", "m_q"])

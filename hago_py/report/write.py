@@ -1,13 +1,22 @@
-"""Render a quantization Result as report.md / report.html / report.json (atomic writes)."""
+"""Render a quantization Result as report.md / report.html / report.json (atomic writes).
+
+A search result adds: the Pareto plot (pareto.png, embedded in the HTML as base64) with the FP32 point and
+optional peer points, the front as a table, the per-layer table (op, shape, chosen configuration,
+sensitivity, latency share, why) and the search log.
+"""
 from __future__ import annotations
 
+import base64
 import html
 import json
+import re
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 from ..errors import OutputError
-from ..ir.io import atomic_write_text
+from ..ir.io import atomic_write_bytes, atomic_write_text
+
+LOG_LINES_MD = 400
 
 
 def _fmt(x, nd=2):
@@ -18,7 +27,24 @@ def _fmt(x, nd=2):
     return str(x)
 
 
-def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None = None) -> str:
+def _g(x, nd=4):
+    return "-" if x is None else f"{x:.{nd}g}"
+
+
+def _short(node: str) -> str:
+    """'/layer1/layer1.0/conv1/Conv' -> 'layer1.0/conv1' (exporter names end in the op type)."""
+    parts = [p for p in node.split("/") if p]
+    if len(parts) >= 3:
+        return "/".join(parts[-3:-1])
+    return "/".join(parts) or node
+
+
+def _cell(s) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None = None,
+                    pareto_image: Optional[str] = None) -> str:
     r = report
     lines = [f"# hago_py quantization report — target `{r['target']}`", ""]
     opts = r.get("options", {})
@@ -36,8 +62,9 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
     if lat:
         sp = lat["speedup_spread"]
         lines.append(f"- latency: **{lat['speedup']:.2f}x** vs FP32 ({'measured' if lat['measured'] else 'predicted'}"
-                     f", batch 1, {lat['threads']} thread(s), interleaved; per-round ratio p10–p90 "
-                     f"{sp['p10']:.2f}–{sp['p90']:.2f})")
+                     f", batch 1, {lat['threads']} thread(s)"
+                     + (f", interleaved; per-round ratio p10–p90 {sp['p10']:.2f}–{sp['p90']:.2f})" if lat['measured']
+                        else f"; {lat.get('source', 'cost model')})"))
     chk = r.get("artifact_check")
     if chk:
         lines.append(f"- artifact check: {'**ok**' if chk['ok'] else '**FLOAT FALLBACK**'} — integer kernels "
@@ -47,27 +74,216 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
             lines.append(f"  - fallback: {fb}")
         for note in chk.get("notes", []):
             lines.append(f"  - note: {note}")
+    if r.get("search"):
+        lines += [""] + render_search_markdown(r["search"], pareto_image)
     lines += ["", "## Per-layer decisions", "",
               "| node | op | quantized | kernel | weights | activations | remedy | why |",
               "|---|---|---|---|---|---|---|---|"]
     for row in r.get("layers", []):
         lines.append(f"| `{row['node']}` | {row['op']} | {'yes' if row['quantized'] else 'no'} | "
                      f"{row.get('kernel') or '-'} | {row.get('weight') or '-'} | {row.get('activation') or '-'} | "
-                     f"{row.get('remedy') or '-'} | {row['reason']} |")
+                     f"{row.get('remedy') or '-'} | {_cell(row['reason'])} |")
+    if r.get("search"):
+        lines += render_search_log(r["search"])
     return "\n".join(lines) + "\n"
 
 
-def write_report(result, out_dir) -> Path:
+def render_search_markdown(s: Dict[str, Any], pareto_image: Optional[str] = None) -> List[str]:
+    m, b, lat, c = s["metric"], s["budgets"], s["latency_source"], s.get("counts", {})
+    proxy = m["kind"] == "proxy"
+    lines = ["## Hardware-aware search", ""]
+    lines.append(f"- metric: {'**proxy** — ' if proxy else ''}{m['definition']}; FP32 = {m['fp32']:.6g}")
+    acc = b.get("accuracy")
+    lat_b, time_b = b.get("latency"), b.get("time_s")
+    lines.append(f"- budgets: accuracy " + (f"drop <= {_g(acc)} ({b.get('accuracy_note')})" if acc is not None
+                                             else "none") +
+                 "; latency " + (f">= {_g(lat_b)}x speed-up" if lat_b is not None else "none") +
+                 "; time " + (f"{_g(time_b)} s" if time_b is not None else "none") + f" — objective: {s['objective']}")
+    lines.append(f"- latency: **{lat['kind']}** — {lat['description']}"
+                 + ("" if lat["kind"] == "measured" else f" (target not measurable here: {lat['why']})"
+                    if not lat.get("target_reachable") else ""))
+    sp = s.get("space", {})
+    n_cand = sum(len([x for x in L["candidates"] if not x.get("pruned")]) for L in sp.get("layers", {}).values())
+    lines.append(f"- space (from the spec): {len(sp.get('layers', {}))} layers, {n_cand} active candidates, "
+                 f"~{sp.get('size', 0):.3g} plans; roundings {', '.join(sp.get('roundings', []))}"
+                 + "".join(f"; {n}" for n in sp.get("notes", [])))
+    lines.append(f"- trials: {c.get('trials')} in all ({c.get('plan_trials')} end-to-end plans, "
+                 f"{c.get('layer_candidates')} layer candidates); {c.get('measured_this_run')} measured in this run, "
+                 f"{c.get('replayed')} replayed from the checkpoint; search time {s.get('search_s', 0):.0f} s"
+                 + ("; **stopped early by time_budget: best plan measured so far**" if s.get("stopped_early") else ""))
+    ch = s.get("chosen")
+    if ch:
+        lines.append(f"- chosen: **{ch['speedup']:.2f}x** ({ch['latency']}) at {m['name']} {ch['metric']:.6g} "
+                     f"(drop {ch['drop']:+.4g}{', proxy' if proxy else ''}); {ch['n_fp32']} of {ch['n_layers']} "
+                     f"searched layers kept FP32; found by {ch['stage']}")
+    lines.append("")
+    if pareto_image:
+        lines += [f"![Pareto front: speed-up vs {m['name']}]({pareto_image})", ""]
+    lines += ["### Pareto front", "",
+              "| speed-up | latency | metric | drop | FP32 layers | found by | changes vs reference |",
+              "|---|---|---|---|---|---|---|"]
+    for p in s.get("pareto", []):
+        changes = p.get("assign") or {}
+        if p.get("id") == "fp32":
+            ch_txt = "FP32 model"
+        else:
+            items = [f"{_short(n)}:{k}" for n, k in changes.items()]
+            ch_txt = ", ".join(items[:8]) + (f" (+{len(items) - 8})" if len(items) > 8 else "") or "reference"
+        star = " ★" if ch and p.get("id") == ch.get("id") else ""
+        lines.append(f"| {p['speedup']:.3f}x{star} | {p['latency']} | {p['metric']:.6g} | {p['drop']:+.4g} | "
+                     f"{p.get('n_fp32', '-')} | {p.get('stage', '-')} | {_cell(ch_txt)} |")
+    peers = s.get("peers") or []
+    if peers:
+        lines += ["", "### Peers", "", "| recipe | family | speed-up | metric - FP32 | source |", "|---|---|---|---|---|"]
+        from .plot import align_peers
+
+        aligned, note = align_peers(peers, m.get("fp32"))
+        for p in aligned:
+            lines.append(f"| {p['name']} | {p.get('family', '-')} | {p['speedup']:.2f}x | {p['delta']:+.4g} | "
+                         f"{_cell(p.get('source', '-'))} |")
+        lines += ["", "Peer figures come from their own runs (their evaluation set, their timing run): compare "
+                      "speed-ups as ratios and accuracy only where the metric and data match"
+                  + (f"; {note}." if note else ".")]
+    lines += ["", "### Per-layer decisions of the search", "",
+              "| node | op | shape (weight / output) | chosen config | sensitivity (rank) | latency share | why |",
+              "|---|---|---|---|---|---|---|"]
+    for row in s.get("layers", []):
+        shape = f"{row.get('weight_shape') or '-'} / {row.get('output_shape') or '-'}"
+        sens = "-" if row.get("sensitivity") is None else \
+            f"{row['sensitivity']:.2g} ({row.get('sensitivity_rank')})"
+        share = "-" if row.get("latency_share") is None else f"{100 * row['latency_share']:+.1f} %"
+        lines.append(f"| `{row['node']}` | {row['op']} | {shape} | {_cell(row['config'])} | {sens} | {share} | "
+                     f"{_cell(row['why'])} |")
+    lines += ["", "Sensitivity: estimated contribution of the layer's reference configuration to the output error "
+                  "(proxy units, from the layer table; rank 1 = most sensitive). Latency share: the FP32 model's "
+                  f"latency the chosen configuration saves vs keeping the layer FP32 ({lat['kind']}; negative: "
+                  "FP32 is faster)."]
+    return lines
+
+
+def render_search_log(s: Dict[str, Any]) -> List[str]:
+    log = s.get("log") or []
+    lines = ["", "## Search log", "", "```"]
+    shown = log[-LOG_LINES_MD:]
+    if len(log) > len(shown):
+        lines.append(f"... {len(log) - len(shown)} earlier lines in report.json")
+    for e in shown:
+        lines.append(f"{e['t']:8.1f}s [{e['stage']}] {e['msg']}")
+    lines.append("```")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ HTML
+
+_INLINE = [(re.compile(r"\*\*(.+?)\*\*"), r"<b>\1</b>"), (re.compile(r"`([^`]+)`"), r"<code>\1</code>")]
+
+
+def _inline(text: str) -> str:
+    t = html.escape(text, quote=False)
+    for rx, sub in _INLINE:
+        t = rx.sub(sub, t)
+    return t
+
+
+def markdown_to_html(md: str, images: Optional[Dict[str, str]] = None) -> str:
+    """The small Markdown subset the report uses (headings, lists, tables, code blocks, images) as HTML;
+    ``images`` maps an image path to a data: URI so the HTML is self-contained."""
+    images = images or {}
+    out, in_code, in_list, table = [], False, False, None
+
+    def close_list():
+        nonlocal in_list
+        if in_list:
+            out.append("</ul>")
+            in_list = False
+
+    def close_table():
+        nonlocal table
+        if table is not None:
+            out.append("</tbody></table>")
+            table = None
+
+    for line in md.splitlines():
+        if line.startswith("```"):
+            close_list()
+            close_table()
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            close_list()
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if table is None:
+                out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells) + "</tr></thead><tbody>")
+                table = "head"
+            elif table == "head" and all(set(c) <= set("-: ") for c in cells):
+                table = "body"
+            else:
+                out.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells) + "</tr>")
+            continue
+        close_table()
+        m = re.match(r"!\[(.*?)\]\((.*?)\)", line.strip())
+        if m:
+            close_list()
+            src = images.get(m.group(2), m.group(2))
+            out.append(f"<p><img alt='{html.escape(m.group(1))}' src='{src}' style='max-width:100%'></p>")
+            continue
+        h = re.match(r"(#+) (.*)", line)
+        if h:
+            close_list()
+            n = len(h.group(1))
+            out.append(f"<h{n}>{_inline(h.group(2))}</h{n}>")
+            continue
+        li = re.match(r"(\s*)- (.*)", line)
+        if li:
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            style = " style='margin-left:1.5em'" if li.group(1) else ""
+            out.append(f"<li{style}>{_inline(li.group(2))}</li>")
+            continue
+        close_list()
+        if line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    close_list()
+    close_table()
+    if in_code:
+        out.append("</pre>")
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:1em auto;font-size:14px}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
+             "font-size:12px;vertical-align:top}th{background:#eee}pre{background:#f6f6f6;padding:.5em;"
+             "font-size:12px;overflow-x:auto}code{font-size:12px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>hago_py report</title><style>{style}</style>"
+            f"</head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def write_report(result, out_dir, peers=None) -> Path:
+    """report.md, report.html (self-contained), report.json, plan.json and, for a search, pareto.png.
+
+    peers: peer points for the Pareto plot (a list of {name, speedup, delta} dicts or a
+    benchmarks/results/*.json path); default: the ones the search recorded."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create report folder '{out}': {e.strerror}; choose a writable location") from e
-    md = render_markdown(result.report)
+    report = result.report
+    images = {}
+    if report.get("search"):
+        from .plot import load_peers, pareto_png
+
+        s = report["search"]
+        if peers is not None:
+            s["peers"] = load_peers(peers)
+        png = pareto_png(dict(s, target=report.get("target", "")), s.get("peers"))
+        atomic_write_bytes(out / "pareto.png", png)
+        images["pareto.png"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    md = render_markdown(report, pareto_image="pareto.png" if images else None)
     atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "report.json", json.dumps(result.report, indent=1, sort_keys=True, default=str) + "\n")
-    body = "<br>\n".join(html.escape(line) for line in md.splitlines())
-    atomic_write_text(out / "report.html", f"<!doctype html><meta charset='utf-8'><title>hago_py report</title>"
-                                           f"<body style='font-family:monospace'>{body}</body>\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+    atomic_write_text(out / "report.html", markdown_to_html(md, images))
     result.plan.save(out / "plan.json")
     return out
