@@ -1,0 +1,71 @@
+"""Refinement around the best measured plan: single-layer moves ranked by the estimates, and the choice of
+the top candidates to re-measure together (one interleaved timing run, so their ratios are comparable)."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence
+
+from .table import Table
+
+
+def faster_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[Dict[str, str]]:
+    """Up to ``k`` plans that each move one layer to a faster candidate, cheapest in estimated error per
+    latency saved first (spend the remaining accuracy slack)."""
+    moves = []
+    for n, pts in table.rows.items():
+        cur = assign.get(n, table.ref[n])
+        e0, l0 = pts[cur]
+        best = None
+        for key, (e, l) in pts.items():
+            if l < l0 - 1e-12:
+                cost = max(e - e0, 0.0) / (l0 - l)
+                if best is None or cost < best[0]:
+                    best = (cost, key, l0 - l)
+        if best is not None:
+            moves.append((best[0], -best[2], n, best[1]))
+    moves.sort()
+    out = []
+    for _, _, n, key in moves[:k]:
+        a = table.full(assign)
+        a[n] = key
+        out.append(a)
+    return out
+
+
+def accurate_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[Dict[str, str]]:
+    """Up to ``k`` plans that each move one layer to a more accurate candidate, largest error reduction per
+    latency added first (spend the remaining latency slack)."""
+    moves = []
+    for n, pts in table.rows.items():
+        cur = assign.get(n, table.ref[n])
+        e0, l0 = pts[cur]
+        best = None
+        for key, (e, l) in pts.items():
+            if e < e0 - 1e-15:
+                gain = (e0 - e) / max(l - l0, 1e-9)
+                if best is None or gain > best[0]:
+                    best = (gain, key)
+        if best is not None:
+            moves.append((-best[0], n, best[1]))
+    moves.sort()
+    out = []
+    for _, n, key in moves[:k]:
+        a = table.full(assign)
+        a[n] = key
+        out.append(a)
+    return out
+
+
+def top_candidates(points: Sequence[Dict], objective: str, k: int = 4, window: float = 0.1) -> List[Dict]:
+    """The best ``k`` feasible points within ``window`` (relative) of the best on the objective."""
+    if not points:
+        return []
+    if objective == "speed":
+        best = max(p["speedup"] for p in points)
+        sel = [p for p in points if p["speedup"] >= best * (1 - window)]
+        sel.sort(key=lambda p: (-p["speedup"], -p["metric"]))
+    else:
+        best = max(p["metric"] for p in points)
+        span = max(abs(best), 1e-12) * window * 0.1
+        sel = [p for p in points if p["metric"] >= best - span]
+        sel.sort(key=lambda p: (-p["metric"], -p["speedup"]))
+    return sel[:k]

@@ -1,0 +1,301 @@
+"""Hardware-aware search on tiny generated models where the right answer is known.
+
+Latency is injected (a deterministic cost per layer configuration) wherever the test asserts on a choice;
+one test checks the structure of a really measured table without asserting on any timing.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import hago_py
+from hago_py.errors import OptionError, SearchError
+from hago_py.pipeline import Pipeline
+from hago_py.quant.options import QuantOptions
+from hago_py.search import run_search
+from hago_py.search.space import build_space
+from hago_py.search.strategies import Table, greedy_path, milp_solve
+
+from models import calib, small_cnn
+
+HERE = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------ models
+def mlp3(seed: int = 0, fragile: bool = True) -> onnx.ModelProto:
+    """x[N,16] -> fc_a -> Relu -> fc_c -> Relu -> fc_b -> y[N,8] (Gemms, each with its own int8 input).
+
+    fragile=True: input feature 0 spans +-1000 while fc_a ignores it, so quantizing fc_a's input wipes the
+    other features (fc_a must stay FP32); fc_b has 4 rows with one weight of 1.0 and 4 rows of small weights
+    (~0.03), so a per-tensor weight scale destroys the small rows (fc_b needs per-channel or FP32)."""
+    rng = np.random.default_rng(seed)
+    wa = rng.normal(0, 0.3, (32, 16)).astype(np.float32)
+    wc = rng.normal(0, 0.2, (32, 32)).astype(np.float32)
+    wb = rng.normal(0, 0.2, (8, 32)).astype(np.float32)
+    if fragile:
+        wa[:, 0] = 1e-5
+        wb[:4] = 0.0
+        for i in range(4):
+            wb[i, i] = 1.0
+        wb[4:] = rng.normal(0, 0.03, (4, 32))
+    inits = [numpy_helper.from_array(a, n) for a, n in ((wa, "wa"), (wc, "wc"), (wb, "wb"))]
+    inits += [numpy_helper.from_array(np.zeros(k, np.float32), f"b{n}") for n, k in (("a", 32), ("c", 32), ("b", 8))]
+    nodes = [helper.make_node("Gemm", ["x", "wa", "ba"], ["ha"], name="fc_a", transB=1),
+             helper.make_node("Relu", ["ha"], ["ra"], name="relu_a"),
+             helper.make_node("Gemm", ["ra", "wc", "bc"], ["hc"], name="fc_c", transB=1),
+             helper.make_node("Relu", ["hc"], ["rc"], name="relu_c"),
+             helper.make_node("Gemm", ["rc", "wb", "bb"], ["y"], name="fc_b", transB=1)]
+    g = helper.make_graph(nodes, "mlp3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def mlp_calib(n: int = 64, seed: int = 1, fragile: bool = True) -> dict:
+    x = np.random.default_rng(seed).normal(0, 1, (n, 16)).astype(np.float32)
+    if fragile:
+        x[:, 0] *= 300.0
+    return {"x": x}
+
+
+SLOW_LAYER = {"name": None}
+
+
+def injected_latency(model, plan):
+    """Deterministic latency: FP32 layer 1.0, INT8 per-channel 0.40, per-tensor 0.38 (tempting), dynamic
+    +0.05; the layer named in SLOW_LAYER costs 1.5 when quantized (its INT8 kernel is slower than FP32)."""
+    if plan is None:
+        return 3.0
+    t = 0.0
+    for lp in plan.layers.values():
+        if not lp.quantize:
+            t += 1.0
+        elif lp.node == SLOW_LAYER["name"]:
+            t += 1.5
+        else:
+            t += 0.38 if lp.weight.granularity == "per_tensor" else 0.40
+            t += 0.05 if plan.activations[lp.inputs[0]].mode == "dynamic" else 0.0
+    return t
+
+
+def search(model, data, **kw):
+    pipe = Pipeline(model, data, "x86_avx2", QuantOptions(check_artifact=False))
+    kw.setdefault("latency", injected_latency)
+    return run_search(pipe, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ choices
+def test_fragile_layers_stay_fp_or_per_channel():
+    res = search(mlp3(), mlp_calib(), accuracy_budget=3e-4)
+    plan = res.plan
+    assert not plan.layers["fc_a"].quantize                      # activation-fragile: FP32
+    b = plan.layers["fc_b"]
+    assert (not b.quantize) or b.weight.granularity == "per_channel"   # weight-fragile: never per-tensor
+    assert plan.layers["fc_c"].quantize                          # the robust layer is quantized
+    s = res.report["search"]
+    assert s["metric"]["kind"] == "proxy" and "proxy" in s["metric"]["definition"].lower()
+    assert res.chosen["drop"] <= 3e-4 and res.chosen["speedup"] > 1.0
+    # the per-layer sensitivity ranks the fragile input layer first
+    rows = {r["node"]: r for r in s["layers"]}
+    assert rows["fc_a"]["sensitivity_rank"] == 1 and "FP32" in rows["fc_a"]["why"]
+    # per-tensor fc_b was measured and is worse than per-channel
+    tab = s["table"]["fc_b"]
+    assert tab["int8/pt"]["err"] > 3 * tab["int8/pc"]["err"]
+
+
+def test_slower_int8_layer_not_chosen_under_latency_budget():
+    SLOW_LAYER["name"] = "fc_b"
+    try:
+        res = search(mlp3(fragile=False), mlp_calib(fragile=False), latency_budget=1.5)
+        assert not res.plan.layers["fc_b"].quantize
+        assert res.plan.layers["fc_a"].quantize and res.plan.layers["fc_c"].quantize
+        assert res.chosen["speedup"] >= 1.5 and res.chosen["latency"] == "predicted"
+        assert res.report["search"]["objective"].startswith("most accurate")
+        # accuracy budget: the fastest plan also leaves the slow layer in FP32
+        res = search(mlp3(fragile=False), mlp_calib(fragile=False), accuracy_budget=0.05)
+        assert not res.plan.layers["fc_b"].quantize
+        assert res.chosen["speedup"] == pytest.approx(3.0 / (0.38 + 0.38 + 1.0))
+        why = {r["node"]: r["why"] for r in res.report["search"]["layers"]}
+        assert "slower" in why["fc_b"]
+    finally:
+        SLOW_LAYER["name"] = None
+
+
+def test_impossible_budget_names_the_closest_point():
+    with pytest.raises(SearchError) as ei:
+        search(mlp3(), mlp_calib(), latency_budget=10.0)
+    e = ei.value
+    msg = str(e)
+    assert "latency_budget=10" in msg and "closest point" in msg and "relax latency_budget" in msg
+    assert e.closest is not None and e.closest["speedup"] < 10 and "metric" in e.closest
+    with pytest.raises(SearchError, match="relax accuracy_budget") as ei:
+        search(mlp3(), mlp_calib(), accuracy_budget=-0.5)
+    assert ei.value.closest["drop"] > -0.5
+
+
+def test_user_metric_and_result_api():
+    x = mlp_calib(seed=5, n=32)
+
+    def neg_mse(model):   # the user's "validation loop": higher is better
+        import onnxruntime as ort
+
+        ref = ort.InferenceSession(mlp3().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+        out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+        return -float(np.mean((out - ref) ** 2))
+
+    res = hago_py.quantize(mlp3(), mlp_calib(), "x86_avx2", search=True, evaluate=neg_mse, accuracy_budget=1e-3,
+                           measure_latency=False, check_artifact=False)
+    s = res.report["search"]
+    assert s["metric"]["kind"] == "user" and s["metric"]["fp32"] == 0.0
+    assert s["latency_source"]["kind"] == "predicted"            # measure_latency=False: the cost model
+    assert res.chosen["drop"] <= 1e-3 and res.chosen["metric_kind"] == "user"
+    assert res.pareto and any(p["id"] == "fp32" and p["speedup"] == 1.0 for p in res.pareto)
+    assert all(p["latency"] in ("measured", "predicted") for p in res.pareto)
+    sp = [p["speedup"] for p in res.pareto]
+    assert sp == sorted(sp)
+    assert hago_py.quantize(mlp3(), mlp_calib(), "x86_avx2", layers=res.chosen["plan"], measure_latency=False,
+                            check_artifact=False).plan.to_json() == res.plan.to_json()
+    c = s["counts"]
+    assert c["trials"] == c["measured_this_run"] > 0 and c["plan_trials"] >= 2 and c["layer_candidates"] > 0
+    for row in s["layers"]:
+        assert {"op", "output_shape", "config", "sensitivity", "latency_share", "why"} <= set(row)
+
+
+# ------------------------------------------------------------------------------------------------ space
+def test_space_comes_from_the_spec():
+    pipe = Pipeline(small_cnn(), calib(), "x86_avx2", QuantOptions(check_artifact=False))
+    space = build_space(pipe, pipe.build().plan)
+    conv = space.layers["conv1"].active()
+    assert {"fp32", "int8/pc", "int8/pt", "uint8/pc", "uint8/pt"} <= set(conv)
+    int4 = space.layers["conv1"].candidates["int4/pc"]
+    assert int4.simulated and int4.pruned and "simulated" in int4.label
+    assert set(space.layers["add"].structural()) == {"int8", "fp32"}
+    assert "int8/pc/dyn" in space.layers["fc"].active()          # Gemm: dynamic activations allowed
+    # a spec that only allows per-channel Conv weights gives no per-tensor candidate
+    spec = hago_py.load_spec("x86_avx2").to_dict()
+    for s in spec["ops"]["Conv"]["schemes"]:
+        s["granularity"] = ["per_channel"]
+    pipe2 = Pipeline(small_cnn(), calib(), spec, QuantOptions(check_artifact=False))
+    assert not any(k.endswith("/pt") for k in build_space(pipe2, pipe2.build().plan).layers["conv1"].candidates)
+    # T4: INT8 only, int4 simulated; latency predicted (the target is not this machine)
+    res = hago_py.quantize(small_cnn(), calib(), "cuda_t4", search=True, accuracy_budget=0.05,
+                           check_artifact=False, max_calib_samples=32)
+    s = res.report["search"]
+    assert s["latency_source"]["kind"] == "predicted" and not s["latency_source"]["target_reachable"]
+    assert res.report["latency"]["measured"] is False
+    keys = {c["key"] for c in s["space"]["layers"]["conv1"]["candidates"]}
+    assert {"int8/pc", "int8/pt", "fp32"} <= keys and not any(k.startswith(("uint8", "int4")) for k in keys)
+    assert any("W4A4" in n and "not searched" in n for n in s["space"]["notes"])   # T4's int4 is W4A4
+
+
+def test_greedy_and_milp_on_a_known_table():
+    # layer x: INT8 saves 0.3 for error 1; layer y: INT8 saves 0.1 for error 1; FP32 costs nothing
+    t = Table(rows={"x": {"q": (1.0, 0.0), "fp32": (0.0, 0.3)}, "y": {"q": (1.0, 0.0), "fp32": (0.0, 0.1)}},
+              ref={"x": "q", "y": "q"}, ref_latency=0.5)
+    path = greedy_path(t)
+    assert path[0] == {"x": "q", "y": "q"} and path[1] == {"x": "q", "y": "fp32"} and path[-1]["x"] == "fp32"
+    assert milp_solve(t, objective="latency", max_err=1.0) == {"x": "q", "y": "fp32"}
+    assert milp_solve(t, objective="error", max_latency=0.65) == {"x": "q", "y": "fp32"}
+    assert milp_solve(t, objective="latency", max_err=-1.0) is None
+
+
+# ------------------------------------------------------------------------------------------------ measured
+def test_measured_latency_table_structure():
+    fast = {"layer_min_time_s": 0.0, "layer_repeats": 5, "plan_min_time_s": 0.0, "plan_repeats": 5,
+            "retime_min_time_s": 0.0}
+    pipe = Pipeline(small_cnn(), calib(), "x86_avx2", QuantOptions(check_artifact=False, timing_repeats=3))
+    res = run_search(pipe, accuracy_budget=1.0, timing=fast, max_plan_trials=3, variant_layers=0)
+    s = res.report["search"]
+    assert s["latency_source"]["kind"] == "measured" and s["latency_source"]["target_reachable"]
+    layer_trials = [t for t in s["trials"] if t["kind"] == "layer"]
+    assert {t["node"] for t in layer_trials} == {"conv1", "conv2", "add", "gap", "fc"}
+    for t in layer_trials:
+        assert "fp32" in t["candidates"]
+        for c in t["candidates"].values():
+            assert c["ratio"] > 0 and c["se"] >= 0 and "nmse" in c
+    assert all(p["latency"] == "measured" for p in s["points"])
+    assert res.report["latency"]["measured"]
+    assert set(s["table"]["conv1"]) >= {"int8/pc", "fp32"}
+
+
+# ------------------------------------------------------------------------------------------------ anytime / resume
+def test_time_budget_returns_best_so_far():
+    res = search(mlp3(), mlp_calib(), accuracy_budget=1.0, time_budget=1e-3)
+    s = res.report["search"]
+    assert s["stopped_early"] and res.chosen["stage"] == "reference"
+    assert "time_budget" in " ".join(line["msg"] for line in s["log"])
+
+
+def test_checkpoint_guards(tmp_path):
+    ck = tmp_path / "s.json"
+    a = search(mlp3(), mlp_calib(), accuracy_budget=3e-4, checkpoint=ck)
+    data = json.loads(ck.read_text())
+    assert data["done"] and len(data["trials"]) == a.report["search"]["counts"]["trials"]
+    with pytest.raises(OptionError, match="already exists"):
+        search(mlp3(), mlp_calib(), accuracy_budget=3e-4, checkpoint=ck)
+    with pytest.raises(OptionError, match="another search"):
+        search(mlp3(seed=3), mlp_calib(), accuracy_budget=3e-4, checkpoint=ck, resume=True)
+    with pytest.raises(OptionError, match="does not exist"):
+        search(mlp3(), mlp_calib(), checkpoint=tmp_path / "none.json", resume=True)
+    # a finished search resumes by replaying every trial: same plan, nothing measured
+    b = search(mlp3(), mlp_calib(), accuracy_budget=3e-4, checkpoint=ck, resume=True)
+    assert b.plan.to_json() == a.plan.to_json()
+    assert b.report["search"]["counts"]["measured_this_run"] == 0
+
+
+_CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import test_search as t
+from hago_py.search import run_search
+from hago_py.pipeline import Pipeline
+from hago_py.quant.options import QuantOptions
+pipe = Pipeline(t.mlp3(), t.mlp_calib(), "x86_avx2", QuantOptions(check_artifact=False))
+print("started", flush=True)
+run_search(pipe, accuracy_budget=3e-4, latency=t.injected_latency, checkpoint={ck!r},
+           on_trial=lambda rec: time.sleep(0.4))
+print("finished", flush=True)
+"""
+
+
+def test_resume_after_kill_9_gives_the_same_plan(tmp_path):
+    full = search(mlp3(), mlp_calib(), accuracy_budget=3e-4)
+    n_total = full.report["search"]["counts"]["trials"]
+    ck = tmp_path / "search.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(HERE), ck=str(ck))], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    recorded = 0
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if ck.exists():
+                try:
+                    recorded = len(json.loads(ck.read_text())["trials"])
+                except (ValueError, KeyError):
+                    recorded = 0          # never happens with atomic writes; tolerate and retry
+                if recorded >= 6:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    data = json.loads(ck.read_text())          # the file is whole after kill -9
+    assert 6 <= len(data["trials"]) < n_total and not data.get("done")
+    resumed = search(mlp3(), mlp_calib(), accuracy_budget=3e-4, checkpoint=ck, resume=True)
+    c = resumed.report["search"]["counts"]
+    assert c["replayed"] == len(data["trials"])                 # no recorded trial lost or re-measured
+    assert c["trials"] == n_total and c["measured_this_run"] == n_total - len(data["trials"])
+    assert resumed.plan.to_json() == full.plan.to_json()
+    assert resumed.chosen["id"] == full.chosen["id"]
