@@ -47,7 +47,8 @@ class Result:
 def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, progress: bool = False,
              measure_latency: bool = True, search: bool = False, evaluate: Optional[Callable] = None,
              accuracy_budget: Optional[float] = None, latency_budget: Optional[float] = None,
-             time_budget: Optional[float] = None, checkpoint=None, resume: bool = False, **options) -> Result:
+             time_budget: Optional[float] = None, checkpoint=None, resume: bool = False,
+             search_options: Optional[Mapping[str, Any]] = None, **options) -> Result:
     """Quantize ``model`` for ``target``.
 
     model: path / ModelProto. calibration: .npz path, folder of .npy, dict of arrays or iterable of feed
@@ -56,7 +57,8 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
     search=True: per-layer configurations chosen by measured accuracy (``evaluate(model) -> float``, higher is
     better, or a calibration-set proxy) and measured latency, within ``accuracy_budget`` (max drop, in the
     metric's units), ``latency_budget`` (min speedup vs FP32) and ``time_budget`` (seconds); ``checkpoint``
-    names the state file, ``resume=True`` continues it. See hago_py.search.
+    names the state file, ``resume=True`` continues it; ``search_options`` passes further settings to
+    hago_py.search.run_search (latency source, roundings, proxy_samples, ...).
     """
     t0 = time.perf_counter()
     opts = QuantOptions.from_kwargs(**options)
@@ -66,9 +68,11 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
 
         return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget, latency_budget=latency_budget,
                           time_budget=time_budget, checkpoint=checkpoint, resume=resume,
-                          measure_latency=measure_latency)
-    if any(x is not None for x in (evaluate, accuracy_budget, latency_budget, time_budget, checkpoint)) or resume:
-        raise OptionError("evaluate / accuracy_budget / latency_budget / time_budget / checkpoint / resume only "
+                          measure_latency=measure_latency, **dict(search_options or {}))
+    if any(x is not None for x in (evaluate, accuracy_budget, latency_budget, time_budget, checkpoint,
+                                   search_options)) or resume:
+        raise OptionError("evaluate / accuracy_budget / latency_budget / time_budget / checkpoint / resume / "
+                          "search_options only "
                           "apply to a search: pass search=True")
     built = pipe.build()
     result = finish(pipe, built, measure_latency=measure_latency)

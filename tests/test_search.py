@@ -299,3 +299,16 @@ def test_resume_after_kill_9_gives_the_same_plan(tmp_path):
     assert c["trials"] == n_total and c["measured_this_run"] == n_total - len(data["trials"])
     assert resumed.plan.to_json() == full.plan.to_json()
     assert resumed.chosen["id"] == full.chosen["id"]
+
+
+def test_search_options_pass_through_the_api():
+    import hago_py
+    from hago_py.errors import OptionError
+    from models import calib, small_cnn
+
+    with pytest.raises(OptionError, match="search_options only apply to a search"):
+        hago_py.quantize(small_cnn(), calib(), "x86_avx2", search_options={"latency": "predicted"},
+                         measure_latency=False)
+    r = hago_py.quantize(small_cnn(), calib(), "x86_avx2", search=True, search_options={"latency": "predicted"},
+                         measure_latency=False)
+    assert r.chosen["latency"] == "predicted" and r.chosen["speedup"] > 1.0
