@@ -87,7 +87,8 @@ def seq_zoo(seed=0):
     N = helper.make_node
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     inits = [_i("wq", rng.normal(0, 0.4, (8, 8)).astype(np.float32)), _i("g", np.ones(8, np.float32)),
-             _i("b", np.zeros(8, np.float32)), _i("zero", np.array(0, np.int64)), _i("one_i", np.array(1, np.int64)), _i("ax0", i64(0)),
+             _i("b", np.zeros(8, np.float32)), _i("zero", np.array(0, np.int64)), _i("one_i", np.array(1, np.int64)),
+             _i("ax0", i64(0)),
              _i("heads", i64(2)), _i("hd", i64(4)), _i("perm_c", i64(8)), _i("neg", np.array(-1e4, np.float32)),
              _i("zf", np.array(0.0, np.float32)), _i("sqrt2", np.array(1.4142135, np.float32)),
              _i("half", np.array(0.5, np.float32)), _i("onef", np.array(1.0, np.float32)),
@@ -283,7 +284,8 @@ def test_simulation_matches_realized_model_on_ort(cnn, transformer):
     _close(run(realize(p, pl, weights=q), x, optimization="basic")[0], simulate(p, pl, x, q)[0], 1e-5)
     # W8 on x86_avx2: token MatMuls get dynamic (per-batch) activations
     p, plan = calibrated(tb.tiny_transformer(), x, remedy=True, weight_bits=8, simulate=False)
-    assert {plan.activations[lp.inputs[0]].mode for lp in plan.quantized_layers() if lp.weight is not None} == {"dynamic"}
+    modes = {plan.activations[lp.inputs[0]].mode for lp in plan.quantized_layers() if lp.weight is not None}
+    assert modes == {"dynamic"}
     q, info = brecq(p, plan, [x], iterations=20, lr=1e-2, batch_size=4)
     assert all(b["loss_after"] <= b["loss_before"] for b in info["blocks"])
     _close(run(realize(p, plan, weights=q), x, optimization="basic")[0], simulate(p, plan, x, q)[0], 1e-5)

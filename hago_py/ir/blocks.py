@@ -28,7 +28,7 @@ Every weighted layer passed in ends up in exactly one block; blocks come in topo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Sequence, Set, Tuple
 
 import networkx as nx
 import onnx

@@ -59,7 +59,6 @@ from .plan import QuantPlan, TensorQuant
 from .weights import weight_qparams
 from . import torch_lower as tl
 
-_DEBUG = False
 ZETA, GAMMA = 1.1, -0.1
 REG_WEIGHT = 0.01
 BETA_START, BETA_END = 20.0, 2.0
@@ -454,8 +453,6 @@ def _brecq(torch, model, plan, batches, iterations, fisher, lr, batch_size, seed
                 loss.backward()
                 opt.step()
                 last_rec = float(rec.detach())
-                if _DEBUG and it % 50 == 0:
-                    print(blk.name, it, last_rec, float(loss.detach()))
         for lay in blk_layers:
             sim.soft.pop(lay.name, None)
             sim.weights[lay.name] = lay.dequant(lay.hard_int())
