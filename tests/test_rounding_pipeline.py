@@ -130,3 +130,13 @@ def test_too_few_rows_for_fan_in_is_a_clear_error():
     with pytest.raises((DataError, OptionError), match="fc"):
         hago_py.quantize(small_cnn(), calib(n=2), "x86_avx2", rounding="adaround", recon_samples=2,
                          layers={"conv1": {"rounding": "nearest"}, "conv2": {"rounding": "nearest"}}, **W4)
+
+
+def test_brecq_through_quantize(data):
+    pytest.importorskip("torch")  # CI installs the torch extra (.ci/run); without it the next test checks the error
+    res = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="brecq", rounding_iters=30, **W4)
+    assert "brecq" in res.report and res.report["brecq"]["seconds"] > 0
+    x = data[1]
+    assert sqnr(run(small_cnn(), x)[0], run(res.model, x)[0]) > 15.0
+    w4 = [t for t in res.model.graph.initializer if t.data_type == onnx.TensorProto.INT4 and t.name.endswith("_quantized")]
+    assert len(w4) == 3
