@@ -140,3 +140,22 @@ def test_brecq_through_quantize(data):
     assert sqnr(run(small_cnn(), x)[0], run(res.model, x)[0]) > 15.0
     w4 = [t for t in res.model.graph.initializer if t.data_type == onnx.TensorProto.INT4 and t.name.endswith("_quantized")]
     assert len(w4) == 3
+
+
+def test_bias_correction_skips_matmul_without_bias_add():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
+                          [numpy_helper.from_array(rng.normal(size=(16, 24)).astype(np.float32), "w1"),
+                           numpy_helper.from_array(rng.normal(size=(24, 8)).astype(np.float32), "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.normal(size=(64, 16)).astype(np.float32)}
+    res = hago_py.quantize(m, x, "x86_avx2", bias_correction=True, rounding="gptq", **W4)
+    info = res.report["rounding"]["layers"]
+    assert set(info) == {"mm1", "mm2"} and all("bias_note" in v for v in info.values())
+    assert sqnr(run(m, x)[0], run(res.model, x)[0]) > 10.0

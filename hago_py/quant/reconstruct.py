@@ -210,7 +210,10 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
             res = get_solver(method)(prob, seed=opts.seed, **(params if method != "nearest" else {}))
             q, s_new, b_new = res.q, res.scale, res.bias
             linfo = {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))}
-            if opts.bn_reestimate:
+            can_bias = kind is not None or nodes[name].op_type in ("Conv", "Gemm")
+            if not can_bias:
+                linfo["bias_note"] = "MatMul without a constant bias Add: no bias to correct"
+            elif opts.bn_reestimate:
                 s_new, b_new = bn_reestimate(prob, q, s_new, b_new if b_new is not None else
                                              (bias if bias is not None else np.zeros(prob.scale.shape, np.float32)))
                 linfo["bn_reestimate"] = True
@@ -219,16 +222,11 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
                 linfo["bias_correction"] = True
             weights[name] = geo.from_grouped(np.asarray(q, np.int64))
             s_flat = np.asarray(s_new, np.float32).reshape(-1)
-            if prob.per_channel:
-                tq.scale = [float(v) for v in s_flat]
-            else:
-                tq.scale = [float(s_flat[0])]
-                tq.zero_point = [int(np.asarray(zp).reshape(-1)[0])]
-            if tq.granularity == "per_channel" and prob.per_channel:
-                tq.zero_point = [int(v) for v in np.asarray(zp).reshape(-1)]
-            if tq.zero_point is None:
-                tq.zero_point = [int(v) for v in np.asarray(zp).reshape(-1)]
-            if b_new is not None:
+            zp_flat = np.asarray(zp).reshape(-1)
+            keep = slice(None) if prob.per_channel else slice(0, 1)
+            tq.scale = [float(v) for v in s_flat[keep]]
+            tq.zero_point = [int(v) for v in zp_flat[keep]]
+            if b_new is not None and can_bias:
                 biases[name] = np.asarray(b_new, np.float32).reshape(-1)
             linfo["seconds"] = time.perf_counter() - t1
             linfo["rows"] = int(acc.n)
