@@ -125,11 +125,23 @@ def test_unknown_rounding_and_realize_without_data_are_errors(data):
         realize(res.fp32_model, res.plan)
 
 
-def test_too_few_rows_for_fan_in_is_a_clear_error():
-    # fc has fan-in 8 after global pooling: 2 samples give 2 rows < K
-    with pytest.raises((DataError, OptionError), match="fc"):
-        hago_py.quantize(small_cnn(), calib(n=2), "x86_avx2", rounding="adaround", recon_samples=2,
-                         layers={"conv1": {"rounding": "nearest"}, "conv2": {"rounding": "nearest"}}, **W4)
+def test_too_few_rows_for_fan_in_falls_back_to_nearest_and_says_so():
+    # fc has fan-in 8 after global pooling: 4 samples give 4 rows < K; the convs have plenty of rows
+    res = hago_py.quantize(small_cnn(), calib(n=4), "x86_avx2", rounding="gptq", recon_samples=4, **W4)
+    assert set(res.report["rounding"]["fallbacks"]) == {"fc"}
+    assert "4 rows < K=8" in res.report["rounding"]["fallbacks"]["fc"]
+    assert any("raise recon_samples" in n for n in res.plan.layers["fc"].notes)
+    assert res.report["rounding"]["layers"]["conv1"]["method"] == "gptq"
+    # the solver itself still refuses an underdetermined problem with a message naming the layer
+    from hago_py.quant.rounding import get_solver
+    from hago_py.quant.rounding.problem import LayerProblem
+
+    k = 6
+    p = LayerProblem(w=np.ones((1, 2, k), np.float32), h=np.eye(k)[None], c=np.eye(k)[None], g=np.eye(k)[None],
+                     m_q=np.zeros((1, k)), m=np.zeros((1, k)), n=3, scale=np.full((1, 2), 0.1, np.float32),
+                     zero_point=np.zeros((1, 2), np.int64), qmin=-7, qmax=7, per_channel=True, name="layerX")
+    with pytest.raises(DataError, match="layerX.*K=6.*n=3"):
+        get_solver("adaround")(p)
 
 
 def test_brecq_through_quantize(data):

@@ -207,6 +207,14 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
                                 per_channel=tq.granularity == "per_channel" and scale.size > 1, bias=bias, name=name)
             params = {} if opts.rounding_iters is None else {"iterations": int(opts.rounding_iters)}
             method = tq.method if tq.method in DATA_DRIVEN else "nearest"
+            k_fan = prob.w.shape[2]
+            if method != "nearest" and acc.n < k_fan:
+                # an underdetermined fit (e.g. the classifier after global pooling: rows = samples) would
+                # overfit the few rows; keep nearest rounding for this layer and say so
+                lp.notes.append(f"rounding {method} -> nearest: only {acc.n} calibration rows for fan-in {k_fan} "
+                                f"(raise recon_samples to >= {k_fan} to fit it)")
+                info.setdefault("fallbacks", {})[name] = f"{method} -> nearest ({acc.n} rows < K={k_fan})"
+                method = "nearest"
             res = get_solver(method)(prob, seed=opts.seed, **(params if method != "nearest" else {}))
             q, s_new, b_new = res.q, res.scale, res.bias
             linfo = {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))}
