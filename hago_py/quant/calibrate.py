@@ -16,6 +16,17 @@ from .observers import make_observer, qparams_from_range
 from .plan import QuantPlan
 
 
+def progress_iter(it, enabled: bool, desc: str, unit: str):
+    """``it`` wrapped in a tqdm bar when ``enabled`` (and tqdm is importable)."""
+    if not enabled:
+        return it
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, desc=desc, unit=unit, leave=False)
+
+
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     """Copy of ``model`` that also returns the given intermediate tensors."""
     m = onnx.ModelProto()
@@ -58,16 +69,8 @@ def collect_tensors(model: onnx.ModelProto, methods: Mapping[str, str], data: It
     for n in names:
         opts = {"percentile": percentile} if methods[n] == "percentile" else {}
         observers[n] = make_observer(methods[n], n, **opts)
-    it = data
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            it = tqdm(data, desc="calibrating", unit="batch", leave=False)
-        except ImportError:  # pragma: no cover
-            pass
     seen = 0
-    for batch in it:
+    for batch in progress_iter(data, progress, "calibrating", "batch"):
         outs = backend.run(sess, batch)
         for n in names:
             observers[n].update(np.asarray(outs[idx[n]], dtype=np.float32))

@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 
 from ..backends.ort import OrtBackend
 from ..errors import ModelError
+from .calibrate import progress_iter
 from .layer_stats import LayerGeometry, StatsAccumulator, dynamic_fake_quant, sub_model
 from .observers import qrange
 from .plan import LayerPlan, QuantPlan
@@ -143,15 +144,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
     info["samples"] = n_samples
     waves = _waves(todo, max_waves)
     info["waves"] = len(waves)
-    it = waves
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            it = tqdm(waves, desc="rounding", unit="wave", leave=False)
-        except ImportError:  # pragma: no cover
-            pass
-    for wave in it:
+    for wave in progress_iter(waves, progress, "rounding", "wave"):
         # partially quantized model: solved layers use their weights; the rest nearest
         cur = copy.deepcopy(plan)
         for lp in cur.quantized_layers():

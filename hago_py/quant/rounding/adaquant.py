@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .problem import (Adam, LayerProblem, Objective, RoundingResult, auto_iterations, check_params, chunks, dequant,
+from .problem import (Adam, keep_best, LayerProblem, Objective, RoundingResult, auto_iterations, check_params, chunks, dequant,
                       finish, nearest, normaliser, positive, rowdot, validate)
 
 DEFAULTS = {
@@ -199,16 +199,7 @@ def solve(problem: LayerProblem, *, seed: int = 0, **params: Any) -> RoundingRes
         if tune_bias:
             # scored with the optimal bias for this weight (what is returned): 2d·dm + n d² = -dm²/n
             score -= dm * dm / (p.n * dnorm)
-        if best is None:
-            best = [score.copy(), (qz + zf).astype(np.int64), s.copy()]
-        elif rows_indep:
-            better = score < best[0]
-            if np.any(better):
-                best[0] = np.where(better, score, best[0])
-                best[1] = np.where(better[..., None], (qz + zf).astype(np.int64), best[1])
-                best[2] = np.where(better, s, best[2])
-        elif score.sum() < best[0].sum():
-            best = [score.copy(), (qz + zf).astype(np.int64), s.copy()]
+        best = keep_best(best, score, (qz + zf).astype(np.int64), s, rows_indep)
         if it == iters:
             break
         if learn_scale:

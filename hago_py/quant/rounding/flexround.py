@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .problem import (Adam, LayerProblem, Objective, RoundingResult, auto_iterations, check_params, chunks, finish,
+from .problem import (Adam, keep_best, LayerProblem, Objective, RoundingResult, auto_iterations, check_params, chunks, finish,
                       nearest, normaliser, positive, rowdot, validate)
 
 DEFAULTS = {
@@ -121,16 +121,7 @@ def solve(problem: LayerProblem, *, seed: int = 0, **params: Any) -> RoundingRes
             if use_s4:
                 g4[b[0]] += a.sum(axis=1)
             opts[1].step(a, t, b, tmp=tmp_b[:a.size].reshape(a.shape))
-        if best is None:
-            best = [score.copy(), (qz + zf).astype(np.int64), s1.copy()]
-        elif rows_indep:
-            better = score < best[0]
-            if np.any(better):
-                best[0] = np.where(better, score, best[0])
-                best[1] = np.where(better[..., None], (qz + zf).astype(np.int64), best[1])
-                best[2] = np.where(better, s1, best[2])
-        elif score.sum() < best[0].sum():
-            best = [score.copy(), (qz + zf).astype(np.int64), s1.copy()]
+        best = keep_best(best, score, (qz + zf).astype(np.int64), s1, rows_indep)
         if it == iters:
             break
         opts[0].step((g1 if p.per_channel else np.asarray(g1.sum()).reshape(1, 1)).astype(np.float32), t)

@@ -367,3 +367,20 @@ def split_active(p: LayerProblem, base: np.ndarray) -> Tuple[np.ndarray, np.ndar
     active = (base >= p.qmin) & (base <= p.qmax - 1)
     fixed = np.clip(base, p.qmin, p.qmax)
     return active, fixed
+
+
+def keep_best(best, score: np.ndarray, q: np.ndarray, s: np.ndarray, rows_indep: bool):
+    """Best-so-far [score, q, scale] of an iterative solver: per output row when rows are independent
+    (per-channel scales), else for the whole tensor (one shared scale)."""
+    if best is None:
+        return [score.copy(), q, s.copy()]
+    if rows_indep:
+        better = score < best[0]
+        if np.any(better):
+            best[0] = np.where(better, score, best[0])
+            best[1] = np.where(better[..., None], q, best[1])
+            best[2] = np.where(better, s, best[2])
+        return best
+    if score.sum() < best[0].sum():
+        return [score.copy(), q, s.copy()]
+    return best
