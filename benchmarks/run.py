@@ -64,16 +64,10 @@ def versions() -> Dict[str, str]:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from hago_py.ir.io import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -194,12 +188,38 @@ def bench_model(model: BenchModel, recipes: List[str], args) -> Dict[str, Any]:
         except Exception as e:  # noqa: BLE001
             result["timing"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"  timing failed: {result['timing']['error']}")
+    for r in rows:
+        if r.get("search") and "speedup" in r:
+            try:
+                result.setdefault("plots", {})[r["recipe"]] = _search_plot(model, result, r, Path(args.out))
+            except Exception as e:  # noqa: BLE001 - a plot never fails the benchmark
+                print(f"  pareto plot failed: {type(e).__name__}: {e}")
     if not args.keep_tracebacks:
         for r in rows:
             r.pop("traceback", None)
     result["run_s"] = time.perf_counter() - t_model
     print(f"  {model.name} done in {result['run_s']:.0f} s")
     return result
+
+
+def _search_plot(model: BenchModel, result: Dict[str, Any], row: Dict[str, Any], out: Path) -> str:
+    """Pareto plot of a search row: its measured plans and front (search-time latency), the chosen model
+    as re-timed here, FP32 and every other row of this run (same eval set, same timing run)."""
+    from hago_py.ir.io import atomic_write_bytes
+    from hago_py.report.plot import pareto_png
+
+    fp = result["fp32"]["metric"]
+    s = dict(row["search"])
+    s["chosen"] = {"speedup": row["speedup"]["median"], "metric": row["metric"]}
+    s["target"] = "x86_avx2"
+    peers = [{"name": r["recipe"], "family": r.get("family"), "speedup": r["speedup"]["median"],
+              "delta": r["metric"] - fp} for r in result["rows"]
+             if r is not row and "speedup" in r and r.get("metric") is not None]
+    path = out / f"{model.name}_{row['recipe']}_pareto.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = pareto_png(s, peers)
+    atomic_write_bytes(path, data)
+    return str(path.relative_to(out))
 
 
 def _ms(d: Dict[str, float]) -> Dict[str, float]:
@@ -281,6 +301,9 @@ def format_report(results: List[Dict[str, Any]]) -> str:
                    f"{res.get('calib_samples')} calibration samples, FP32 reference {res.get('fp32_reference')}, "
                    f"{reps} timing rounds, run {res.get('run_s', 0):.0f} s, {res.get('date')}"
                    + (" (quick)" if res.get("quick") else ""))
+    for res in results:
+        for recipe, png in sorted((res.get("plots") or {}).items()):
+            out += ["", f"![{res['model']} {recipe}: Pareto front, chosen point and the peers of this run]({png})"]
     return "\n".join(out) + "\n"
 
 

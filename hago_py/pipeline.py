@@ -148,13 +148,17 @@ class Pipeline:
         from .quant.reconstruct import apply_biases, needs_reconstruction, reconstruct
 
         if any(lp.weight is not None and lp.weight.method == "brecq" for lp in plan.quantized_layers()):
-            from .quant.brecq import brecq
+            from .quant.brecq import BRECQ_SETTINGS, brecq
 
+            prm = opts.solver_params("brecq")
+            unknown = sorted(set(prm) - set(BRECQ_SETTINGS))
+            if unknown:
+                raise OptionError(f"unknown brecq setting(s) {', '.join(unknown)} in rounding_params; "
+                                  f"valid: {', '.join(BRECQ_SETTINGS)}")
             t = time.perf_counter()
             weights, info["brecq"] = brecq(self.prepared, plan, self.recon_batches(opts), seed=opts.seed,
                                            threads=opts.threads, progress=self.progress,
-                                           **({} if opts.rounding_iters is None else
-                                              {"iterations": opts.rounding_iters}))
+                                           **prm)
             self.timings["brecq"] = time.perf_counter() - t
         elif needs_reconstruction(plan, opts):
             t = time.perf_counter()

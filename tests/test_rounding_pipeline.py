@@ -171,3 +171,18 @@ def test_bias_correction_skips_matmul_without_bias_add():
     info = res.report["rounding"]["layers"]
     assert set(info) == {"mm1", "mm2"} and all("bias_note" in v for v in info.values())
     assert sqnr(run(m, x)[0], run(res.model, x)[0]) > 10.0
+
+
+def test_rounding_params_reach_the_solver_and_bad_ones_are_errors(data):
+    res = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="adaround",
+                           rounding_params={"adaround": {"iterations": 7}}, **W4)
+    its = {n: li.get("iterations") for n, li in res.report["rounding"]["layers"].items()}
+    assert its and all(v == 7 for v in its.values()), its
+    with pytest.raises(OptionError, match="rounding_params key='adarund' is invalid"):
+        hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding_params={"adarund": {}}, **W4)
+    with pytest.raises(OptionError, match="unknown adaround parameter.*itrations"):
+        hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="adaround",
+                         rounding_params={"adaround": {"itrations": 7}}, **W4)
+    with pytest.raises(OptionError, match="unknown brecq setting.*momentum.*valid: iterations"):
+        hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="brecq",
+                         rounding_params={"brecq": {"momentum": 0.9}}, **W4)

@@ -259,6 +259,9 @@ def _seed(seed: int, *keys: int) -> int:
 
 # -- the method -----------------------------------------------------------------------------------------
 
+BRECQ_SETTINGS = ("iterations", "fisher", "lr", "batch_size")  # what rounding_params["brecq"] may set
+
+
 def brecq(model: onnx.ModelProto, plan: QuantPlan, batches: List[Dict[str, np.ndarray]], *,
           iterations: int = 2000, fisher: bool = True, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
           threads: int = 1, progress: bool = False) -> Tuple[Dict[str, np.ndarray], dict]:

@@ -125,17 +125,25 @@ def dynamic_fake_quant(x: np.ndarray) -> np.ndarray:
     return ((q - zp) * scale).astype(np.float32)
 
 
-def sub_model(model, outputs):
-    """Copy of ``model`` computing only what ``outputs`` (tensor names) need, returning exactly those."""
+def sub_model(model, outputs, inputs=None):
+    """Copy of ``model`` computing only what ``outputs`` (tensor names) need, returning exactly those.
+
+    ``inputs`` (name -> array, optional) are tensors whose values the caller supplies: the walk back stops
+    there and they become graph inputs (typed from the arrays), so a model segment between two cuts can run
+    from cached values."""
     import onnx
 
+    stop = dict(inputs or {})
     producers = {}
     for i, n in enumerate(model.graph.node):
         for o in n.output:
             producers[o] = i
-    keep, stack = set(), list(outputs)
+    keep, stack, fed = set(), list(outputs), set()
     while stack:
         t = stack.pop()
+        if t in stop:
+            fed.add(t)
+            continue
         i = producers.get(t)
         if i is None or i in keep:
             continue
@@ -153,7 +161,11 @@ def sub_model(model, outputs):
     del m.graph.output[:]
     for t in outputs:
         m.graph.output.append(vis[t] if t in vis else onnx.helper.make_empty_tensor_value_info(t))
-    ins = [i for i in model.graph.input if i.name in used]
+    ins = [i for i in model.graph.input if i.name in used and i.name not in stop]
     del m.graph.input[:]
     m.graph.input.extend(ins)
+    for t in sorted(fed):
+        a = np.asarray(stop[t])
+        m.graph.input.append(onnx.helper.make_tensor_value_info(
+            t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim))
     return m

@@ -37,6 +37,8 @@ class QuantOptions:
     bn_reestimate: bool = False         # per-channel mean + variance re-matched after rounding (folded BN)
     recon_samples: int = 256            # calibration samples used by data-driven rounding (adaround, gptq, ...)
     rounding_iters: Optional[int] = None  # iterations of iterative rounding methods (None: method default)
+    # per-method solver settings, e.g. {"brecq": {"lr": 1e-2, "fisher": False}, "adaround": {"iterations": 500}}
+    rounding_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     calib_batch_size: int = 16
     max_calib_samples: Optional[int] = 512
     threads: int = 1
@@ -98,11 +100,26 @@ class QuantOptions:
             raise OptionError("option max_calib_samples must be >= 1 or None")
         if self.recon_samples < 1:
             raise OptionError("option recon_samples must be >= 1")
+        if not isinstance(self.rounding_params, dict):
+            raise OptionError(f"option rounding_params={self.rounding_params!r} must be a dict "
+                              "{method: {setting: value}}, e.g. {'brecq': {'lr': 0.01}}")
+        for m, prm in self.rounding_params.items():
+            if m not in ROUNDING or m == "nearest":
+                bad("rounding_params key", m, [r for r in ROUNDING if r != "nearest"])
+            if not isinstance(prm, dict):
+                raise OptionError(f"option rounding_params[{m!r}]={prm!r} must be a dict of that method's settings")
         if self.threads < 1:
             raise OptionError("option threads must be >= 1")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def solver_params(self, method: str) -> Dict[str, Any]:
+        """Settings for rounding ``method``: rounding_params[method], with rounding_iters as 'iterations'."""
+        prm = dict(self.rounding_params.get(method, {}))
+        if self.rounding_iters is not None:
+            prm.setdefault("iterations", int(self.rounding_iters))
+        return prm
 
     def layer(self, node: str, key: str, default=None):
         """Per-layer override ``key`` of ``node``, else ``default``."""

@@ -1,13 +1,16 @@
 """Data-driven weight rounding, sequential over the layers (AdaRound, AdaQuant, FlexRound, GPTQ, bias
 correction, BN re-estimation).
 
-Layers are visited in topological order in *waves*. For every wave the FP32 model and the partially
-quantized model (all earlier waves already rounded by their solver, everything else nearest) run on the
-reconstruction samples, truncated to what the wave's inputs need; each layer's input rows from the two
-models stream into H = sum x~x~^T, C = sum x~x^T, G = sum xx^T (layer_stats.py), and the plan's solver for that
-layer turns the statistics into integer weights (+ learned scale / bias). So each layer is fitted on the
-inputs it will really see (AdaQuant's sequential mode). With more layers than ``max_waves`` consecutive
-layers share a wave: they see quantized inputs from earlier waves and nearest-rounded layers inside the wave.
+Layers are visited in topological order in *waves* (one layer each, unless there are more than
+``max_waves``). Both the FP32 model and the partially quantized model (earlier waves rounded by their solver,
+everything else nearest) are advanced from one cut of the graph to the next: the values of the tensors live
+at the cut are cached for all reconstruction samples (``_Frontier``), and only the segment between two cuts
+runs, with the weights solved so far. So the whole reconstruction costs one forward pass of each model,
+not one prefix per layer. Each layer's input rows from the two models stream into H = sum x~x~^T,
+C = sum x~x^T, G = sum xx^T (layer_stats.py), and the plan's solver for that layer turns the statistics into
+integer weights (+ learned scale / bias). So each layer is fitted on the inputs it will really see
+(AdaQuant's sequential mode). With more layers than ``max_waves`` consecutive layers share a wave: they see
+quantized inputs from earlier waves and nearest-rounded layers inside the wave.
 
 The result is plain data: integer weights per node (the original layout), the plan's weight scales
 updated in place, and new float biases per node, applied to the model with ``apply_biases`` before realize.
@@ -88,21 +91,47 @@ def apply_biases(model: onnx.ModelProto, biases: Mapping[str, np.ndarray]) -> on
     return m
 
 
-class _Runner:
-    """Runs the part of a model that computes ``outputs``; graph inputs asked for come from the feed."""
+class _Frontier:
+    """Cached values, for every batch, of the tensors of one model at the current cut of the graph.
 
-    def __init__(self, backend, model: onnx.ModelProto, outputs: List[str]):
+    ``advance(model, wanted)`` computes the ``wanted`` tensors from the cached ones (running only the segment
+    in between, from ``model`` as it is now), then forgets everything not wanted."""
+
+    def __init__(self, backend, batches: Sequence[Mapping[str, np.ndarray]]):
         self.be = backend
-        self.outputs = list(dict.fromkeys(outputs))
-        self.sess = backend.compile(sub_model(model, self.outputs), optimization="basic") if self.outputs else None
-        self.inputs = {i.name for i in self.sess.get_inputs()} if self.sess is not None else set()
+        self.batches = batches
+        self.cache: List[Dict[str, np.ndarray]] = [{} for _ in batches]
 
-    def __call__(self, feed: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        out = dict(feed)
-        if self.sess is not None:
-            names = [o.name for o in self.sess.get_outputs()]
-            out.update(zip(names, self.be.run(self.sess, {k: v for k, v in feed.items() if k in self.inputs})))
-        return out
+    def advance(self, model: onnx.ModelProto, wanted: Sequence[str]) -> List[Dict[str, np.ndarray]]:
+        wanted = list(dict.fromkeys(wanted))
+        feeds = set(self.batches[0]) if self.batches else set()
+        need = [t for t in wanted if t not in feeds and t not in self.cache[0]]
+        if need:
+            seg = sub_model(model, need, inputs=self.cache[0])
+            sess = self.be.compile(seg, optimization="basic")
+            ins = [i.name for i in sess.get_inputs()]
+            outs = [o.name for o in sess.get_outputs()]
+            for b, c in zip(self.batches, self.cache):
+                src = {**b, **c}
+                c.update(zip(outs, self.be.run(sess, {k: src[k] for k in ins})))
+        keep = set(wanted)
+        for c in self.cache:
+            for k in [k for k in c if k not in keep]:
+                del c[k]
+        return [{t: (c[t] if t in c else b[t]) for t in wanted} for b, c in zip(self.batches, self.cache)]
+
+
+def _liveness(model: onnx.ModelProto) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """(producer position, last consumer position) of every node output, in graph order."""
+    prod: Dict[str, int] = {}
+    last: Dict[str, int] = {}
+    for i, n in enumerate(model.graph.node):
+        for t in n.input:
+            if t:
+                last[t] = i
+        for t in n.output:
+            prod[t] = i
+    return prod, last
 
 
 def _waves(order: List[str], max_waves: int) -> List[List[str]]:
@@ -113,7 +142,7 @@ def _waves(order: List[str], max_waves: int) -> List[List[str]]:
 
 
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mapping[str, np.ndarray]], opts, *,
-                progress: bool = False, max_waves: int = 64
+                progress: bool = False, max_waves: int = 512
                 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, Any]]:
     """Round the weights of every quantized weighted layer with its plan method, sequentially.
 
@@ -144,6 +173,8 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
     info["samples"] = n_samples
     waves = _waves(todo, max_waves)
     info["waves"] = len(waves)
+    prod, last = _liveness(model)
+    fp_front, q_front = _Frontier(be, batches), _Frontier(be, batches)
     for wave in progress_iter(waves, progress, "rounding", "wave"):
         # partially quantized model: solved layers use their weights; the rest nearest
         cur = copy.deepcopy(plan)
@@ -151,6 +182,9 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
             if lp.weight is not None and lp.node not in weights:
                 lp.weight.method = "nearest"
         qmodel = realize(apply_biases(model, biases), cur, weights=weights)
+        cut = max(topo[name] for name in wave)
+        live = [t for t, p in prod.items() if p < cut and last.get(t, -1) >= cut]
+        q_names = {o for n in qmodel.graph.node for o in n.output}
         wanted_fp, wanted_q, dyn = [], [], {}
         for name in wave:
             lp = plan.layers[name]
@@ -163,17 +197,15 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
             else:
                 wanted_q.append(x)
                 dyn[name] = tq is not None and tq.mode == "dynamic"
-        graph_inputs = {i.name for i in model.graph.input}
-        fp_run = _Runner(be, model, [t for t in wanted_fp if t not in graph_inputs])
-        q_run = _Runner(be, qmodel, [t for t in wanted_q if t not in graph_inputs])
+        fp_vals = fp_front.advance(model, wanted_fp + live)
+        q_vals = q_front.advance(qmodel, wanted_q + [t for t in live if t in q_names])
         geos: Dict[str, LayerGeometry] = {}
         accs: Dict[str, StatsAccumulator] = {}
         for name in wave:
             node = nodes[name]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             geos[name] = LayerGeometry.of(name, node.op_type, attrs, inits[node.input[1]].dims)
-        for b in batches:
-            fo, qo = fp_run(b), q_run(b)
+        for fo, qo in zip(fp_vals, q_vals):
             for name, xf_name, xq_name in zip(wave, wanted_fp, wanted_q):
                 xq = qo[xq_name]
                 if dyn[name]:
@@ -198,7 +230,6 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
                                 m=acc.m, n=acc.n, scale=geo.channel_to_grouped(scale).astype(np.float32),
                                 zero_point=geo.channel_to_grouped(zp).astype(np.int64), qmin=qmin, qmax=qmax,
                                 per_channel=tq.granularity == "per_channel" and scale.size > 1, bias=bias, name=name)
-            params = {} if opts.rounding_iters is None else {"iterations": int(opts.rounding_iters)}
             method = tq.method if tq.method in DATA_DRIVEN else "nearest"
             k_fan = prob.w.shape[2]
             if method != "nearest" and acc.n < k_fan:
@@ -208,7 +239,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
                                 f"(raise recon_samples to >= {k_fan} to fit it)")
                 info.setdefault("fallbacks", {})[name] = f"{method} -> nearest ({acc.n} rows < K={k_fan})"
                 method = "nearest"
-            res = get_solver(method)(prob, seed=opts.seed, **(params if method != "nearest" else {}))
+            res = get_solver(method)(prob, seed=opts.seed, **(opts.solver_params(method) if method != "nearest" else {}))
             q, s_new, b_new = res.q, res.scale, res.bias
             linfo = {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))}
             can_bias = kind is not None or nodes[name].op_type in ("Conv", "Gemm")
