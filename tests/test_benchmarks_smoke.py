@@ -115,3 +115,24 @@ def test_recipe_registry():
             peers.recipe_names("resnet20", ["no_such_recipe"])
     finally:
         peers.RECIPES.pop("hago_test_only")
+
+
+def test_search_suite_carries_the_peers_and_plots_them(tmp_path):
+    from benchmarks import peers
+    from benchmarks.run import _search_plot
+
+    names = peers.recipe_names("lite0", suite="search")
+    assert "hago_search" in names and {"ort_minmax_pt", "nncf_default", "hago_default"} <= set(names)
+    assert "hago_search" not in peers.recipe_names("lite0", suite="default")
+    res = _fake_result()
+    row = {"recipe": "hago_search", "family": "hago", "metric": 81.0, "drop": -0.03, "quantize_s": 60.0,
+           "peak_rss_mb": 300, "notes": [], "speedup": {"median": 1.7, "p10": 1.6, "p90": 1.8},
+           "search": {"metric": {"kind": "user", "name": "top-1 %", "fp32": 81.03}, "budgets": {"accuracy": 0.1},
+                      "pareto": [{"id": "a", "speedup": 1.7, "metric": 81.0, "latency": "measured"}],
+                      "points": [{"id": "a", "speedup": 1.7, "metric": 81.0, "latency": "measured",
+                                  "quantized": True}]}}
+    res["rows"].append(row)
+    png = _search_plot(type("M", (), {"name": "resnet20"})(), res, row, tmp_path)
+    assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res["plots"] = {"hago_search": png}
+    assert f"]({png})" in format_report([res])

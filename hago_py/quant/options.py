@@ -33,7 +33,9 @@ class QuantOptions:
     layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-layer overrides, keys LAYER_KEYS
     simulate: bool = False              # allow schemes the target has no kernel for (fake-quant)
     equalize: bool = False              # cross-layer equalization before calibration (Relu-separated pairs)
-    bias_correction: bool = False       # empirical bias correction of every quantized weighted layer
+    # empirical bias correction (the loss-optimal bias from the layer statistics): True every quantized
+    # weighted layer, False none, None (auto) the layers rounded by adaround / flexround / gptq
+    bias_correction: Optional[bool] = None
     bn_reestimate: bool = False         # per-channel mean + variance re-matched after rounding (folded BN)
     recon_samples: int = 256            # calibration samples used by data-driven rounding (adaround, gptq, ...)
     rounding_iters: Optional[int] = None  # iterations of iterative rounding methods (None: method default)

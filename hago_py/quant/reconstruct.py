@@ -249,7 +249,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
                 s_new, b_new = bn_reestimate(prob, q, s_new, b_new if b_new is not None else
                                              (bias if bias is not None else np.zeros(prob.scale.shape, np.float32)))
                 linfo["bn_reestimate"] = True
-            elif opts.bias_correction:
+            elif opts.bias_correction or (opts.bias_correction is None and tq.method in DATA_DRIVEN):
                 b_new = bias_correction(prob, q, s_new) if b_new is None or method != "adaquant" else b_new
                 linfo["bias_correction"] = True
             weights[name] = geo.from_grouped(np.asarray(q, np.int64))
