@@ -186,3 +186,13 @@ def test_rounding_params_reach_the_solver_and_bad_ones_are_errors(data):
     with pytest.raises(OptionError, match="unknown brecq setting.*momentum.*valid: iterations"):
         hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="brecq",
                          rounding_params={"brecq": {"momentum": 0.9}}, **W4)
+
+
+@pytest.mark.parametrize("clipping", ["auto", "lapq"])
+def test_data_driven_rounding_with_an_8bit_layer_under_the_saturation_remedy_and_lapq(data, clipping):
+    # the 8-bit fc is a u8 x s8 layer on AVX2: the remedy and LAPQ judge candidates before rounding has run
+    res = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="gptq", clipping=clipping,
+                           layers={"fc": {"weight_bits": 8}}, **W4)
+    assert res.plan.layers["fc"].weight.bits == 8 and res.plan.layers["conv1"].weight.bits == 4
+    assert res.report["rounding"]["layers"]["fc"]["method"] == "gptq"
+    assert _sqnr(small_cnn(), res, data[1]) > 15.0

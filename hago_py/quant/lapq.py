@@ -185,7 +185,8 @@ class _Simulator:
         self.model = model
         self.static = [n for n, tq in plan.activations.items() if tq.mode == "static"]
         self.evaluations = 0
-        qmodel = realize(model, plan, weights=weights)
+        # weights the data-driven rounding has not solved yet (it runs after LAPQ) are nearest here
+        qmodel = realize(model, plan.nearest_copy(weights or {}), weights=weights)
         self.fast = all(plan.resolve(t).dtype in _FEEDABLE for t in self.static)
         self.feeds: Dict[str, Tuple[str, str]] = {}
         if self.fast:
@@ -280,7 +281,8 @@ class _Simulator:
                 src = self.plan.resolve(t)
                 s, z = qp[src.tensor]
                 work.activations[t].scale, work.activations[t].zero_point = [float(s)], [int(z)]
-            sess = self.backend.compile(realize(self.model, work, weights=self.weights), optimization="basic")
+            qm = realize(self.model, work.nearest_copy(self.weights or {}), weights=self.weights)
+            sess = self.backend.compile(qm, optimization="basic")
             outs = [self.backend.run(sess, b) for b in self.batches]
         val = float(self.loss_fn(self.fp_outputs, outs))
         return val if math.isfinite(val) else math.inf

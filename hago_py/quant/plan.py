@@ -69,6 +69,17 @@ class QuantPlan:
     def fp_layers(self) -> List[LayerPlan]:
         return [lp for lp in self.layers.values() if not lp.quantize]
 
+    def nearest_copy(self, solved=()) -> "QuantPlan":
+        """Deep copy in which every quantized weight not in ``solved`` (node names) uses nearest rounding:
+        the plan realize can build before (or while) the data-driven rounding has run."""
+        import copy
+
+        cur = copy.deepcopy(self)
+        for lp in cur.quantized_layers():
+            if lp.weight is not None and lp.node not in solved:
+                lp.weight.method = "nearest"
+        return cur
+
     def resolve(self, tensor: str) -> TensorQuant:
         """The TensorQuant holding the qparams of ``tensor`` (following shared_with links)."""
         tq = self.activations[tensor]

@@ -17,7 +17,6 @@ updated in place, and new float biases per node, applied to the model with ``app
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -177,11 +176,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
     fp_front, q_front = _Frontier(be, batches), _Frontier(be, batches)
     for wave in progress_iter(waves, progress, "rounding", "wave"):
         # partially quantized model: solved layers use their weights; the rest nearest
-        cur = copy.deepcopy(plan)
-        for lp in cur.quantized_layers():
-            if lp.weight is not None and lp.node not in weights:
-                lp.weight.method = "nearest"
-        qmodel = realize(apply_biases(model, biases), cur, weights=weights)
+        qmodel = realize(apply_biases(model, biases), plan.nearest_copy(weights), weights=weights)
         cut = max(topo[name] for name in wave)
         live = [t for t, p in prod.items() if p < cut and last.get(t, -1) >= cut]
         q_names = {o for n in qmodel.graph.node for o in n.output}

@@ -10,7 +10,6 @@ accuracy within SQNR_TOLERANCE_DB are kept; the least intrusive of those wins. E
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Dict, List
 
@@ -107,7 +106,8 @@ def choose_remedy(model: onnx.ModelProto, plan: QuantPlan, spec, opts, batches) 
         fp = [o for b in be.predict(model, batches) for o in b]
         results, models = {}, {}
         for cand, (rem, lays) in candidates.items():
-            p = apply_remedy(copy.deepcopy(plan), rem, lays, spec, hazard)
+            # judged with nearest rounding: data-driven rounding runs after the remedy, on its result
+            p = apply_remedy(plan.nearest_copy(), rem, lays, spec, hazard)
             q = realize(model, p)
             fused = [o for b in be.predict(q, batches, output_names=out_names) for o in b]
             results[cand] = {"sqnr_fused_db": sqnr_db(fp, fused), "layers": len(lays)}
