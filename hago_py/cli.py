@@ -25,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     q.add_argument("--clipping", default="auto", help="activation range method: minmax | percentile | mse | entropy | auto")
     q.add_argument("--activation-mode", default="auto", help="static | dynamic | auto")
+    q.add_argument("--rounding", default="nearest",
+                   help="weight rounding: nearest | adaround | adaquant | flexround | gptq | brecq (torch extra)")
+    q.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
+                   help="empirical bias correction (auto: on for adaround / flexround / gptq)")
+    q.add_argument("--equalize", action="store_true", help="cross-layer equalization before calibration")
+    q.add_argument("--recon-samples", type=int, default=256,
+                   help="calibration samples used by data-driven rounding (default 256)")
     q.add_argument("--saturation-remedy", default="auto", help="auto | none | reduce_range | u8u8")
     q.add_argument("--exclude", action="append", default=[], help="node name to keep FP32 (repeatable)")
     q.add_argument("--simulate", action="store_true", help="allow schemes without an integer kernel")
@@ -74,7 +81,9 @@ def _cmd_quantize(a) -> int:
                       checkpoint=a.checkpoint or str(out.with_suffix(".search.json")))
     res = api.quantize(a.model, a.calib, a.target, progress=not a.quiet, measure_latency=not a.no_latency,
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
-                       clipping=a.clipping, activation_mode=a.activation_mode,
+                       clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,
+                       bias_correction={"auto": None, "on": True, "off": False}[a.bias_correction],
+                       equalize=a.equalize, recon_samples=a.recon_samples,
                        saturation_remedy=a.saturation_remedy, exclude=a.exclude, simulate=a.simulate,
                        threads=a.threads, max_calib_samples=a.max_calib_samples, **search)
     if a.search and a.peers:

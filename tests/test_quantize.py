@@ -185,6 +185,26 @@ def test_cli_quantize_and_exit_codes(tmp_path, capsys):
     assert rc == 2 and not out2.exists()
 
 
+def test_cli_w4_rounding(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(small_cnn(), str(model))
+    np.savez(tmp_path / "calib.npz", **calib())
+    out = tmp_path / "q.onnx"
+    rc = cli_main(["quantize", str(model), "--calib", str(tmp_path / "calib.npz"), "--out", str(out),
+                   "--report", str(tmp_path / "rep"), "--weight-bits", "4", "--simulate", "--rounding", "gptq",
+                   "--no-latency", "-q"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["options"]["rounding"] == "gptq" and rep["rounding"]["layers"]["conv1"]["bias_correction"]
+    w4 = [t for t in onnx.load(str(out)).graph.initializer
+          if t.data_type == onnx.TensorProto.INT4 and t.name.endswith("_quantized")]
+    assert len(w4) == 3
+    rc = cli_main(["quantize", str(model), "--calib", str(tmp_path / "calib.npz"), "--out", str(out),
+                   "--weight-bits", "4", "--activation-bits", "4", "--rounding", "gptq", "--no-latency", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no W4A4 scheme" in err and "simulate" in err
+
+
 def test_cli_targets(capsys):
     assert cli_main(["targets"]) == 0
     out = capsys.readouterr().out
