@@ -216,6 +216,11 @@ register(hago_recipe("hago_w4a8_adaround_bc", "W4A8, AdaRound + bias correction"
                      weight_bits=4, simulate=True, rounding="adaround", bias_correction=True, measure_latency=False))
 register(hago_recipe("hago_w8a8_lapq", "W8A8, LAPQ clipping", suite="rounding", clipping="lapq",
                      measure_latency=False))
+# the AdaRound / BRECQ papers' convention: first and last weighted layer at 8 bits, the rest W4
+for _method in ("nearest", "gptq", "adaround", "flexround"):
+    register(hago_recipe(f"hago_w4a8e8_{_method}", f"W4A8, first/last layer W8, rounding={_method}",
+                         suite="rounding", weight_bits=4, edge_weight_bits=8, simulate=True, rounding=_method,
+                         measure_latency=False))
 
 
 # Search table (issue 4): hago_py's hardware-aware search, scored by the benchmark's own metric.

@@ -79,6 +79,10 @@ class Pipeline:
         merged = {k: dict(v) for k, v in self.opts.layers.items()}
         for node, ov in (layers or {}).items():
             merged.setdefault(node, {}).update(ov)
+        edge = changes.get("edge_weight_bits", self.opts.edge_weight_bits)
+        if edge is not None:  # the first and last weighted layers, unless a per-layer setting names them
+            for node in self.edge_layers():
+                merged.setdefault(node, {}).setdefault("weight_bits", edge)
         unknown = sorted(set(merged) - self._node_names)
         if unknown:
             import difflib
@@ -90,6 +94,13 @@ class Pipeline:
         opts = dataclasses.replace(self.opts, layers=merged, **changes)
         opts.validate()
         return opts
+
+    def edge_layers(self) -> List[str]:
+        """Names of the first and the last weighted layer (Conv / Gemm / MatMul with a constant weight)."""
+        inits = {t.name for t in self.prepared.graph.initializer}
+        w = [n.name for n in self.prepared.graph.node
+             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits]
+        return list(dict.fromkeys(w[:1] + w[-1:]))
 
     def annotate(self, opts: QuantOptions) -> QuantPlan:
         self._check_bits(opts)

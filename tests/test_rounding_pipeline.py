@@ -196,3 +196,12 @@ def test_data_driven_rounding_with_an_8bit_layer_under_the_saturation_remedy_and
     assert res.plan.layers["fc"].weight.bits == 8 and res.plan.layers["conv1"].weight.bits == 4
     assert res.report["rounding"]["layers"]["fc"]["method"] == "gptq"
     assert _sqnr(small_cnn(), res, data[1]) > 15.0
+
+
+def test_edge_weight_bits_keeps_first_and_last_layer_at_8_bits(data):
+    res = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="gptq", edge_weight_bits=8,
+                           layers={"fc": {"weight_bits": 6}}, **W4)
+    bits = {n: lp.weight.bits for n, lp in res.plan.layers.items() if lp.weight is not None}
+    assert bits == {"conv1": 8, "conv2": 4, "fc": 6}  # an explicit per-layer setting wins
+    with pytest.raises(OptionError, match="edge_weight_bits=1 must be None or 2..16"):
+        hago_py.quantize(small_cnn(), data[0], "x86_avx2", edge_weight_bits=1, **W4)

@@ -31,6 +31,7 @@ class QuantOptions:
     op_types: Optional[List[str]] = None  # restrict quantization to these op types
     exclude: List[str] = field(default_factory=list)  # node names kept FP32
     layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-layer overrides, keys LAYER_KEYS
+    edge_weight_bits: Optional[int] = None  # weight bits of the first and last weighted layer (AdaRound/BRECQ keep 8)
     simulate: bool = False              # allow schemes the target has no kernel for (fake-quant)
     equalize: bool = False              # cross-layer equalization before calibration (Relu-separated pairs)
     # empirical bias correction (the loss-optimal bias from the layer statistics): True every quantized
@@ -100,6 +101,9 @@ class QuantOptions:
             raise OptionError("option calib_batch_size must be >= 1")
         if self.max_calib_samples is not None and self.max_calib_samples < 1:
             raise OptionError("option max_calib_samples must be >= 1 or None")
+        if self.edge_weight_bits is not None and (isinstance(self.edge_weight_bits, bool) or not isinstance(
+                self.edge_weight_bits, int) or not 2 <= self.edge_weight_bits <= 16):
+            raise OptionError(f"option edge_weight_bits={self.edge_weight_bits!r} must be None or 2..16")
         if self.recon_samples < 1:
             raise OptionError("option recon_samples must be >= 1")
         if not isinstance(self.rounding_params, dict):
