@@ -39,6 +39,10 @@ evaluated with hard rounding before (nearest) and after; if BRECQ did not lower 
 set the block keeps nearest rounding (``fallback`` in the info), so a block is never made worse than
 round-to-nearest on the data it was fitted on.
 
+Defaults (``iterations=300``, ``lr=1e-2``, Fisher on; ``rounding_params={"brecq": {...}}`` changes them) were
+measured on ResNet-20 W4A8, all layers, 256 reconstruction images, 10,000 CIFAR-10 test images: Fisher +0.05 pp
+vs FP32 in 101 s; the same with plain MSE -0.70 pp; the paper's 2,000 iterations at lr 1e-3 took > 20 min here.
+
 The returned integer weights (``{layer node: int64 array in the layout of its initializer}``) go to
 ``hago_py.quant.realize.realize(model, plan, weights=...)``; the plan's weight scales / zero points are
 filled here with ``hago_py.quant.weights.weight_qparams``.
@@ -263,7 +267,7 @@ BRECQ_SETTINGS = ("iterations", "fisher", "lr", "batch_size")  # what rounding_p
 
 
 def brecq(model: onnx.ModelProto, plan: QuantPlan, batches: List[Dict[str, np.ndarray]], *,
-          iterations: int = 2000, fisher: bool = True, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
+          iterations: int = 300, fisher: bool = True, lr: float = 1e-2, batch_size: int = 32, seed: int = 0,
           threads: int = 1, progress: bool = False) -> Tuple[Dict[str, np.ndarray], dict]:
     """Learn the weight rounding of every quantized weighted layer block by block (see module docstring).
 
