@@ -236,8 +236,13 @@ def hago_search_recipe(name: str, description: str, time_budget: float = 840.0, 
         import hago_py
 
         threads = os.cpu_count() or 1
+
+        def evaluate(m):
+            return model.evaluate(m, threads=threads)
+
+        evaluate.metric_name = model.metric_name
         res = hago_py.quantize(str(model.model_path), calibration=calib, target="x86_avx2", search=True,
-                               evaluate=lambda m: model.evaluate(m, threads=threads),
+                               evaluate=evaluate,
                                accuracy_budget=SEARCH_BUDGETS[model.name], time_budget=time_budget,
                                search_options=search_options or None)
         onnx.save(res.model, str(out))

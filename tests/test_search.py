@@ -312,3 +312,15 @@ def test_search_options_pass_through_the_api():
     r = hago_py.quantize(small_cnn(), calib(), "x86_avx2", search=True, search_options={"latency": "predicted"},
                          measure_latency=False)
     assert r.chosen["latency"] == "predicted" and r.chosen["speedup"] > 1.0
+
+
+def test_user_metric_name_from_attribute_or_function_name():
+    from hago_py.search.evaluators import UserMetric
+
+    def top1(m):
+        return 1.0
+
+    assert UserMetric(top1).name == "top1"
+    assert UserMetric(lambda m: 1.0).name == "<lambda>"
+    top1.metric_name = "top-1 %"
+    assert UserMetric(top1).name == "top-1 %"

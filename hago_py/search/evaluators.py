@@ -123,7 +123,9 @@ class UserMetric:
             raise OptionError(f"evaluate must be a callable evaluate(model: onnx.ModelProto) -> float, "
                               f"got {type(evaluate).__name__}")
         self.fn = evaluate
-        self.name = getattr(evaluate, "__qualname__", getattr(evaluate, "__name__", type(evaluate).__name__))
+        # a ``metric_name`` attribute names the metric in the report; else the function's own name
+        self.name = str(getattr(evaluate, "metric_name", None) or getattr(
+            evaluate, "__qualname__", getattr(evaluate, "__name__", type(evaluate).__name__)).split("<locals>.")[-1])
 
     def describe(self) -> str:
         return f"user metric {self.name}(model) (higher is better)"
