@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -277,6 +278,35 @@ def format_table(results: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_ROUNDING_ROW = re.compile(r"^hago_w(\d+)a(\d+)(e8)?_(.+)$")
+
+
+def format_rounding_pivot(results: List[Dict[str, Any]]) -> str:
+    """Method x (model, bits) table of the rounding rows (hago_w<W>a<A>[e8]_<method>): drop and quantize s.
+    Empty when the results hold no such rows."""
+    cols: Dict[tuple, Dict[str, str]] = {}
+    methods: List[str] = []
+    for res in results:
+        mn = res.get("metric_name", "")
+        for r in res.get("rows", []):
+            m = _ROUNDING_ROW.match(r.get("recipe", ""))
+            if not m:
+                continue
+            w, a, e8, method = m.groups()
+            key = (res["model"], f"W{w}A{a}" + (" (first/last W8)" if e8 else ""))
+            if method not in methods:
+                methods.append(method)
+            cols.setdefault(key, {})[method] = ("error" if r.get("error") or r.get("drop") is None else
+                                                f"{_fmt_drop(mn, r['drop'])}, {r.get('quantize_s', 0):.0f} s")
+    if not cols:
+        return ""
+    keys = list(cols)
+    lines = ["| method | " + " | ".join(f"{m} {b}" for m, b in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(cols[k].get(method, "") for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def format_report(results: List[Dict[str, Any]]) -> str:
     out = ["# hago_py PTQ benchmark results", ""]
     if results:
@@ -288,6 +318,9 @@ def format_report(results: List[Dict[str, Any]]) -> str:
                 f"round-robin in one process; speedup = FP32 median / model median, spread = p10-p90 of "
                 f"per-round ratios.",
                 "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
+    pivot = format_rounding_pivot(results)
+    if pivot:
+        out += ["Rounding methods (drop vs FP32 in the same run, time to quantize):", "", pivot, ""]
     out.append(format_table(results))
     out.append("")
     out.append("drop = quantized metric - FP32 metric on the same data in the same run (negative = worse). "

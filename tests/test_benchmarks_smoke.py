@@ -136,3 +136,18 @@ def test_search_suite_carries_the_peers_and_plots_them(tmp_path):
     assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res["plots"] = {"hago_search": png}
     assert f"]({png})" in format_report([res])
+
+
+def test_rounding_pivot_table():
+    from benchmarks.run import format_rounding_pivot
+
+    res = _fake_result()
+    res["rows"] = [{"recipe": "hago_w4a8_nearest", "drop": -3.5, "quantize_s": 6.0},
+                   {"recipe": "hago_w4a8_gptq", "drop": -0.17, "quantize_s": 18.4},
+                   {"recipe": "hago_w4a8e8_gptq", "drop": -0.1, "quantize_s": 18.0},
+                   {"recipe": "hago_w4a4_gptq", "error": "boom"}, {"recipe": "ort_minmax_pc", "drop": -0.2}]
+    lines = format_rounding_pivot([res]).splitlines()
+    assert lines[0] == ("| method | resnet20 W4A8 | resnet20 W4A8 (first/last W8) | resnet20 W4A4 |")
+    assert lines[2] == "| nearest | -3.50 pp, 6 s |  |  |"
+    assert lines[3] == "| gptq | -0.17 pp, 18 s | -0.10 pp, 18 s | error |"
+    assert format_rounding_pivot([_fake_result()]) == ""
