@@ -205,3 +205,57 @@ def test_edge_weight_bits_keeps_first_and_last_layer_at_8_bits(data):
     assert bits == {"conv1": 8, "conv2": 4, "fc": 6}  # an explicit per-layer setting wins
     with pytest.raises(OptionError, match="edge_weight_bits=1 must be None or 2..16"):
         hago_py.quantize(small_cnn(), data[0], "x86_avx2", edge_weight_bits=1, **W4)
+
+
+def test_padding_tokens_are_left_out_of_the_reconstruction():
+    """Rows at padded positions (attention_mask == 0) do not count: here they are large garbage that would
+    dominate the fit; with the mask the fitted layer is closer to FP32 on the real tokens."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = 32, 16
+    w = (rng.normal(size=(k, n)) / np.sqrt(k)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Unsqueeze", ["mf", "ax"], ["m3"], name="unsq"),
+             helper.make_node("Mul", ["h", "m3"], ["y"], name="mask_out")]
+    g = helper.make_graph(nodes, "tok", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k]),
+                                         helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                                       [None, None])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, n])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([2], np.int64), "ax")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    def feeds(seed, b=64, s=8, real=3):
+        r = np.random.default_rng(seed)
+        mix = np.random.default_rng(5).normal(size=(3, k))
+        x = (r.normal(size=(b, s, 3)) @ mix).astype(np.float32)
+        x[:, real:] = (30 * r.normal(size=(b, s - real, k))).astype(np.float32)  # padding garbage
+        mask = np.zeros((b, s), np.int64)
+        mask[:, :real] = 1
+        return {"x": x, "attention_mask": mask}
+
+    cal, test = feeds(1), feeds(2)
+    opts = dict(rounding="gptq", recon_samples=64, activation_mode="dynamic", quantize_outputs=True, **W4)
+    res = hago_py.quantize(m, cal, "x86_avx2", **opts)
+    plain = hago_py.quantize(m, cal, "x86_avx2", token_mask=None, **opts)
+    assert res.report["rounding"]["token_mask"] == "attention_mask"
+    assert res.report["rounding"]["layers"]["mm"]["padding_rows_left_out"] == 64 * 5
+    assert "padding_rows_left_out" not in plain.report["rounding"]["layers"]["mm"]
+    ref = run(m, test)[0][:, :3]
+    assert sqnr(ref, run(res.model, test)[0][:, :3]) > sqnr(ref, run(plain.model, test)[0][:, :3]) + 1.0
+    with pytest.raises(hago_py.errors.ModelError, match="token_mask='mask' names no graph input"):
+        hago_py.quantize(m, cal, "x86_avx2", token_mask="mask", **opts)
+
+
+def test_remedy_is_judged_with_simulated_low_bit_layers_at_8_bits(data):
+    from hago_py.quant.remedy import _judging_plan
+
+    res = hago_py.quantize(small_cnn(), data[0], "x86_avx2", rounding="gptq", edge_weight_bits=8, **W4)
+    plan = res.plan
+    j = _judging_plan(plan)
+    assert plan.layers["conv2"].simulated and plan.layers["conv2"].weight.bits == 4
+    assert (j.layers["conv2"].weight.bits, j.layers["conv2"].weight.dtype) == (8, "int8")
+    assert j.layers["conv1"].weight.bits in (7, 8) and not j.layers["conv1"].simulated  # 7: remedy chosen
+    assert {lp.weight.method for lp in j.quantized_layers() if lp.weight is not None} == {"nearest"}
+    assert plan.layers["conv2"].weight.method == "gptq"  # the plan itself is untouched

@@ -39,6 +39,9 @@ class QuantOptions:
     bias_correction: Optional[bool] = None
     bn_reestimate: bool = False         # per-channel mean + variance re-matched after rounding (folded BN)
     recon_samples: int = 256            # calibration samples used by data-driven rounding (adaround, gptq, ...)
+    # graph input [batch, seq] whose zeros mark padding tokens: their rows are left out of the reconstruction
+    # statistics of token-wise layers ("auto": an input named attention_mask; None: use every row)
+    token_mask: Optional[str] = "auto"
     rounding_iters: Optional[int] = None  # iterations of iterative rounding methods (None: method default)
     # per-method solver settings, e.g. {"brecq": {"lr": 1e-2, "fisher": False}, "adaround": {"iterations": 500}}
     rounding_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)

@@ -140,6 +140,25 @@ def _waves(order: List[str], max_waves: int) -> List[List[str]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+def token_mask_input(model: onnx.ModelProto, opts) -> Optional[str]:
+    """The graph input whose zeros mark padding tokens (see QuantOptions.token_mask), or None."""
+    names = {i.name for i in model.graph.input}
+    want = getattr(opts, "token_mask", None)
+    if want == "auto":
+        return "attention_mask" if "attention_mask" in names else None
+    if want and want not in names:
+        raise ModelError(f"option token_mask={want!r} names no graph input (inputs: {', '.join(sorted(names))}); "
+                         "pass the padding-mask input's name, or None")
+    return want or None
+
+
+def _token_rows(x: np.ndarray, mask: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Row selector for a token-wise layer input [B, S, K] under a [B, S] padding mask (None: all rows)."""
+    if mask is None or x.ndim != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return np.asarray(mask).reshape(-1) != 0
+
+
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mapping[str, np.ndarray]], opts, *,
                 progress: bool = False, max_waves: int = 512
                 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, Any]]:
@@ -172,6 +191,9 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
     info["samples"] = n_samples
     waves = _waves(todo, max_waves)
     info["waves"] = len(waves)
+    mask_name = token_mask_input(model, opts)
+    info["token_mask"] = mask_name
+    masked: Dict[str, int] = {}
     prod, last = _liveness(model)
     fp_front, q_front = _Frontier(be, batches), _Frontier(be, batches)
     for wave in progress_iter(waves, progress, "rounding", "wave"):
@@ -200,12 +222,17 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
             node = nodes[name]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             geos[name] = LayerGeometry.of(name, node.op_type, attrs, inits[node.input[1]].dims)
-        for fo, qo in zip(fp_vals, q_vals):
+        for b, fo, qo in zip(batches, fp_vals, q_vals):
+            mask = b.get(mask_name) if mask_name else None
             for name, xf_name, xq_name in zip(wave, wanted_fp, wanted_q):
                 xq = qo[xq_name]
                 if dyn[name]:
-                    xq = dynamic_fake_quant(xq)
+                    xq = dynamic_fake_quant(xq)  # over the whole tensor, padding included, as at run time
                 rq, rf = geos[name].rows(xq), geos[name].rows(fo[xf_name])
+                sel = _token_rows(fo[xf_name], mask) if geos[name].op_type != "Conv" else None
+                if sel is not None:
+                    rq, rf = rq[:, sel], rf[:, sel]
+                    masked[name] = masked.get(name, 0) + int((~sel).sum())
                 if name not in accs:
                     accs[name] = StatsAccumulator(rq.shape[0], rq.shape[2])
                 accs[name].add(rq, rf)
@@ -257,6 +284,8 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
                 biases[name] = np.asarray(b_new, np.float32).reshape(-1)
             linfo["seconds"] = time.perf_counter() - t1
             linfo["rows"] = int(acc.n)
+            if name in masked:
+                linfo["padding_rows_left_out"] = masked[name]
             info["layers"][name] = linfo
             lp.notes.append(f"rounding {method}: relative reconstruction error "
                             f"{linfo.get('loss', float('nan')):.3g} (nearest {linfo.get('loss_nearest', float('nan')):.3g})"
