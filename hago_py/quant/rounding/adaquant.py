@@ -24,8 +24,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .problem import (Adam, keep_best, LayerProblem, Objective, RoundingResult, auto_iterations, check_params, chunks, dequant,
-                      finish, nearest, normaliser, positive, rowdot, validate)
+from .problem import (Adam, auto_iterations, check_params, chunks, dequant, finish, keep_best, LayerProblem, nearest,
+                      normalised_quadratic, Objective, positive, RoundingResult, rowdot, validate)
 
 DEFAULTS = {
     "iterations": None,        # None: from the work budget
@@ -127,9 +127,7 @@ def solve(problem: LayerProblem, *, seed: int = 0, **params: Any) -> RoundingRes
     s0 = np.asarray(p.scale, np.float32)
     z = np.asarray(p.zero_point, np.int64)
     zf = z[..., None].astype(np.float32)
-    dnorm = normaliser(p, s0)
-    hn = (np.asarray(p.h, np.float64) * (2.0 / dnorm)).astype(np.float32)
-    en = (obj.e * (2.0 / dnorm)).astype(np.float32)
+    dnorm, hn, en = normalised_quadratic(p, obj, s0)
     mq = np.asarray(p.m_q, np.float64)
     b_fp = _fp_bias(p)
     sigma = np.sqrt(np.maximum(obj.energy_rows, 0.0) / p.n)

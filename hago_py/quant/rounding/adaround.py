@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from ...errors import OptionError
-from .problem import (Adam, LayerProblem, Objective, RoundingResult, auto_iterations, bmm, check_params, chunks,
-                      finish, normaliser, positive, rowdot, split_active, validate)
+from .problem import (Adam, auto_iterations, bmm, check_params, chunks, finish, LayerProblem, normalised_quadratic,
+                      Objective, positive, RoundingResult, rowdot, split_active, validate)
 
 #: Adam moves a parameter by at most ~lr per step; V has to travel a few units: lr = LR_TRAVEL / iterations
 LR_TRAVEL = 30.0
@@ -93,9 +93,7 @@ def solve(problem: LayerProblem, *, seed: int = 0, **params: Any) -> RoundingRes
     dfix = np.where(active, 0.0, wfix - p.w.astype(np.float64)).astype(np.float32)
     c0 = dfix - frac * s_act                     # Δ = Ŵ - W = h * s_act + c0
 
-    dnorm = normaliser(p, s[..., 0])
-    hn = (np.asarray(p.h, np.float64) * (2.0 / dnorm)).astype(np.float32)
-    en = (obj.e * (2.0 / dnorm)).astype(np.float32)
+    dnorm, hn, en = normalised_quadratic(p, obj, s[..., 0])
     # the optimised variable is U = -V (saves a pass); dL/dU = -dL/dV, folded into these constants
     saw = (-width * s_act).astype(np.float32)
     reg_c = 2.0 * lam * width                     # d/dh λ(1-|2h-1|^β) = -2λβ|2h-1|^(β-1)sign(2h-1)

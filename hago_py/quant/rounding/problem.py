@@ -297,6 +297,16 @@ def auto_iterations(p: LayerProblem, iterations: Optional[int], max_iterations: 
     return int(max(min_iterations, min(max_iterations, work // per_it)))
 
 
+def normalised_quadratic(p: LayerProblem, obj: "Objective", scale: np.ndarray
+                         ) -> Tuple[float, np.ndarray, np.ndarray]:
+    """(normaliser, 2H / normaliser, 2E / normaliser): the loss's quadratic and linear terms scaled so one
+    integer step of one weight costs O(1) (see ``normaliser``), float32, as the Adam-based solvers use them."""
+    dnorm = normaliser(p, scale)
+    hn = (np.asarray(p.h, np.float64) * (2.0 / dnorm)).astype(np.float32)
+    en = (obj.e * (2.0 / dnorm)).astype(np.float32)
+    return dnorm, hn, en
+
+
 def normaliser(p: LayerProblem, scale: np.ndarray) -> float:
     """Mean curvature of the loss along one integer step of one weight: mean_{i,j} s_i² H_jj (> 0).
 

@@ -7,6 +7,16 @@ from typing import Dict, List, Mapping, Sequence
 from .table import Table
 
 
+def _one_layer_plans(table: Table, assign: Mapping[str, str], moves) -> List[Dict[str, str]]:
+    """For each (layer, candidate): the full assignment ``assign`` with that one layer moved."""
+    out = []
+    for n, key in moves:
+        a = table.full(assign)
+        a[n] = key
+        out.append(a)
+    return out
+
+
 def faster_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[Dict[str, str]]:
     """Up to ``k`` plans that each move one layer to a faster candidate, cheapest in estimated error per
     latency saved first (spend the remaining accuracy slack)."""
@@ -23,12 +33,7 @@ def faster_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[Di
         if best is not None:
             moves.append((best[0], -best[2], n, best[1]))
     moves.sort()
-    out = []
-    for _, _, n, key in moves[:k]:
-        a = table.full(assign)
-        a[n] = key
-        out.append(a)
-    return out
+    return _one_layer_plans(table, assign, [(n, key) for _, _, n, key in moves[:k]])
 
 
 def accurate_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[Dict[str, str]]:
@@ -47,12 +52,7 @@ def accurate_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[
         if best is not None:
             moves.append((-best[0], n, best[1]))
     moves.sort()
-    out = []
-    for _, n, key in moves[:k]:
-        a = table.full(assign)
-        a[n] = key
-        out.append(a)
-    return out
+    return _one_layer_plans(table, assign, [(n, key) for _, n, key in moves[:k]])
 
 
 def top_candidates(points: Sequence[Dict], objective: str, k: int = 4, window: float = 0.1) -> List[Dict]:
