@@ -78,6 +78,30 @@ def small_transformer_mlp(seed: int = 0) -> onnx.ModelProto:
     return m
 
 
+def residual_layernorm(seed: int = 0, d: int = 32) -> onnx.ModelProto:
+    """input [B,S,d] -> MatMul -> Reshape(flat) -> Reshape(Shape(input)) -> Add bias -> Add(input) ->
+    LayerNormalization: the post-LN residual of a BERT layer, with the head reshapes whose shapes only a
+    data-propagating shape inference recovers."""
+    rng = np.random.default_rng(seed)
+    N = helper.make_node
+    nodes = [N("MatMul", ["input", "w"], ["m"], name="proj"), N("Shape", ["input"], ["sh"], name="shape"),
+             N("Reshape", ["m", "minus1"], ["flat"], name="flatten"),
+             N("Reshape", ["flat", "sh"], ["mr"], name="unflatten"),
+             N("Add", ["mr", "b"], ["a"], name="proj_bias"),
+             N("Add", ["a", "input"], ["r"], name="residual"),
+             N("LayerNormalization", ["r", "gamma", "beta"], ["output"], name="ln", axis=-1)]
+    inits = [_init("w", rng.normal(0, 0.3, (d, d)).astype(np.float32)),
+             _init("b", rng.normal(0, 0.1, d).astype(np.float32)),
+             _init("gamma", (1 + rng.normal(0, 0.1, d)).astype(np.float32)),
+             _init("beta", rng.normal(0, 0.1, d).astype(np.float32)), _init("minus1", np.array([-1], np.int64))]
+    g = helper.make_graph(nodes, "residual_ln", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", d])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", d])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
 def calib(seed: int = 1, n: int = 32, shape=(3, 8, 8)) -> dict:
     return {"input": np.random.default_rng(seed).normal(0, 1, (n,) + tuple(shape)).astype(np.float32)}
 
