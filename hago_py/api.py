@@ -88,6 +88,7 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
         "backend": spec.backend,
         "options": opts.to_dict(),
         "prepare_passes": pipe.changed,
+        "smoothing": list(pipe.smoothed),
         "calibration_samples": pipe.calib.num_samples,
         "remedy": built.info.get("remedy", {}),
         "layers": layer_rows(plan),

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
                    help="empirical bias correction (auto: on for adaround / flexround / gptq)")
     q.add_argument("--equalize", action="store_true", help="cross-layer equalization before calibration")
+    q.add_argument("--no-smooth", action="store_true",
+                   help="no SmoothQuant activation smoothing of LayerNorm-fed MatMul inputs (default on)")
+    q.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
     q.add_argument("--recon-samples", type=int, default=256,
                    help="calibration samples used by data-driven rounding (default 256)")
     q.add_argument("--saturation-remedy", default="auto", help="auto | none | reduce_range | u8u8")
@@ -83,7 +86,8 @@ def _cmd_quantize(a) -> int:
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,
                        bias_correction={"auto": None, "on": True, "off": False}[a.bias_correction],
-                       equalize=a.equalize, recon_samples=a.recon_samples,
+                       equalize=a.equalize, smooth=not a.no_smooth, smooth_alpha=a.smooth_alpha,
+                       recon_samples=a.recon_samples,
                        saturation_remedy=a.saturation_remedy, exclude=a.exclude, simulate=a.simulate,
                        threads=a.threads, max_calib_samples=a.max_calib_samples, **search)
     if a.search and a.peers:

@@ -57,6 +57,9 @@ class Pipeline:
         self.prepared, self.changed = prepare(self.proto)
         if self.opts.equalize:
             self._equalize()
+        self.smoothed: List[Dict[str, Any]] = []
+        if self.opts.smooth:
+            self._smooth()
         _progress(progress, f"prepared graph ({', '.join(self.changed) or 'no changes'})")
         self.check_batches = _first_batches(self.calib, 64)
         self._observers: Dict[tuple, object] = {}
@@ -72,6 +75,24 @@ class Pipeline:
         if res.modified:
             self.prepared = to_proto(m)
             self.changed = list(self.changed) + ["cross_layer_equalization"]
+
+    def _smooth(self) -> None:
+        from .ir.io import infer_model_shapes, to_ir, to_proto
+        from .ir.passes.smooth import SmoothActivationsPass, smoothable
+        from .quant.calibrate import channel_absmax
+        from .quant.reconstruct import token_mask_input
+
+        m = to_ir(self.prepared)
+        groups = smoothable(m)
+        if not groups:
+            return
+        absmax = channel_absmax(self.prepared, groups, self.calib, threads=self.opts.threads,
+                                mask_input=token_mask_input(self.prepared, self.opts))
+        sp = SmoothActivationsPass(absmax, self.opts.smooth_alpha)
+        if sp(m).modified:
+            self.prepared = infer_model_shapes(to_proto(m), "the smoothed model")
+            self.smoothed = sp.smoothed
+            self.changed = list(self.changed) + [f"smooth_activations({len(sp.smoothed)} tensors)"]
 
     # -- stages ----------------------------------------------------------------------------
     def options(self, layers: Optional[Mapping[str, Mapping[str, Any]]] = None, **changes) -> QuantOptions:

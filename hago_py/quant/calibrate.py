@@ -98,3 +98,30 @@ def apply_observers(plan: QuantPlan, observers: Dict[str, object]) -> QuantPlan:
 
 def calibrate(model, plan, data, **kw) -> QuantPlan:
     return apply_observers(plan, collect(model, plan, data, **kw))
+
+
+def channel_absmax(model: onnx.ModelProto, names, data: Iterable[Mapping[str, np.ndarray]], *,
+                   mask_input: str | None = None, threads: int = 1) -> Dict[str, np.ndarray]:
+    """Per-channel (last axis) max|x| of each tensor in ``names`` over ``data``, one pass. With
+    ``mask_input`` (a [batch, seq] graph input whose zeros mark padding), padding rows of [batch, seq, C]
+    tensors are left out."""
+    names = list(names)
+    if not names:
+        return {}
+    backend = OrtBackend(threads=threads)
+    sess = backend.compile(with_outputs(model, names), optimization="basic")
+    out_names = [o.name for o in sess.get_outputs()]
+    in_names = {i.name for i in sess.get_inputs()}
+    amax: Dict[str, np.ndarray] = {}
+    for batch in data:
+        outs = backend.run(sess, {k: v for k, v in batch.items() if k in in_names})
+        mask = batch.get(mask_input) if mask_input else None
+        for n in names:
+            x = np.abs(np.asarray(outs[out_names.index(n)], dtype=np.float32))
+            if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(np.shape(mask)):
+                x = x[np.asarray(mask) != 0]
+            m = x.reshape(-1, x.shape[-1]).max(axis=0) if x.size else np.zeros(x.shape[-1], np.float32)
+            amax[n] = m if n not in amax else np.maximum(amax[n], m)
+    if not amax:
+        raise DataError("calibration set is empty: no batch reached the model; pass at least one sample")
+    return amax

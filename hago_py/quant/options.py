@@ -34,6 +34,10 @@ class QuantOptions:
     edge_weight_bits: Optional[int] = None  # weight bits of the first and last weighted layer (AdaRound/BRECQ keep 8)
     simulate: bool = False              # allow schemes the target has no kernel for (fake-quant)
     equalize: bool = False              # cross-layer equalization before calibration (Relu-separated pairs)
+    # SmoothQuant: per-channel scales move activation outliers of LayerNorm-fed MatMul inputs into the
+    # weights (hago_py/ir/passes/smooth.py); smooth_alpha is the migration strength (the paper's 0.5)
+    smooth: bool = True
+    smooth_alpha: float = 0.5
     # empirical bias correction (the loss-optimal bias from the layer statistics): True every quantized
     # weighted layer, False none, None (auto) the layers rounded by adaround / flexround / gptq
     bias_correction: Optional[bool] = None
@@ -100,6 +104,13 @@ class QuantOptions:
                 raise OptionError(f"option layers[{node!r}]['weight_bits']={ov['weight_bits']} must be 2..16")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise OptionError(f"option percentile={self.percentile!r} is invalid; use a value in (50, 100]")
+        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
+                or not 0.0 <= float(self.smooth_alpha) <= 1.0:
+            raise OptionError(f"option smooth_alpha={self.smooth_alpha!r} is invalid; use a number in [0, 1] "
+                              "(0.5 balances activation and weight ranges; smooth=False turns smoothing off)")
+        if isinstance(self.timing_repeats, bool) or not isinstance(self.timing_repeats, int) or self.timing_repeats < 1:
+            raise OptionError(f"option timing_repeats={self.timing_repeats!r} is invalid; use an integer >= 1 "
+                              "(or measure_latency=False to skip timing)")
         if self.calib_batch_size < 1:
             raise OptionError("option calib_batch_size must be >= 1")
         if self.max_calib_samples is not None and self.max_calib_samples < 1:

@@ -52,6 +52,13 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
                  f"clipping `{opts.get('clipping')}` on {r.get('calibration_samples')} samples, "
                  f"activation mode `{opts.get('activation_mode')}`")
     lines.append(f"- prepare passes that changed the graph: {', '.join(r.get('prepare_passes') or []) or 'none'}")
+    sm = r.get("smoothing") or []
+    if sm:
+        lines.append(f"- activation smoothing (SmoothQuant, alpha {sm[0]['alpha']}): {len(sm)} tensors, outlier ratio "
+                     "max/median of max|x| per channel " + ", ".join(
+                         f"{e['outlier_ratio_before']:.1f}->{e['outlier_ratio_after']:.1f}" for e in sm[:6])
+                     + (" ..." if len(sm) > 6 else "")
+                     + f" ({sum(e['how'] == 'Mul' for e in sm)} as an extra Mul, the rest folded into LayerNorm)")
     rem = r.get("remedy") or {}
     lines.append(f"- saturation remedy: **{rem.get('chosen', 'none')}** — {rem.get('why', '')}")
     for hz, cands in (rem.get("candidates") or {}).items():
