@@ -293,8 +293,10 @@ def _child(conn, recipe_name: str, model_name: str, root: str, out_path: str, ca
     """Child process body: import, load calibration data, reset the RSS peak, quantize, report."""
     res: Dict[str, Any] = {"notes": []}
     try:
+        root, out_path, tmpdir = (os.path.abspath(p) for p in (root, out_path, tmpdir))
         os.environ["TMPDIR"] = tmpdir  # peers write temp models; keep them under results/
         tempfile.tempdir = tmpdir
+        os.chdir(tmpdir)  # and the files some write to the working directory (ORT's shape-inference temp, .data)
         if threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         recipe = RECIPES[recipe_name]
