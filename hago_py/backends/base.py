@@ -42,7 +42,9 @@ class Timing:
 
 @dataclass
 class TimingResult:
-    """Interleaved timings; ``ratios[label]`` = baseline median / label median (>1 means faster)."""
+    """Interleaved timings. ``speedup(label)``: median over rounds of baseline time / label time (>1 means
+    faster); each round times every model once, so drift and other tenants hit both sides of a ratio alike
+    (the ratio of the two medians is ``ratio_of_medians``; under drift it disagrees with the per-round spread)."""
 
     timings: List[Timing]
     threads: int
@@ -54,6 +56,9 @@ class TimingResult:
         return self.timings[0]
 
     def speedup(self, label: str) -> float:
+        return self.speedup_spread(label)["median"]
+
+    def ratio_of_medians(self, label: str) -> float:
         t = {x.label: x for x in self.timings}[label]
         return self.baseline.median / t.median
 
