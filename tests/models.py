@@ -69,9 +69,13 @@ def small_transformer_mlp(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
         helper.make_node("Add", ["m2", "b2"], ["output"], name="add2"),
     ]
-    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", 16])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", 16])],
-                          [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", b2)])
+    return token_model(nodes, [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", b2)], "mlp", 16)
+
+
+def token_model(nodes, inits, name: str, d: int) -> onnx.ModelProto:
+    """A checked opset-17 model from ``nodes``: graph input ``input`` and output ``output``, both [B, S, d]."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", d])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", d])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.checker.check_model(m)
@@ -94,12 +98,7 @@ def residual_layernorm(seed: int = 0, d: int = 32) -> onnx.ModelProto:
              _init("b", rng.normal(0, 0.1, d).astype(np.float32)),
              _init("gamma", (1 + rng.normal(0, 0.1, d)).astype(np.float32)),
              _init("beta", rng.normal(0, 0.1, d).astype(np.float32)), _init("minus1", np.array([-1], np.int64))]
-    g = helper.make_graph(nodes, "residual_ln", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", d])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", d])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return token_model(nodes, inits, "residual_ln", d)
 
 
 def calib(seed: int = 1, n: int = 32, shape=(3, 8, 8)) -> dict:

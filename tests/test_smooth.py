@@ -14,7 +14,7 @@ from hago_py.ir.io import to_ir, to_proto
 from hago_py.ir.passes.smooth import SmoothActivationsPass, smoothable
 from hago_py.quant.calibrate import channel_absmax
 
-from models import run, sqnr
+from models import run, sqnr, token_model
 
 D, H = 32, 64
 
@@ -35,12 +35,7 @@ def ln_mlp(residual: bool, seed: int = 0) -> onnx.ModelProto:
              N("MatMul", ["r1", "w2"], ["m2" if residual else "output"], name="fc2")]
     if residual:
         nodes.append(N("Add", ["m2", "ln"], ["output"], name="residual"))
-    g = helper.make_graph(nodes, "ln_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", D])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", D])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return token_model(nodes, inits, "ln_mlp", D)
 
 
 def data(n=16, seed=1):
