@@ -105,7 +105,7 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
                                  f"{chk.sqnr_simulated_db:.1f} dB")
     if measure_latency and spec.backend.get("name") == "ort":
         feed = {k: v[:1] for k, v in pipe.check_batches[0].items()}
-        tr = OrtBackend(threads=opts.threads).time({"fp32": pipe.proto, "int8": qmodel}, feed,
+        tr = OrtBackend(threads=opts.threads).time({"fp32": pipe.reference, "int8": qmodel}, feed,
                                                    repeats=opts.timing_repeats, warmup=3)
         report["latency"] = {"measured": True, "speedup": tr.speedup("int8"),
                              "speedup_spread": tr.speedup_spread("int8"), **tr.to_dict()}

@@ -22,6 +22,7 @@ from .data import load_calibration, model_input_specs
 from .errors import OptionError
 from .hw import load_spec
 from .ir import load_model, model_digest, prepare
+from .ir.io import without_value_info
 from .quant.annotate import annotate
 from .quant.calibrate import collect_tensors
 from .quant.options import QuantOptions
@@ -50,6 +51,8 @@ class Pipeline:
         self.progress = progress
         self.spec = load_spec(target)
         self.proto = load_model(model)
+        # the FP32 model as it is deployed and timed (no inferred value_info, like every artifact we write)
+        self.reference = without_value_info(self.proto)
         self.digest = model_digest(self.proto)
         self.inputs = model_input_specs(self.proto)
         self.calib = load_calibration(calibration, self.inputs, batch_size=self.opts.calib_batch_size,

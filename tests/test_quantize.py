@@ -154,6 +154,12 @@ def test_ort_fuses_the_quantized_model_like_the_fp32_model():
     # the same artifact with its shapes inferred is fused: the check above is sensitive to the annotations
     assert sln(onnx.shape_inference.infer_shapes(res.model, data_prop=True)) == 1
     assert sqnr(run(m, x)[0], run(res.model, x)[0]) > 25
+    # the FP32 side of every timing is the model as deployed too (no inferred shapes)
+    from hago_py.pipeline import Pipeline
+
+    pipe = Pipeline(m, x, "x86_avx2")
+    assert pipe.proto.graph.value_info and not pipe.reference.graph.value_info
+    assert sln(pipe.reference) == 0 and sln(pipe.proto) == 1
 
 
 def test_unknown_target_and_bad_options():

@@ -91,6 +91,15 @@ def infer_model_shapes(model: onnx.ModelProto, where: str = "the model") -> onnx
         raise ModelError(f"shape inference failed on {where}: {str(e).splitlines()[0]}") from e
 
 
+def without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` without intermediate shape annotations: how hago_py deploys and times models (with
+    them ORT 1.32 fuses residual Add + LayerNorm into the slower SkipLayerNormalization; see realize)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    return out
+
+
 def to_ir(model: onnx.ModelProto) -> ir.Model:
     return ir.serde.deserialize_model(model)
 

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ..errors import ModelError
-from ..ir.io import to_ir, to_proto
+from ..ir.io import to_ir, to_proto, without_value_info
 from ..ir.passes._util import const_array, new_initializer
 from .plan import QuantPlan, TensorQuant
 from .weights import quantize_weight
@@ -143,8 +143,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
     # Add + LayerNormalization into SkipLayerNormalization, which is slower on this CPU (MiniLM-L6 W8 dynamic:
     # 15.7 -> 14.1 ms without it, same run, 1 thread); the FP32 model gets no such fusion. Without them ORT
     # optimizes the quantized model the way it optimizes the FP32 input.
-    del out.graph.value_info[:]
-    return out
+    return without_value_info(out)
 
 
 def _values_by_name(graph: ir.Graph) -> Dict[str, ir.Value]:

@@ -138,7 +138,7 @@ class _Search:
         self.proxy_batches = _take(pipe.calib, int(proxy_samples))
         self.sens_batches = _take(pipe.calib, int(min(sensitivity_samples, proxy_samples)))
         self.feed = {k: np.ascontiguousarray(v[:1]) for k, v in pipe.check_batches[0].items()}
-        self.fp_session = self.backend.compile(pipe.proto)
+        self.fp_session = self.backend.compile(pipe.reference)
         self.sens_proxy = FidelityProxy(self.backend, self.fp_session, self.sens_batches)
         self.proxy = FidelityProxy(self.backend, self.fp_session, self.proxy_batches)
         self._sens_energy = self.proxy.ref_energy(self.sens_proxy.samples)
@@ -254,7 +254,7 @@ class _Search:
 
     def fp32_trial(self) -> Dict[str, Any]:
         def run():
-            m = self.user.score(self.pipe.proto) if self.user else 1.0
+            m = self.user.score(self.pipe.reference) if self.user else 1.0
             return {"metric": m, "speedup": 1.0, "latency": self.lat_kind}
 
         return self.trial("fp32", {}, run, stage="reference")
