@@ -324,3 +324,16 @@ def test_user_metric_name_from_attribute_or_function_name():
     assert UserMetric(lambda m: 1.0).name == "<lambda>"
     top1.metric_name = "top-1 %"
     assert UserMetric(top1).name == "top-1 %"
+
+
+def test_speed_ties_go_to_the_more_accurate_plan():
+    from hago_py.search.pareto import choose
+
+    pts = [{"id": "a", "speedup": 1.755, "metric": 0.8177, "drop": 0.0026},
+           {"id": "b", "speedup": 1.739, "metric": 0.8198, "drop": 0.0006},
+           {"id": "c", "speedup": 1.60, "metric": 0.8203, "drop": 0.0},
+           {"id": "d", "speedup": 1.90, "metric": 0.8100, "drop": 0.0103}]   # over the budget
+    assert choose(pts, 0.003, None, "speed")["id"] == "a"                 # no tie margin: the fastest
+    assert choose(pts, 0.003, None, "speed", tie=0.02)["id"] == "b"       # 0.9 % slower counts as equal
+    assert choose(pts, 0.003, None, "speed", tie=0.005)["id"] == "a"      # beyond the margin speed wins
+    assert choose(pts, 0.003, None, "metric", tie=0.02)["id"] == "c"

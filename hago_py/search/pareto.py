@@ -43,10 +43,18 @@ def better(a: Dict[str, Any], b: Optional[Dict[str, Any]], objective: str) -> bo
 
 
 def choose(points: Sequence[Dict[str, Any]], accuracy_budget: Optional[float], latency_budget: Optional[float],
-           objective: str) -> Optional[Dict[str, Any]]:
+           objective: str, tie: float = 0.0) -> Optional[Dict[str, Any]]:
+    """The preferred feasible quantized point. With objective 'speed' and ``tie`` > 0, every feasible point
+    within ``tie`` (relative) of the fastest one counts as equally fast and the most accurate of them wins:
+    a 1 % speed-up that the timing cannot resolve is not worth a measured accuracy loss."""
+    pts = [p for p in points if p.get("quantized", True) and feasible(p, accuracy_budget, latency_budget)]
+    if objective == "speed" and tie > 0 and pts:
+        fastest = max(p["speedup"] for p in pts)
+        pts = [p for p in pts if p["speedup"] >= fastest * (1.0 - tie)]
+        return max(pts, key=lambda p: (p["metric"], p["speedup"]))
     best = None
-    for p in points:
-        if p.get("quantized", True) and feasible(p, accuracy_budget, latency_budget) and better(p, best, objective):
+    for p in pts:
+        if better(p, best, objective):
             best = p
     return best
 

@@ -49,8 +49,10 @@ DOMINANT_SHARE = 0.4             # layers carrying >= 40 % of the reference's er
 SIGNIFICANCE = 2.0               # paired proxy changes within 2 standard errors are treated as noise
 RESERVED_PLAN_TRIALS = 8         # end-to-end trials time_budget keeps room for after the layer table
 TABLE_SHARE = 0.6                # share of time_budget the layer table may use before strategies start
+# speed_tie: speed-ups within this relative margin of the fastest feasible plan count as equal, and the most
+# accurate of them is chosen (two ORT sessions of one identical model time up to ~4 % apart on a shared VM)
 DEFAULT_TIMING = {"plan_repeats": 30, "plan_min_time_s": 1.5, "layer_repeats": 15, "layer_min_time_s": 0.4,
-                  "retime_min_time_s": 3.0}
+                  "retime_min_time_s": 3.0, "speed_tie": 0.02}
 
 
 class _OutOfTime(Exception):
@@ -791,7 +793,7 @@ class _Search:
 
     def refine(self, faster: bool) -> None:
         pts = [p for p in self.points.values() if self._feasible(p)]
-        best = choose(pts, self.acc_b, self.latency_budget, self.objective)
+        best = choose(pts, self.acc_b, self.latency_budget, self.objective, tie=self.timing["speed_tie"])
         if best is None:
             return
         tried = 0
@@ -852,7 +854,8 @@ class _Search:
         from ..api import finish
 
         points = list(self.points.values())
-        chosen = choose(points, self.acc_b, self.latency_budget, self.objective) if hasattr(self, "acc_b") else None
+        chosen = choose(points, self.acc_b, self.latency_budget, self.objective,
+                        tie=self.timing["speed_tie"]) if hasattr(self, "acc_b") else None
         fp32_point = {"id": "fp32", "stage": "reference", "note": "FP32 model", "metric": getattr(self, "fp32_metric", 1.0),
                       "drop": 0.0, "speedup": 1.0, "latency": self.lat_kind, "metric_kind": self.metric_kind,
                       "assign": {n: FP32 for n in self.space.layers}, "plan": None, "n_fp32": len(self.space.layers),
