@@ -5,7 +5,7 @@ ORT runs it batch by batch and each tensor's observer streams the values (histog
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -25,6 +25,13 @@ def progress_iter(it, enabled: bool, desc: str, unit: str):
     except ImportError:  # pragma: no cover
         return it
     return tqdm(it, desc=desc, unit=unit, leave=False)
+
+
+def token_rows(x: np.ndarray, mask: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Row selector for a token-wise tensor [B, S, K] under a [B, S] padding mask (None: all rows)."""
+    if mask is None or x.ndim != 3 or tuple(x.shape[:2]) != tuple(np.shape(mask)):
+        return None
+    return np.asarray(mask).reshape(-1) != 0
 
 
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
@@ -118,9 +125,9 @@ def channel_absmax(model: onnx.ModelProto, names, data: Iterable[Mapping[str, np
         mask = batch.get(mask_input) if mask_input else None
         for n in names:
             x = np.abs(np.asarray(outs[out_names.index(n)], dtype=np.float32))
-            if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(np.shape(mask)):
-                x = x[np.asarray(mask) != 0]
-            m = x.reshape(-1, x.shape[-1]).max(axis=0) if x.size else np.zeros(x.shape[-1], np.float32)
+            sel = token_rows(x, mask)
+            x = x.reshape(-1, x.shape[-1]) if sel is None else x.reshape(-1, x.shape[-1])[sel]
+            m = x.max(axis=0) if x.size else np.zeros(x.shape[-1], np.float32)
             amax[n] = m if n not in amax else np.maximum(amax[n], m)
     if not amax:
         raise DataError("calibration set is empty: no batch reached the model; pass at least one sample")

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from ..backends.ort import OrtBackend
 from ..errors import ModelError
-from .calibrate import progress_iter
+from .calibrate import progress_iter, token_rows
 from .layer_stats import LayerGeometry, StatsAccumulator, dynamic_fake_quant, sub_model
 from .observers import qrange
 from .plan import LayerPlan, QuantPlan
@@ -152,13 +152,6 @@ def token_mask_input(model: onnx.ModelProto, opts) -> Optional[str]:
     return want or None
 
 
-def _token_rows(x: np.ndarray, mask: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    """Row selector for a token-wise layer input [B, S, K] under a [B, S] padding mask (None: all rows)."""
-    if mask is None or x.ndim != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
-        return None
-    return np.asarray(mask).reshape(-1) != 0
-
-
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mapping[str, np.ndarray]], opts, *,
                 progress: bool = False, max_waves: int = 512
                 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, Any]]:
@@ -229,7 +222,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
                 if dyn[name]:
                     xq = dynamic_fake_quant(xq)  # over the whole tensor, padding included, as at run time
                 rq, rf = geos[name].rows(xq), geos[name].rows(fo[xf_name])
-                sel = _token_rows(fo[xf_name], mask) if geos[name].op_type != "Conv" else None
+                sel = token_rows(fo[xf_name], mask) if geos[name].op_type != "Conv" else None
                 if sel is not None:
                     rq, rf = rq[:, sel], rf[:, sel]
                     masked[name] = masked.get(name, 0) + int((~sel).sum())
