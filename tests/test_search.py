@@ -337,3 +337,89 @@ def test_speed_ties_go_to_the_more_accurate_plan():
     assert choose(pts, 0.003, None, "speed", tie=0.02)["id"] == "b"       # 0.9 % slower counts as equal
     assert choose(pts, 0.003, None, "speed", tie=0.005)["id"] == "a"      # beyond the margin speed wins
     assert choose(pts, 0.003, None, "metric", tie=0.02)["id"] == "c"
+
+
+# ------------------------------------------------------------------------------------------------ islands
+def mlp4(seed: int = 0) -> onnx.ModelProto:
+    """x[N,16] -> fc1 -> Relu -> fc2 -> Relu -> fc3 -> Relu -> fc4 -> y[N,8], hidden width 32."""
+    rng = np.random.default_rng(seed)
+    dims = [(32, 16), (32, 32), (32, 32), (8, 32)]
+    inits, nodes, x = [], [], "x"
+    for i, (o, k) in enumerate(dims, 1):
+        inits += [numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(k), (o, k)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(np.zeros(o, np.float32), f"b{i}")]
+        out = "y" if i == len(dims) else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [out], name=f"fc{i}", transB=1))
+        if i < len(dims):
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    g = helper.make_graph(nodes, "mlp4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+ISLAND_COST = {"fc1": (2.0, 0.5), "fc2": (0.4, 0.9), "fc3": (0.4, 0.9), "fc4": (2.0, 0.5)}   # (float, int8)
+ISLAND_WIDTH = [16, 32, 32, 32, 8]        # tensor widths at the 5 boundaries in / fc1..fc4 / out
+
+
+def island_latency(model, plan):
+    """Chain latency with int8-region boundaries: layer costs from ISLAND_COST, plus 0.4 * width / 32 at
+    every precision change along x -> fc1 -> fc2 -> fc3 -> fc4 -> y (the model's input and output are
+    float). fc2 and fc3 are faster in float, but each alone pays two boundaries (+0.3 slower than int8);
+    together they share one and the island is the fastest plan: 2.9 vs 3.1 (all int8) and 4.8 (FP32)."""
+    if plan is None:
+        return sum(f for f, _ in ISLAND_COST.values())
+    fl = [True] + [not plan.layers[n].quantize for n in ("fc1", "fc2", "fc3", "fc4")] + [True]
+    t = sum(ISLAND_COST[n][0 if f else 1] for n, f in zip(("fc1", "fc2", "fc3", "fc4"), fl[1:-1]))
+    return t + sum(0.4 * w / 32 for w, a, b in zip(ISLAND_WIDTH, fl, fl[1:]) if a != b)
+
+
+def test_float_island_found_through_the_boundary_model():
+    x = np.random.default_rng(3).normal(0, 1, (64, 16)).astype(np.float32)
+    pipe = Pipeline(mlp4(), {"x": x}, "x86_avx2", QuantOptions(check_artifact=False))
+    res = run_search(pipe, accuracy_budget=0.05, latency=island_latency)
+    q = {n: res.plan.layers[n].quantize for n in ("fc1", "fc2", "fc3", "fc4")}
+    assert q == {"fc1": True, "fc2": False, "fc3": False, "fc4": True}
+    assert res.chosen["speedup"] == pytest.approx(4.8 / 2.9)
+    b = res.report["search"]["boundaries"]
+    assert {(e["u"], e["v"]) for e in b["edges"]} == {(None, "fc1"), ("fc1", "fc2"), ("fc2", "fc3"),
+                                                        ("fc3", "fc4"), ("fc4", None)}
+    # the pair fc2+fc3 was timed together, and it shares the one boundary between them (0.4 of 4.8)
+    pair = next(p for p in b["pairs"] if (p["u"], p["v"]) == ("fc2", "fc3"))
+    assert pair["shared_boundary"] == pytest.approx(0.4 / 4.8)
+    assert b["cost_per_element"] * 32 == pytest.approx(0.4 / 4.8, rel=0.1)      # 3 pairs + a weak prior
+    from hago_py.report.write import render_search_markdown
+    md = "\n".join(render_search_markdown(res.report["search"]))
+    assert "int8-region boundaries: 5 edges" in md and "3 adjacent pairs timed" in md
+
+
+def test_table_latency_and_milp_with_boundaries():
+    # in-place: a and b each 0.04 slower in float (compute -0.05, boundaries -0.01 + 0.1); together -0.12
+    rows = {"a": {"q": (1.0, 0.0), "fp32": (0.0, 0.04)}, "b": {"q": (1.0, 0.0), "fp32": (0.0, 0.04)}}
+    edges = [(None, "a", 0.01), ("a", "b", 0.1), ("b", None, 0.01)]
+    t = Table(rows=rows, ref={"a": "q", "b": "q"}, ref_latency=0.6, edges=edges)
+    assert t.latency({"a": "fp32"}) == pytest.approx(0.64) and t.latency({"b": "fp32"}) == pytest.approx(0.64)
+    assert t.latency({"a": "fp32", "b": "fp32"}) == pytest.approx(0.48)
+    assert milp_solve(t, objective="latency") == {"a": "fp32", "b": "fp32"}
+    assert milp_solve(t, objective="error", max_latency=0.5) == {"a": "fp32", "b": "fp32"}
+    assert milp_solve(t, objective="error", max_latency=0.47) is None          # the island (0.48) is the fastest
+    # without the boundary model the same rows are additive: float never pays
+    plain = Table(rows=rows, ref={"a": "q", "b": "q"}, ref_latency=0.6)
+    assert milp_solve(plain, objective="latency") == {"a": "q", "b": "q"}
+    from hago_py.search.strategies import faster_moves
+    assert faster_moves(t, {"a": "q", "b": "q"}) == [{"a": "fp32", "b": "fp32"}]
+    assert faster_moves(plain, {"a": "q", "b": "q"}) == []
+
+
+def test_layer_edges_and_cost_fit():
+    from hago_py.search.boundaries import fit_cost, layer_edges
+
+    m = mlp4()
+    shapes = {"x": [1, 16], "r1": [1, 32], "r2": [1, 32], "r3": [1, 32], "y": [1, 8], "h1": [1, 32]}
+    edges = {(e.u, e.v): e.numel for e in layer_edges(m, ["fc1", "fc2", "fc4"], shapes)}
+    # fc3 is not a search layer: fc2 -> fc3 and fc3 -> fc4 carry no edge; fc3's output is unknown to fc4
+    assert edges == {(None, "fc1"): 16, ("fc1", "fc2"): 32, ("fc4", None): 8}
+    assert fit_cost([(2 * 0.5 * 10, 10), (2 * 0.5 * 30, 30)], prior=0.0, prior_weight=0.0) == pytest.approx(0.5)
+    assert fit_cost([], prior=0.25) == 0.25 and fit_cost([(-5.0, 10)], prior=0.0, prior_weight=0.0) == 0.0

@@ -118,6 +118,13 @@ def render_search_markdown(s: Dict[str, Any], pareto_image: Optional[str] = None
                  f"{c.get('layer_candidates')} layer candidates); {c.get('measured_this_run')} measured in this run, "
                  f"{c.get('replayed')} replayed from the checkpoint; search time {s.get('search_s', 0):.0f} s"
                  + ("; **stopped early by time_budget: best plan measured so far**" if s.get("stopped_early") else ""))
+    bd = s.get("boundaries") or {}
+    if bd.get("edges"):
+        pairs = bd.get("pairs") or []
+        lines.append(f"- int8-region boundaries: {len(bd['edges'])} edges between layers; cost "
+                     f"{1e6 * bd['cost_per_element']:.3g} ppm of the FP32 latency per boundary element, fitted from "
+                     f"{len(pairs)} adjacent pairs timed in float together (cost model: "
+                     f"{1e6 * bd.get('prior_per_element', 0.0):.3g}); adjacent float layers share it")
     ch = s.get("chosen")
     if ch:
         lines.append(f"- chosen: **{ch['speedup']:.2f}x** ({ch['latency']}) at {m['name']} {ch['metric']:.6g} "

@@ -10,7 +10,10 @@ Cheap per-layer estimates, expensive end-to-end truth:
    candidates in one round-robin, so each candidate's latency change is a paired ratio against the
    reference (measured), or the cost model's figure (predicted). The most sensitive layers then get their
    accuracy-only variants (clipping method, saturation remedy, rounding) scored.
-3. *Strategies* over the additive estimates: the greedy path (HAGO-style, sensitivity per latency order),
+   *Boundaries* (boundaries.py): the edges where the int8 region can be left (layer to layer, model input /
+   output); the most promising adjacent pairs are timed in float together, which fits the boundary cost
+   per element, so the latency model lets adjacent float layers share a boundary (float islands).
+3. *Strategies* over the estimates (errors additive, latency additive plus the boundary terms): the greedy path (HAGO-style, sensitivity per latency order),
    measured by bisection on the user's metric (or on the measured speed-up under a latency budget); the
    integer program (scipy milp) at the budgets around the boundary the bisection found; refinement by
    single-layer moves from the best plan and a joint re-timing of the top candidates.
@@ -35,6 +38,7 @@ from ..backends.ort import OrtBackend
 from ..errors import HagoError, OptionError
 from ..quant.plan import QuantPlan
 from .checkpoint import CHECKPOINT_VERSION, Checkpoint, stable_hash
+from .boundaries import fit_cost, layer_edges
 from .evaluators import (FidelityProxy, FunctionLatency, MeasuredLatency, PredictedLatency, UserMetric,
                          _run_shapes, ratio_stats, target_reachable)
 from .pareto import budget_error, choose, feasible, pareto_front
@@ -47,6 +51,7 @@ RACE_MIN_GAIN = 0.002            # "faster" means saving more than 0.2 % of the 
 PROMISING_MARGIN = 0.97          # a candidate plan is measured if its estimate is within 3 % of the best
 DOMINANT_SHARE = 0.4             # layers carrying >= 40 % of the reference's error set the accuracy context
 SIGNIFICANCE = 2.0               # paired proxy changes within 2 standard errors are treated as noise
+PAIR_TRIALS = 4                  # adjacent layer pairs timed in float together to fit the boundary cost
 RESERVED_PLAN_TRIALS = 8         # end-to-end trials time_budget keeps room for after the layer table
 TABLE_SHARE = 0.6                # share of time_budget the layer table may use before strategies start
 # speed_tie: speed-ups within this relative margin of the fastest feasible plan count as equal, and the most
@@ -330,6 +335,7 @@ class _Search:
                 self.layer_table()
                 self.context_pass()
                 self.variants()
+                self.boundary_pass()
                 self.table = self.make_table()
                 for p in self.points.values():   # estimates for the points measured before the table existed
                     p["est_err"] = self.table.err(self._full[p["id"]])
@@ -383,7 +389,6 @@ class _Search:
         self.log("table", f"layer table: {len(groups)} layers, "
                           f"{sum(len(ls.structural()) - 1 for _, ls in groups)} structural candidates, each built "
                           "into the reference plan alone, proxy-scored and timed in place against the reference")
-        ref_sess = None
         self.pruned_kinds: Dict[Tuple[str, str], str] = {}
         stats: Dict[Tuple[str, str], List[int]] = {}      # (op, key) -> [layers measured, layers where it helped]
         for node, ls in groups:
@@ -392,11 +397,9 @@ class _Search:
             payload = {"node": node, "cands": cands, "ref": stable_hash(ref_cfg)}
 
             def run(node=node, cands=cands):
-                nonlocal ref_sess
-                if ref_sess is None:
+                if getattr(self, "_ref_sess", None) is None:
                     self._prime_structural(groups)
-                    ref_sess = self.session(self.build(self.ref_assign).model)
-                sessions, res = {"ref": ref_sess}, {}
+                sessions, res = {"ref": self._ref_session()}, {}
                 for key in cands:
                     try:
                         built = self.build(dict(self.ref_assign, **{node: key}))
@@ -431,6 +434,11 @@ class _Search:
             self.group_results[node] = rec["results"]
             self._race(ls, rec["results"], stats)
         self.log("table", "layer table complete")
+
+    def _ref_session(self):
+        if getattr(self, "_ref_sess", None) is None:
+            self._ref_sess = self.session(self.build(self.ref_assign).model)
+        return self._ref_sess
 
     def _race(self, ls, results: Mapping[str, Any], stats: Dict[Tuple[str, str], List[int]]) -> None:
         """Adaptive pruning: a candidate kind (e.g. uint8 per-channel Conv) that after RACE_LAYERS layers of an
@@ -586,6 +594,81 @@ class _Search:
             opts = self.pipe.options(layers)
             self.pipe.calibrate(self.pipe.annotate(opts), opts)
 
+    def _edge_prior(self) -> float:
+        """Cost model's boundary cost per element, as a fraction of the FP32 latency: a QuantizeLinear and a
+        DequantizeLinear (float read + int8 write, int8 read + float write), scaled in measured mode by how
+        far the measured reference speed-up is from the predicted one."""
+        cm = getattr(self.spec, "cost_model", None)
+        if cm is None:
+            return 0.0
+        per_elem_s = 10.0 / cm.memory_bandwidth_bytes_per_s
+        if self.prior is None:
+            return per_elem_s / self._fp32_s
+        gain_pred = 1.0 - self._prior_ref_s() / self._prior_fp32_s
+        ref_lat = 1.0 / max(self.ref_point["speedup"], 1e-9)
+        k = min(2.0, max(0.1, (1.0 - ref_lat) / gain_pred)) if gain_pred > 1e-6 and ref_lat < 1 else 1.0
+        return k * per_elem_s / self._prior_fp32_s
+
+    def _pair_dlat(self, r: Mapping[str, Any]) -> Optional[float]:
+        ref_lat = 1.0 / max(self.ref_point["speedup"], 1e-9)
+        if "ratio" in r:
+            return ref_lat * (1.0 / max(r["ratio"], 1e-9) - 1.0)
+        return r.get("dlat")
+
+    def boundary_pass(self) -> None:
+        """Int8-region boundaries (search/boundaries.py): find the edges, time the most promising pairs of
+        adjacent layers in float together (in place, against the reference, like the layer table) and fit the
+        boundary cost per element from them, so that the table's latency model lets float islands share
+        their boundaries."""
+        self.edges, self.edge_cost, self.edge_info = [], 0.0, {}
+        groups = getattr(self, "group_results", {})
+        if not groups:
+            return
+        try:
+            shapes = _run_shapes(self.pipe.prepared, self.feed, self.backend)
+        except Exception as e:  # noqa: BLE001 - the boundary model is an estimate: the search goes on without it
+            self.log("boundaries", f"no int8-region boundary model (shapes unavailable: {type(e).__name__})")
+            return
+        edges = layer_edges(self.pipe.prepared, self.space.layers, shapes)
+        if not edges:
+            return
+        prior = self._edge_prior()
+        single = {n: self._pair_dlat(res[FP32]) for n, res in groups.items()
+                  if FP32 in res and "failed" not in res[FP32] and self._pair_dlat(res[FP32]) is not None}
+        cands = [e for e in edges if e.u in single and e.v in single
+                 and self.ref_assign[e.u] != FP32 and self.ref_assign[e.v] != FP32]
+        cands.sort(key=lambda e: (single[e.u] + single[e.v] - 2 * prior * e.numel, e.u, e.v))
+        ref_hash = stable_hash(self.space.config(self.ref_assign))
+        pairs, measured = [], []
+        for e in cands[:PAIR_TRIALS]:
+            payload = {"pair": [e.u, e.v], "ref": ref_hash}
+
+            def run(e=e):
+                built = self.build(dict(self.ref_assign, **{e.u: FP32, e.v: FP32}))
+                sess = self.session(built.model)
+                if self.lat_kind == "measured":
+                    r = self.lat.compare({"ref": self._ref_session(), "pair": sess}, layer=True)["pair"]
+                    return {"pair": [e.u, e.v], "ratio": r["ratio"], "se": r["se"]}
+                s = self.lat.seconds(built.plan, built.model)
+                return {"pair": [e.u, e.v], "dlat": (s - self._ref_seconds()) / self._fp32_s}
+
+            try:
+                rec = self.trial("pair", payload, run, stage="boundaries", table=True)
+            except _TableTime:
+                break
+            d_uv = self._pair_dlat(rec)
+            y = single[e.u] + single[e.v] - d_uv
+            pairs.append((y, e.numel))
+            measured.append({"u": e.u, "v": e.v, "numel": e.numel, "dlat_u": single[e.u], "dlat_v": single[e.v],
+                             "dlat_pair": d_uv, "shared_boundary": y / 2})
+        self.edge_cost = fit_cost(pairs, prior)
+        self.edges = [(e.u, e.v, self.edge_cost * e.numel) for e in edges]
+        self.edge_info = {"edges": [e.to_dict() for e in edges], "cost_per_element": self.edge_cost,
+                          "prior_per_element": prior, "pairs": measured}
+        self.log("boundaries", f"int8-region boundaries: {len(edges)} edges; {len(pairs)} adjacent pairs timed in "
+                               f"float together; boundary cost {self.edge_cost * 1e6:.3g} ppm of the FP32 latency per "
+                               f"element (cost model: {prior * 1e6:.3g})")
+
     def make_table(self) -> Table:
         m_ref = self.ref_point["sens_nmse"] if getattr(self, "ref_point", None) else 0.0
         ref_lat = 1.0 / max(self.ref_point["speedup"], 1e-9) if getattr(self, "ref_point", None) else 1.0
@@ -630,7 +713,13 @@ class _Search:
         rows = {n: {key: (e * k, dl) for key, (e, dl) in row.items()} for n, row in rows.items()}
         fixed = max(0.0, m_ref - k * total)
         ref = {n: self.ref_assign[n] for n in rows}
-        return Table(rows=rows, ref=ref, ref_latency=ref_lat, fixed_err=fixed, notes=notes)
+        edges = list(getattr(self, "edges", []))
+        if edges:
+            notes["boundaries"] = (f"{len(edges)} int8-region boundary edges at "
+                                   f"{self.edge_cost * 1e6:.3g} ppm of the FP32 latency per element")
+        fixed_float = {n: self.ref_assign[n] == FP32 for n in self.space.layers if n not in rows}
+        return Table(rows=rows, ref=ref, ref_latency=ref_lat, fixed_err=fixed, notes=notes, edges=edges,
+                     fixed_float=fixed_float)
 
     @staticmethod
     def _cand_err(e_ref: float, r: Dict[str, Any]) -> float:
@@ -935,6 +1024,7 @@ class _Search:
             "checkpoint": str(self.ckpt.path) if self.ckpt.path else None,
             "table_notes": dict(self.table.notes) if self.table else {},
             "table": self.table_report(),
+            "boundaries": getattr(self, "edge_info", {}),
             "peers": peers,
         }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Sequence
 
-from .table import Table
+from .table import FLOAT_KEY, Table
 
 
 def _one_layer_plans(table: Table, assign: Mapping[str, str], moves) -> List[Dict[str, str]]:
@@ -18,22 +18,40 @@ def _one_layer_plans(table: Table, assign: Mapping[str, str], moves) -> List[Dic
 
 
 def faster_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[Dict[str, str]]:
-    """Up to ``k`` plans that each move one layer to a faster candidate, cheapest in estimated error per
-    latency saved first (spend the remaining accuracy slack)."""
+    """Up to ``k`` plans that each move one layer to a faster candidate — or, where the table has
+    int8-region boundaries, two int8 layers joined by an edge to float together (an island neither would
+    form alone) — cheapest in estimated error per latency saved first (spend the remaining accuracy slack).
+    Savings are the table's full latency model, so growing an existing float island counts the boundary it
+    removes."""
+    base = table.full(assign)
+    e0, l0 = table.err(base), table.latency(base)
     moves = []
+
+    def consider(change: Dict[str, str]) -> None:
+        a = dict(base, **change)
+        e, lat = table.err(a), table.latency(a)
+        if lat < l0 - 1e-12:
+            moves.append((max(e - e0, 0.0) / (l0 - lat), -(l0 - lat), sorted(change.items()), a))
+
     for n, pts in table.rows.items():
-        cur = assign.get(n, table.ref[n])
-        e0, l0 = pts[cur]
         best = None
-        for key, (e, l) in pts.items():
-            if l < l0 - 1e-12:
-                cost = max(e - e0, 0.0) / (l0 - l)
+        for key in pts:
+            if key == base[n]:
+                continue
+            a = dict(base, **{n: key})
+            e, lat = table.err(a), table.latency(a)
+            if lat < l0 - 1e-12:
+                cost = max(e - e0, 0.0) / (l0 - lat)
                 if best is None or cost < best[0]:
-                    best = (cost, key, l0 - l)
+                    best = (cost, key)
         if best is not None:
-            moves.append((best[0], -best[2], n, best[1]))
-    moves.sort()
-    return _one_layer_plans(table, assign, [(n, key) for _, _, n, key in moves[:k]])
+            consider({n: best[1]})
+    for u, v, _ in table.edges:
+        if u in table.rows and v in table.rows and FLOAT_KEY in table.rows[u] and FLOAT_KEY in table.rows[v] \
+                and not table.is_float(base, u) and not table.is_float(base, v):
+            consider({u: FLOAT_KEY, v: FLOAT_KEY})
+    moves.sort(key=lambda m: (m[0], m[1], m[2]))
+    return [m[3] for m in moves[:k]]
 
 
 def accurate_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[Dict[str, str]]:
