@@ -257,7 +257,10 @@ def hago_search_recipe(name: str, description: str, time_budget: float = 840.0, 
                            "stopped_early": s["stopped_early"], "metric": s["metric"],
                            "chosen": {k: ch.get(k) for k in keep},
                            "pareto": [{k: p.get(k) for k in keep} for p in s["pareto"]],
-                           "points": [{k: p.get(k) for k in keep + ("quantized",)} for p in s["points"]]}}
+                           "points": [{k: p.get(k) for k in keep + ("quantized",)} for p in s["points"]],
+                           "boundaries": {k: (s.get("boundaries") or {}).get(k)
+                                          for k in ("cost_per_element", "prior_per_element", "pairs")},
+                           "log": [f"{x['t']:7.1f} s  {x['stage']}: {x['msg']}" for x in s.get("log", [])]}}
 
     return Recipe(name, "hago", description, fn, imports=("hago_py",),
                   options={"search": True, "time_budget": time_budget, **search_options}, suite="search")

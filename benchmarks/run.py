@@ -184,8 +184,11 @@ def bench_model(model: BenchModel, recipes: List[str], args) -> Dict[str, Any]:
                 if r["recipe"] in artifacts:
                     r["ms"] = _ms(td["models"][r["recipe"]])
                     sp = tr.speedup_spread(r["recipe"])
+                    m_fp, m_r = td["models"]["fp32"], td["models"][r["recipe"]]
                     r["speedup"] = {"median": sp["median"], "p10": sp["p10"], "p90": sp["p90"],
-                                    "ratio_of_medians": tr.ratio_of_medians(r["recipe"])}
+                                    "ratio_of_medians": tr.ratio_of_medians(r["recipe"]),
+                                    "clean": (m_fp["p10_ms"] / m_r["p10_ms"]
+                                              if m_fp.get("p10_ms") and m_r.get("p10_ms") else None)}
             print(f"  timing ({timer}, {args.threads} thread(s), batch 1): fp32 "
                   f"{result['fp32']['ms']['median']:.3f} ms; "
                   + ", ".join(f"{r['recipe']} {r['speedup']['median']:.2f}x" for r in rows if "speedup" in r))
@@ -246,7 +249,8 @@ def _fmt_drop(metric_name: str, d) -> str:
 def _fmt_speedup(sp) -> str:
     if not sp:
         return "-"
-    return f"{sp['median']:.2f}x ({sp['p10']:.2f}-{sp['p90']:.2f})"
+    clean = f"; clean {sp['clean']:.2f}x" if sp.get("clean") else ""
+    return f"{sp['median']:.2f}x ({sp['p10']:.2f}-{sp['p90']:.2f}{clean})"
 
 
 def _cell(s: str) -> str:
@@ -319,7 +323,9 @@ def format_report(results: List[Dict[str, Any]]) -> str:
         out += [f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs; latency at batch 1 with "
                 f"{m.get('timing_threads')} intra-op thread(s), all models of one network interleaved "
                 f"round-robin in one process; speedup = median over rounds of FP32 time / model time (rounds "
-                f"are paired, so drift cancels), spread = p10-p90 of the same per-round ratios.",
+                f"are paired, so drift cancels), spread = p10-p90 of the same per-round ratios; clean = FP32's "
+                f"p10 time / the model's p10 time (the rounds no other tenant slowed down: on a loaded host the "
+                f"paired median drops while this stays; the search ranks plans by it).",
                 "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
     pivot = format_rounding_pivot(results)
     if pivot:

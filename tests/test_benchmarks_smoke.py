@@ -52,6 +52,10 @@ def test_table_formats_rows():
     assert lines[6] == "| minilm | ort_dynamic | 0.8173 | -0.0030 | 1.66x (1.40-1.75) | 2.0 | 600 |  |"
     for line in lines:
         assert line.count("|") - line.count("\\|") == 9
+    # the clean-round ratio (p10 time vs p10 time) joins the spread when the timing has it
+    res = _fake_minilm()
+    res["rows"][0]["speedup"]["clean"] = 1.72
+    assert "| 1.66x (1.40-1.75; clean 1.72x) |" in format_table([res])
 
 
 def test_report_has_header_and_run_time():

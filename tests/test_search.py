@@ -423,3 +423,29 @@ def test_layer_edges_and_cost_fit():
     assert edges == {(None, "fc1"): 16, ("fc1", "fc2"): 32, ("fc4", None): 8}
     assert fit_cost([(2 * 0.5 * 10, 10), (2 * 0.5 * 30, 30)], prior=0.0, prior_weight=0.0) == pytest.approx(0.5)
     assert fit_cost([], prior=0.25) == 0.25 and fit_cost([(-5.0, 10)], prior=0.0, prior_weight=0.0) == 0.0
+
+
+def test_io_islands_follow_single_edge_chains():
+    from types import SimpleNamespace
+
+    from hago_py.search.boundaries import layer_edges
+    from hago_py.search.search import _Search
+
+    class Space:
+        def __init__(self, fp32=True):
+            self.fp32 = fp32
+
+        def active(self):
+            return {"fp32": None, "int8/pc": None} if self.fp32 else {"int8/pc": None}
+
+    shapes = {t: [1, 32] for t in ("r1", "r2", "r3")}
+    shapes.update(x=[1, 16], y=[1, 8])
+    names = ("fc1", "fc2", "fc3", "fc4")
+    fake = SimpleNamespace(edge_objs=layer_edges(mlp4(), names, shapes),
+                           space=SimpleNamespace(layers={n: Space() for n in names}))
+    assert _Search._io_islands(fake) == [("input", ["fc1"]), ("input", ["fc1", "fc2"]),
+                                         ("input", ["fc1", "fc2", "fc3"]), ("output", ["fc4"]),
+                                         ("output", ["fc4", "fc3"]), ("output", ["fc4", "fc3", "fc2"])]
+    fake.space.layers["fc2"] = Space(fp32=False)      # a layer that cannot be float ends the chain
+    assert ("input", ["fc1", "fc2"]) not in _Search._io_islands(fake)
+    assert ("output", ["fc4", "fc3"]) in _Search._io_islands(fake)

@@ -51,6 +51,7 @@ RACE_MIN_GAIN = 0.002            # "faster" means saving more than 0.2 % of the 
 PROMISING_MARGIN = 0.97          # a candidate plan is measured if its estimate is within 3 % of the best
 DOMINANT_SHARE = 0.4             # layers carrying >= 40 % of the reference's error set the accuracy context
 SIGNIFICANCE = 2.0               # paired proxy changes within 2 standard errors are treated as noise
+ISLAND_DEPTH = 3                 # float islands at the model's inputs / outputs: up to this many layers deep
 PAIR_TRIALS = 4                  # adjacent layer pairs timed in float together to fit the boundary cost
 RESERVED_PLAN_TRIALS = 8         # end-to-end trials time_budget keeps room for after the layer table
 TABLE_SHARE = 0.6                # share of time_budget the layer table may use before strategies start
@@ -620,7 +621,7 @@ class _Search:
         adjacent layers in float together (in place, against the reference, like the layer table) and fit the
         boundary cost per element from them, so that the table's latency model lets float islands share
         their boundaries."""
-        self.edges, self.edge_cost, self.edge_info = [], 0.0, {}
+        self.edges, self.edge_cost, self.edge_info, self.edge_objs = [], 0.0, {}, []
         groups = getattr(self, "group_results", {})
         if not groups:
             return
@@ -630,6 +631,7 @@ class _Search:
             self.log("boundaries", f"no int8-region boundary model (shapes unavailable: {type(e).__name__})")
             return
         edges = layer_edges(self.pipe.prepared, self.space.layers, shapes)
+        self.edge_objs = edges
         if not edges:
             return
         prior = self._edge_prior()
@@ -644,8 +646,11 @@ class _Search:
             payload = {"pair": [e.u, e.v], "ref": ref_hash}
 
             def run(e=e):
-                built = self.build(dict(self.ref_assign, **{e.u: FP32, e.v: FP32}))
-                sess = self.session(built.model)
+                try:
+                    built = self.build(dict(self.ref_assign, **{e.u: FP32, e.v: FP32}))
+                    sess = self.session(built.model)
+                except (HagoError, NotImplementedError, ValueError, RuntimeError) as err:
+                    return {"pair": [e.u, e.v], "failed": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
                 if self.lat_kind == "measured":
                     r = self.lat.compare({"ref": self._ref_session(), "pair": sess}, layer=True)["pair"]
                     return {"pair": [e.u, e.v], "ratio": r["ratio"], "se": r["se"]}
@@ -656,7 +661,9 @@ class _Search:
                 rec = self.trial("pair", payload, run, stage="boundaries", table=True)
             except _TableTime:
                 break
-            d_uv = self._pair_dlat(rec)
+            d_uv = None if "failed" in rec else self._pair_dlat(rec)
+            if d_uv is None:
+                continue
             y = single[e.u] + single[e.v] - d_uv
             pairs.append((y, e.numel))
             measured.append({"u": e.u, "v": e.v, "numel": e.numel, "dlat_u": single[e.u], "dlat_v": single[e.v],
@@ -819,6 +826,7 @@ class _Search:
             a = milp_solve(self.table, objective="latency", max_err=e)
             if a is not None and self._promising(dict(self.ref_assign, **a)):
                 self.eval_plan(dict(self.ref_assign, **a), "milp", f"MILP min latency, est. error <= {e:.3g}")
+        self.island_trials()
         self.refine(faster=True)
 
     def _best(self) -> Optional[Dict[str, Any]]:
@@ -878,7 +886,47 @@ class _Search:
             if a is not None:
                 self.eval_plan(dict(self.ref_assign, **a), "milp", f"MILP min error, est. speed-up >= "
                                                                    f"{S * margin:.2f}x")
+        self.island_trials()
         self.refine(faster=False)
+
+    def _io_islands(self) -> List[Tuple[str, List[str]]]:
+        """Chains of the first / last 1..ISLAND_DEPTH layers from each model input / output along single-edge
+        paths: a float island there pays a boundary on one side only (the model's I/O is float), and the first
+        layers (few channels, large maps) are where the INT8 kernels gain least."""
+        succ: Dict[str, List[str]] = {}
+        pred: Dict[str, List[str]] = {}
+        for e in self.edge_objs:
+            if e.u is not None and e.v is not None:
+                succ.setdefault(e.u, []).append(e.v)
+                pred.setdefault(e.v, []).append(e.u)
+        out: List[Tuple[str, List[str]]] = []
+        for e in self.edge_objs:
+            start, nxt, side = (e.v, succ, "input") if e.u is None else (e.u, pred, "output") if e.v is None \
+                else (None, None, "")
+            if start is None or FP32 not in self.space.layers[start].active():
+                continue
+            chain = [start]
+            while len(chain) < ISLAND_DEPTH and len(nxt.get(chain[-1], [])) == 1:
+                n = nxt[chain[-1]][0]
+                if FP32 not in self.space.layers[n].active() or n in chain:
+                    break
+                chain.append(n)
+            out += [(side, chain[:k]) for k in range(1, len(chain) + 1)]
+        return out
+
+    def island_trials(self) -> None:
+        """Measure float islands at the model's inputs / outputs end to end from the best feasible plan, when the
+        estimates say they could compete: single-layer in-place timings resolve a 2-3 % island poorly (on
+        EfficientNet-Lite0 the stem + first block in float measured 2-4 % faster in multi-session A/B runs, while
+        each layer alone timed within the noise)."""
+        best = choose([p for p in self.points.values() if self._feasible(p)], self.acc_b, self.latency_budget,
+                      self.objective, tie=self.timing["speed_tie"])
+        base = self._full[best["id"]] if best is not None else dict(self.ref_assign)
+        for side, chain in self._io_islands():
+            a = dict(base, **{n: FP32 for n in chain})
+            if a == base or self.point_key(a) in self.points or not self._promising(a):
+                continue
+            self.eval_plan(a, "islands", f"float island at the model {side}: {', '.join(chain)}")
 
     def refine(self, faster: bool) -> None:
         pts = [p for p in self.points.values() if self._feasible(p)]
