@@ -52,6 +52,7 @@ PROMISING_MARGIN = 0.97          # a candidate plan is measured if its estimate 
 DOMINANT_SHARE = 0.4             # layers carrying >= 40 % of the reference's error set the accuracy context
 SIGNIFICANCE = 2.0               # paired proxy changes within 2 standard errors are treated as noise
 ISLAND_DEPTH = 3                 # float islands at the model's inputs / outputs: up to this many layers deep
+ISLAND_MARGIN = 0.9              # ... measured unless estimated > 10 % slower than the best plan (estimates are noisy)
 PAIR_TRIALS = 4                  # adjacent layer pairs timed in float together to fit the boundary cost
 RESERVED_PLAN_TRIALS = 8         # end-to-end trials time_budget keeps room for after the layer table
 TABLE_SHARE = 0.6                # share of time_budget the layer table may use before strategies start
@@ -915,17 +916,21 @@ class _Search:
         return out
 
     def island_trials(self) -> None:
-        """Measure float islands at the model's inputs / outputs end to end from the best feasible plan, when the
-        estimates say they could compete: single-layer in-place timings resolve a 2-3 % island poorly (on
-        EfficientNet-Lite0 the stem + first block in float measured 2-4 % faster in multi-session A/B runs, while
-        each layer alone timed within the noise)."""
+        """Measure float islands at the model's inputs / outputs end to end from the best feasible plan unless the
+        estimates put them clearly (ISLAND_MARGIN) slower: single-layer in-place timings resolve a 2-4 % island
+        poorly (on EfficientNet-Lite0 the stem + first block in float measured 2-4 % faster in multi-session A/B
+        runs, while the estimate from the layers' own timings put it > 3 % slower). At most 2 * ISLAND_DEPTH
+        plans per model input / output."""
         best = choose([p for p in self.points.values() if self._feasible(p)], self.acc_b, self.latency_budget,
                       self.objective, tie=self.timing["speed_tie"])
         base = self._full[best["id"]] if best is not None else dict(self.ref_assign)
+        floor = ISLAND_MARGIN * (best["speedup"] if best is not None else self.ref_point["speedup"])
         for side, chain in self._io_islands():
             a = dict(base, **{n: FP32 for n in chain})
-            if a == base or self.point_key(a) in self.points or not self._promising(a):
+            if a == base or self.point_key(a) in self.points:
                 continue
+            if self.objective == "speed" and self.table.speedup(a) < floor:
+                continue        # clearly slower even by the noisy estimates
             self.eval_plan(a, "islands", f"float island at the model {side}: {', '.join(chain)}")
 
     def refine(self, faster: bool) -> None:
