@@ -896,12 +896,13 @@ class _Search:
         layers (few channels, large maps) are where the INT8 kernels gain least."""
         succ: Dict[str, List[str]] = {}
         pred: Dict[str, List[str]] = {}
-        for e in self.edge_objs:
+        edges = getattr(self, "edge_objs", [])
+        for e in edges:
             if e.u is not None and e.v is not None:
                 succ.setdefault(e.u, []).append(e.v)
                 pred.setdefault(e.v, []).append(e.u)
         out: List[Tuple[str, List[str]]] = []
-        for e in self.edge_objs:
+        for e in edges:
             start, nxt, side = (e.v, succ, "input") if e.u is None else (e.u, pred, "output") if e.v is None \
                 else (None, None, "")
             if start is None or FP32 not in self.space.layers[start].active():
