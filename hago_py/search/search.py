@@ -611,7 +611,16 @@ class _Search:
         k = min(2.0, max(0.1, (1.0 - ref_lat) / gain_pred)) if gain_pred > 1e-6 and ref_lat < 1 else 1.0
         return k * per_elem_s / self._prior_fp32_s
 
-    def _pair_dlat(self, r: Mapping[str, Any]) -> Optional[float]:
+    def _shapes(self) -> Dict[str, List[int]]:
+        """Tensor shapes of the prepared model at the timing feed: the cost models ran it already, else once."""
+        if not hasattr(self, "_shapes_cache"):
+            src = self.prior if self.prior is not None else self.lat
+            self._shapes_cache = src.shapes if isinstance(src, PredictedLatency) else \
+                _run_shapes(self.pipe.prepared, self.feed, self.backend)
+        return self._shapes_cache
+
+    def _measured_dlat(self, r: Mapping[str, Any]) -> Optional[float]:
+        """Latency change of an in-place trial vs the reference, as a fraction of the FP32 latency."""
         ref_lat = 1.0 / max(self.ref_point["speedup"], 1e-9)
         if "ratio" in r:
             return ref_lat * (1.0 / max(r["ratio"], 1e-9) - 1.0)
@@ -627,7 +636,7 @@ class _Search:
         if not groups:
             return
         try:
-            shapes = _run_shapes(self.pipe.prepared, self.feed, self.backend)
+            shapes = self._shapes()
         except Exception as e:  # noqa: BLE001 - the boundary model is an estimate: the search goes on without it
             self.log("boundaries", f"no int8-region boundary model (shapes unavailable: {type(e).__name__})")
             return
@@ -636,8 +645,9 @@ class _Search:
         if not edges:
             return
         prior = self._edge_prior()
-        single = {n: self._pair_dlat(res[FP32]) for n, res in groups.items()
-                  if FP32 in res and "failed" not in res[FP32] and self._pair_dlat(res[FP32]) is not None}
+        single = {n: self._measured_dlat(res[FP32]) for n, res in groups.items()
+                  if FP32 in res and "failed" not in res[FP32]}
+        single = {n: d for n, d in single.items() if d is not None}
         cands = [e for e in edges if e.u in single and e.v in single
                  and self.ref_assign[e.u] != FP32 and self.ref_assign[e.v] != FP32]
         cands.sort(key=lambda e: (single[e.u] + single[e.v] - 2 * prior * e.numel, e.u, e.v))
@@ -662,7 +672,7 @@ class _Search:
                 rec = self.trial("pair", payload, run, stage="boundaries", table=True)
             except _TableTime:
                 break
-            d_uv = None if "failed" in rec else self._pair_dlat(rec)
+            d_uv = None if "failed" in rec else self._measured_dlat(rec)
             if d_uv is None:
                 continue
             y = single[e.u] + single[e.v] - d_uv
@@ -698,7 +708,7 @@ class _Search:
                 if "ratio" in r:
                     dl = self._blend(r, ref_lat)
                     self.table_details.setdefault(node, {})[key] = {
-                        "dlat": dl, "dlat_measured": ref_lat * (1.0 / max(r["ratio"], 1e-9) - 1.0),
+                        "dlat": dl, "dlat_measured": self._measured_dlat(r),
                         "se": r.get("se"), "nmse": r["nmse"]}
                 elif "dlat" in r:
                     dl = r["dlat"]
@@ -830,9 +840,9 @@ class _Search:
         self.island_trials()
         self.refine(faster=True)
 
-    def _best(self) -> Optional[Dict[str, Any]]:
+    def _best(self, tie: float = 0.0) -> Optional[Dict[str, Any]]:
         return choose([p for p in self.points.values() if self._feasible(p)], self.acc_b, self.latency_budget,
-                      self.objective)
+                      self.objective, tie=tie)
 
     def _promising(self, assign: Mapping[str, str]) -> bool:
         """Could this plan beat the best feasible plan measured so far (by the estimates, with a margin)?"""
@@ -922,8 +932,7 @@ class _Search:
         poorly (on EfficientNet-Lite0 the stem + first block in float measured 2-4 % faster in multi-session A/B
         runs, while the estimate from the layers' own timings put it > 3 % slower). At most 2 * ISLAND_DEPTH
         plans per model input / output."""
-        best = choose([p for p in self.points.values() if self._feasible(p)], self.acc_b, self.latency_budget,
-                      self.objective, tie=self.timing["speed_tie"])
+        best = self._best(self.timing["speed_tie"])
         base = self._full[best["id"]] if best is not None else dict(self.ref_assign)
         floor = ISLAND_MARGIN * (best["speedup"] if best is not None else self.ref_point["speedup"])
         for side, chain in self._io_islands():
@@ -935,8 +944,7 @@ class _Search:
             self.eval_plan(a, "islands", f"float island at the model {side}: {', '.join(chain)}")
 
     def refine(self, faster: bool) -> None:
-        pts = [p for p in self.points.values() if self._feasible(p)]
-        best = choose(pts, self.acc_b, self.latency_budget, self.objective, tie=self.timing["speed_tie"])
+        best = self._best(self.timing["speed_tie"])
         if best is None:
             return
         tried = 0
@@ -1104,7 +1112,7 @@ class _Search:
         full = self._full[chosen["id"]]
         shapes = {}
         try:
-            shapes = _run_shapes(self.pipe.prepared, self.feed, self.backend)
+            shapes = self._shapes()
         except Exception:  # shapes are decoration for the report: never fail the search on them
             pass
         table = self.table

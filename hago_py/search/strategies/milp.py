@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .table import FLOAT_KEY, Table
+from ..space import FP32
+from .table import Table
 
 
 def solve(table: Table, *, objective: str = "latency", max_err: Optional[float] = None,
@@ -32,15 +33,15 @@ def solve(table: Table, *, objective: str = "latency", max_err: Optional[float] 
     lat = np.array([table.rows[n][k][1] for n, k in var])
     const = table.ref_latency
     # boundaries: per-layer corrections, one z per edge that touches a searched layer
-    corr = table.corrections() if table.edges else {}
+    corr = table.corrections
     for j, (n, k) in enumerate(var):
-        if n in corr and (k == FLOAT_KEY) != table.is_float(table.ref, n):
+        if n in corr and (k == FP32) != table.is_float(table.ref, n):
             lat[j] -= corr[n]
-    const -= table.boundary(table.ref) if table.edges else 0.0
+    const -= table.boundary(table.ref)
 
     def f(node) -> Tuple[Dict[int, float], float]:      # float(node) as (coefficients, constant)
         if node is not None and node in table.rows:
-            j = col.get((node, FLOAT_KEY))
+            j = col.get((node, FP32))
             return ({j: 1.0} if j is not None else {}), 0.0
         return {}, float(table.is_float({}, node))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Sequence
 
-from .table import FLOAT_KEY, Table
+from ..space import FP32
+from .table import Table
 
 
 def _one_layer_plans(table: Table, assign: Mapping[str, str], moves) -> List[Dict[str, str]]:
@@ -25,31 +26,24 @@ def faster_moves(table: Table, assign: Mapping[str, str], k: int = 3) -> List[Di
     removes."""
     base = table.full(assign)
     e0, l0 = table.err(base), table.latency(base)
-    moves = []
 
-    def consider(change: Dict[str, str]) -> None:
+    def move(change: Dict[str, str]):
+        """(error added per latency saved, -saving, change, plan) if the change is estimated faster."""
         a = dict(base, **change)
         e, lat = table.err(a), table.latency(a)
-        if lat < l0 - 1e-12:
-            moves.append((max(e - e0, 0.0) / (l0 - lat), -(l0 - lat), sorted(change.items()), a))
+        return (max(e - e0, 0.0) / (l0 - lat), -(l0 - lat), sorted(change.items()), a) if lat < l0 - 1e-12 else None
 
+    moves = []
     for n, pts in table.rows.items():
-        best = None
-        for key in pts:
-            if key == base[n]:
-                continue
-            a = dict(base, **{n: key})
-            e, lat = table.err(a), table.latency(a)
-            if lat < l0 - 1e-12:
-                cost = max(e - e0, 0.0) / (l0 - lat)
-                if best is None or cost < best[0]:
-                    best = (cost, key)
-        if best is not None:
-            consider({n: best[1]})
+        found = [m for m in (move({n: key}) for key in pts if key != base[n]) if m is not None]
+        if found:        # per layer: the cheapest faster candidate (first of equal costs, in row order)
+            moves.append(min(found, key=lambda m: m[0]))
     for u, v, _ in table.edges:
-        if u in table.rows and v in table.rows and FLOAT_KEY in table.rows[u] and FLOAT_KEY in table.rows[v] \
+        if u in table.rows and v in table.rows and FP32 in table.rows[u] and FP32 in table.rows[v] \
                 and not table.is_float(base, u) and not table.is_float(base, v):
-            consider({u: FLOAT_KEY, v: FLOAT_KEY})
+            m = move({u: FP32, v: FP32})
+            if m is not None:
+                moves.append(m)
     moves.sort(key=lambda m: (m[0], m[1], m[2]))
     return [m[3] for m in moves[:k]]
 

@@ -16,9 +16,10 @@ the end-to-end trials.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, List, Mapping, Optional, Tuple
 
-FLOAT_KEY = "fp32"
+from ..space import FP32
 
 EdgeCost = Tuple[Optional[str], Optional[str], float]
 
@@ -40,32 +41,25 @@ class Table:
         if node is None:
             return True
         if node in self.rows:
-            return assign.get(node, self.ref[node]) == FLOAT_KEY
+            return assign.get(node, self.ref[node]) == FP32
         return bool(self.fixed_float.get(node, False))
 
     def boundary(self, assign: Mapping[str, str]) -> float:
         return sum(c for u, v, c in self.edges if self.is_float(assign, u) != self.is_float(assign, v))
 
+    @cached_property
     def corrections(self) -> Dict[str, float]:
         """corr_L: the boundary change of flipping layer L alone (float <-> int8) in the reference."""
-        if "_corr" not in self.__dict__:
-            b_ref = self.boundary(self.ref)
-            corr = {}
-            for n in self.rows:
-                touching = [e for e in self.edges if n in (e[0], e[1])]
-                if not touching:
-                    continue
-                flipped = dict(self.ref)
-                flipped[n] = "_int8" if self.ref[n] == FLOAT_KEY else FLOAT_KEY
-                corr[n] = self.boundary(flipped) - b_ref
-            self.__dict__["_corr"] = corr
-        return self.__dict__["_corr"]
+        b_ref = self.boundary(self.ref)
+        touched = {n for e in self.edges for n in e[:2]}
+        return {n: self.boundary(dict(self.ref, **{n: "_int8" if self.ref[n] == FP32 else FP32})) - b_ref
+                for n in self.rows if n in touched}
 
     def latency(self, assign: Mapping[str, str]) -> float:
         lat = self.ref_latency + sum(r[assign.get(n, self.ref[n])][1] for n, r in self.rows.items())
         if not self.edges:
             return lat
-        corr = self.corrections()
+        corr = self.corrections
         for n, c in corr.items():
             if self.is_float(assign, n) != self.is_float(self.ref, n):
                 lat -= c
