@@ -1,6 +1,6 @@
 """hago_py: hardware-aware automated post-training quantization for ONNX models."""
-from .errors import (BackendError, DataError, HagoError, ModelError, OptionError, OutputError, SearchError,
-                     SpecError)
+from .errors import (BackendError, DataError, HagoError, InternalError, ModelError, OptionError, OutputError,
+                     SearchError, SpecError)
 
 __version__ = "0.1.0"
 
@@ -23,4 +23,4 @@ def __getattr__(name):  # lazy: keep `import hago_py` cheap
 
 __all__ = ["quantize", "evaluate", "benchmark", "Result", "load_spec", "list_specs", "QuantPlan",
            "QuantOptions", "HagoError", "ModelError", "SpecError", "DataError", "BackendError", "OptionError",
-           "OutputError", "SearchError", "__version__"]
+           "OutputError", "SearchError", "InternalError", "__version__"]

@@ -1,15 +1,25 @@
 """One exception hierarchy for everything hago_py reports to a user.
 
-Every message names the thing at fault (file, node, field, input) and what to do about it.
-The CLI prints ``str(err)`` on one line and exits with code 2 for these errors.
+Every message names the thing at fault (file, node, field, input) and what to do about it, on one line.
+Long diagnostics (a backend's own error text, a traceback summary) go into ``details``: the CLI prints them
+only with ``HAGO_DEBUG=1``. The CLI prints ``str(err)`` and exits with ``exit_code``: 2 for bad input, 1 for
+:class:`InternalError` (hago_py's own output failed a check: a bug, never blamed on the user).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 
 class HagoError(Exception):
     """Base class: bad input or an impossible request, explained for the user."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, details: Optional[str] = None):
+        # one line: a message that spans lines is folded (the CLI and logs print it on one line)
+        message = " ".join(str(message).split()) if "\n" in str(message) else str(message)
+        super().__init__(message)
+        self.details = details
 
 
 class ModelError(HagoError):
@@ -34,6 +44,13 @@ class OptionError(HagoError):
 
 class OutputError(HagoError):
     """An output path cannot be written."""
+
+
+class InternalError(HagoError):
+    """hago_py produced something it must never produce (an output the backend cannot load or run, a plan that
+    does not fit the model): a bug in hago_py, not bad input. Nothing is written; exit code 1."""
+
+    exit_code = 1
 
 
 class SearchError(HagoError):
