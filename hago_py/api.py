@@ -48,7 +48,7 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
              measure_latency: bool = True, search: bool = False, evaluate: Optional[Callable] = None,
              accuracy_budget: Optional[float] = None, latency_budget: Optional[float] = None,
              time_budget: Optional[float] = None, checkpoint=None, resume: bool = False,
-             search_options: Optional[Mapping[str, Any]] = None, **options) -> Result:
+             search_options: Optional[Mapping[str, Any]] = None, base_dir=None, **options) -> Result:
     """Quantize ``model`` for ``target``.
 
     model: path / ModelProto. calibration: .npz path, folder of .npy, dict of arrays or iterable of feed
@@ -59,10 +59,12 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
     metric's units), ``latency_budget`` (min speedup vs FP32) and ``time_budget`` (seconds); ``checkpoint``
     names the state file, ``resume=True`` continues it; ``search_options`` passes further settings to
     hago_py.search.run_search (latency source, roundings, proxy_samples, ...).
+    base_dir: the folder holding the external-data files of an in-memory model (a path finds its own).
     """
     t0 = time.perf_counter()
     opts = QuantOptions.from_kwargs(**options)
-    pipe = Pipeline(model, calibration, target, opts, progress=progress)
+    _check_call(search, search_options, measure_latency, progress, evaluate)
+    pipe = Pipeline(model, calibration, target, opts, progress=progress, base_dir=base_dir)
     if search:
         from .search import run_search
 
@@ -78,6 +80,33 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
     result = finish(pipe, built, measure_latency=measure_latency)
     result.report["timings_s"]["total"] = time.perf_counter() - t0
     return result
+
+
+def _check_call(search, search_options, measure_latency, progress, evaluate) -> None:
+    """The call's own arguments (options have their Rule table): types, and search_options' keys."""
+    for name, v in (("search", search), ("measure_latency", measure_latency), ("progress", progress)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise OptionError(f"argument {name}={v!r} is invalid; use True or False")
+    if evaluate is not None and not callable(evaluate):
+        raise OptionError(f"argument evaluate={evaluate!r} is invalid; pass a function model -> float")
+    if search_options is None:
+        return
+    if not isinstance(search_options, Mapping):
+        raise OptionError(f"argument search_options={search_options!r} is invalid; pass a dict of "
+                          "hago_py.search.run_search settings")
+    import inspect
+
+    from .search import run_search
+
+    own = {"evaluate", "accuracy_budget", "latency_budget", "time_budget", "checkpoint", "resume", "measure_latency"}
+    valid = [p for p in inspect.signature(run_search).parameters if p not in own and p != "pipe"]
+    unknown = sorted(set(search_options) - set(valid))
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], valid, 1)
+        raise OptionError(f"unknown search_options key(s) {', '.join(map(str, unknown))}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; valid: {', '.join(valid)}")
 
 
 def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Result:

@@ -45,12 +45,14 @@ def _progress(enabled: bool, msg: str) -> None:
 
 class Pipeline:
     def __init__(self, model, calibration, target="x86_avx2", opts: Optional[QuantOptions] = None, *,
-                 progress: bool = False):
+                 progress: bool = False, base_dir=None):
         t0 = time.perf_counter()
         self.opts = opts or QuantOptions()
+        self.opts.validate()
         self.progress = progress
         self.spec = load_spec(target)
-        self.proto = load_model(model)
+        self.load_notes: List[str] = []  # what canonicalization changed in the user's graph (for the report)
+        self.proto = load_model(model, base_dir=base_dir, notes=self.load_notes)
         # the FP32 model as it is deployed and timed (no inferred value_info, like every artifact we write)
         self.reference = without_value_info(self.proto)
         self.digest = model_digest(self.proto)
@@ -130,9 +132,7 @@ class Pipeline:
         self._check_bits(opts)
         plan = annotate(self.prepared, self.spec, opts, target_name=self.spec.name, model_digest=self.digest)
         if not plan.quantized_layers() and not opts.layers:
-            raise OptionError(f"nothing to quantize: target {self.spec.name} allows none of this model's layers "
-                              f"at W{opts.weight_bits}A{opts.activation_bits} (see the reasons with "
-                              "hago_py.annotate or pass simulate=True)")
+            raise OptionError(nothing_to_quantize(plan, self.spec.name, opts))
         return plan
 
     def _check_bits(self, opts: QuantOptions) -> None:
@@ -202,12 +202,30 @@ class Pipeline:
             self.timings["rounding"] = time.perf_counter() - t
             _progress(self.progress, f"rounded {len(weights)} layers in {self.timings['rounding']:.1f} s")
             model = apply_biases(self.prepared, biases)
-        qmodel = realize(model, plan, weights=weights)
+        rinfo: Dict[str, Any] = {}
+        qmodel = realize(model, plan, weights=weights, info=rinfo)
+        if rinfo.get("bias_adjusted"):
+            info["bias_adjusted"] = rinfo["bias_adjusted"]
         plan.history.append("realize")
         return Built(plan=plan, model=qmodel, info=info)
 
     def recon_batches(self, opts: QuantOptions) -> List[Dict[str, np.ndarray]]:
         return _first_batches(self.calib, opts.recon_samples, exact=True)
+
+
+def nothing_to_quantize(plan: QuantPlan, target: str, opts: QuantOptions) -> str:
+    """The message when no layer can be quantized: each candidate layer's own reason (grouped)."""
+    reasons: Dict[str, List[str]] = {}
+    for lp in plan.fp_layers():
+        reasons.setdefault(lp.reason, []).append(lp.node)
+    if not reasons:
+        return (f"nothing to quantize: the model has no layer that target {target} quantizes (no "
+                f"{', '.join(sorted({'Conv', 'MatMul', 'Gemm'}))} with a constant weight, nor an op the spec lists); "
+                "the model is left as it is")
+    parts = [f"{', '.join(nodes[:3])}{f' and {len(nodes) - 3} more' if len(nodes) > 3 else ''}: {r}"
+             for r, nodes in sorted(reasons.items(), key=lambda kv: -len(kv[1]))]
+    return (f"nothing to quantize for target {target} at W{opts.weight_bits}A{opts.activation_bits}: "
+            + "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else ""))
 
 
 def _first_batches(calib, n_samples: int, exact: bool = False) -> List[Dict[str, np.ndarray]]:

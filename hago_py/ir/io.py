@@ -10,7 +10,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import List, Optional, Union
 
 import onnx
 import onnx_ir as ir
@@ -22,12 +22,22 @@ ModelLike = Union[str, os.PathLike, onnx.ModelProto, bytes]
 
 
 def _describe(source) -> str:
-    return f"'{source}'" if isinstance(source, (str, os.PathLike)) else "the given ModelProto"
+    if isinstance(source, (str, os.PathLike)):
+        return f"'{source}'"
+    return "the given model bytes" if isinstance(source, (bytes, bytearray)) else "the given ModelProto"
 
 
 def load_model(source: ModelLike, *, check: bool = True, min_opset: int = MIN_OPSET,
-               infer_shapes: bool = True) -> onnx.ModelProto:
-    """Return a validated, opset>=min_opset, shape-inferred ModelProto (external data loaded)."""
+               infer_shapes: bool = True, base_dir: Union[str, os.PathLike, None] = None,
+               notes: Optional[List[str]] = None) -> onnx.ModelProto:
+    """Return a validated, canonical, opset>=min_opset, shape-inferred ModelProto (external data loaded).
+
+    ``base_dir``: the folder that relative external-data locations of an in-memory model (ModelProto / bytes)
+    refer to; for a path it is the model's folder. ``notes`` (a list) receives one line per change the
+    canonicalization made (see :mod:`hago_py.ir.canonical`).
+    """
+    from .canonical import canonicalize, check_strings
+
     where = _describe(source)
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -36,32 +46,70 @@ def load_model(source: ModelLike, *, check: bool = True, min_opset: int = MIN_OP
         try:
             model = onnx.load_from_string(bytes(source))
         except Exception as e:
-            raise ModelError(f"the given bytes are not an ONNX model ({e}); pass a .onnx path or a ModelProto") from e
-    else:
+            raise ModelError(f"the given bytes are not an ONNX model ({type(e).__name__}); pass a .onnx path or a "
+                             "ModelProto", details=str(e)) from e
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
             raise ModelError(f"model file {where} does not exist; check the path")
         if path.is_dir():
             raise ModelError(f"model path {where} is a directory; pass the .onnx file inside it")
         try:
-            model = onnx.load(str(path), load_external_data=True)
+            model = onnx.load(str(path), load_external_data=False)
         except Exception as e:
             raise ModelError(f"{where} is not a readable ONNX model ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else 'parse error'}); export the model to ONNX "
-                             "or check that external data files sit next to it") from e
+                             f"{_first_line(e) or 'parse error'}); export the model to ONNX", details=str(e)) from e
+        base_dir = path.parent if base_dir is None else base_dir
+    else:
+        raise ModelError(f"model of type {type(source).__name__} is not supported; pass a .onnx path, a "
+                         "ModelProto or its serialized bytes")
+    check_strings(model, where)
+    _load_external(model, base_dir, where)
     if len(model.graph.node) == 0:
         raise ModelError(f"{where} has an empty graph (no nodes); is it really an ONNX model?")
+    model = canonicalize(model, where, notes)
     if check:
         try:
             onnx.checker.check_model(model, full_check=False)
-        except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "validation error"
-            raise ModelError(f"{where} fails onnx.checker: {first}. Fix the exporter output "
-                             "(or re-export with a recent opset) before quantizing") from e
+        except Exception as e:  # ValidationError, and the C++ checker's other failures
+            raise ModelError(f"{where} fails onnx.checker: {_first_line(e) or 'validation error'}. Fix the "
+                             "exporter output (or re-export with a recent opset) before quantizing",
+                             details=str(e)) from e
     model = upgrade_opset(model, min_opset, where)
     if infer_shapes:
         model = infer_model_shapes(model, where)
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _external_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+def _load_external(model: onnx.ModelProto, base_dir, where: str) -> None:
+    """Load the tensors stored in external files, relative to ``base_dir`` (never the working directory)."""
+    ext = _external_tensors(model)
+    if not ext:
+        return
+    files = sorted({e.value for t in ext for e in t.external_data if e.key == "location"})
+    if base_dir is None:
+        raise ModelError(f"{where} keeps {len(ext)} tensors in external data file(s) {', '.join(files[:3])} but has "
+                         "no folder to find them in; pass the model's .onnx path, or base_dir=<the folder holding "
+                         "the data files>")
+    from onnx.external_data_helper import load_external_data_for_model
+
+    try:
+        load_external_data_for_model(model, str(base_dir))
+    except Exception as e:
+        raise ModelError(f"{where}: external data file(s) {', '.join(files[:3])} cannot be read from "
+                         f"'{base_dir}' ({type(e).__name__}: {_first_line(e)}); keep the data files next to the "
+                         "model", details=str(e)) from e
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -81,14 +129,15 @@ def upgrade_opset(model: onnx.ModelProto, min_opset: int, where: str = "the mode
         return version_converter.convert_version(model, min_opset)
     except Exception as e:
         raise ModelError(f"{where} uses opset {ver}; upgrading it to opset {min_opset} failed "
-                         f"({str(e).splitlines()[0]}). Re-export the model with opset >= {min_opset}") from e
+                         f"({_first_line(e)}). Re-export the model with opset >= {min_opset}", details=str(e)) from e
 
 
 def infer_model_shapes(model: onnx.ModelProto, where: str = "the model") -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:
-        raise ModelError(f"shape inference failed on {where}: {str(e).splitlines()[0]}") from e
+        raise ModelError(f"shape inference failed on {where}: {_first_line(e)}; fix the model's shapes or "
+                         "re-export it", details=str(e)) from e
 
 
 def without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:

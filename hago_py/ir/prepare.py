@@ -11,13 +11,14 @@ import onnx_ir as ir
 from onnx_ir.passes.common import (IdentityEliminationPass, RemoveUnusedNodesPass, TopologicalSortPass)
 
 from .io import infer_model_shapes, to_ir, to_proto
-from .passes import ConstantFoldingPass, FoldBatchNormPass, FoldPadIntoConvPass
+from .passes import ConstantFoldingPass, FoldBatchNormPass, FoldGemmScalarsPass, FoldPadIntoConvPass
 
-DEFAULT_PASSES = ("constant_folding", "fold_batchnorm", "fold_pad", "identity_elimination")
+DEFAULT_PASSES = ("constant_folding", "fold_batchnorm", "fold_gemm_scalars", "fold_pad", "identity_elimination")
 
 _REGISTRY = {
     "constant_folding": ConstantFoldingPass,
     "fold_batchnorm": FoldBatchNormPass,
+    "fold_gemm_scalars": FoldGemmScalarsPass,
     "fold_pad": FoldPadIntoConvPass,
     "identity_elimination": IdentityEliminationPass,
 }

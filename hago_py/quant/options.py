@@ -1,8 +1,11 @@
 """User-facing quantization options, validated once, recorded in the plan."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
 
 from ..errors import OptionError
 
@@ -12,49 +15,120 @@ ACTIVATION_MODES = ("static", "dynamic", "auto")
 REMEDIES = ("auto", "none", "reduce_range", "u8u8", "reduce_range@saturating", "u8u8@saturating")
 ROUNDING = ("nearest", "adaround", "adaquant", "flexround", "gptq", "brecq")
 # per-layer overrides (QuantOptions.layers[node] = {...}): what a search or a user may set per layer
-LAYER_KEYS = {"quantize": bool, "weight_bits": int, "per_channel": bool, "rounding": str, "activation_mode": str,
-              "weight_dtype": str, "remedy": str, "clipping": str}
 LAYER_REMEDIES = ("none", "reduce_range", "u8u8")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one option accepts: a type (``int``, ``float``, ``bool``, ``str``, ``"str_list"``, ``"dict"``),
+    an inclusive range, a set of allowed values, and whether None is allowed (and what None means)."""
+    kind: Any
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    choices: Optional[Sequence[Any]] = None
+    nullable: bool = False
+    hint: str = ""
+    lo_open: bool = False  # the range excludes lo
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            what = "one of " + ", ".join(map(repr, self.choices))
+        elif self.kind is bool:
+            what = "True or False"
+        elif self.kind in (int, float):
+            noun = "an integer" if self.kind is int else "a number"
+            if self.lo is not None and self.hi is not None:
+                what = f"{noun} in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}]"
+            elif self.lo is not None:
+                what = f"{noun} >= {_num(self.lo)}"
+            else:
+                what = noun
+        elif self.kind == "str_list":
+            what = "a list of strings"
+        elif self.kind == "dict":
+            what = "a dict"
+        else:
+            what = "a string"
+        return what + (" or None" if self.nullable else "") + (f" ({self.hint})" if self.hint else "")
+
+    def accepts(self, v) -> bool:
+        if v is None:
+            return self.nullable
+        if self.kind is bool:
+            ok = isinstance(v, (bool, np.bool_))
+        elif self.kind is int:
+            ok = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        elif self.kind is float:
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+                and math.isfinite(float(v))
+        elif self.kind is str:
+            ok = isinstance(v, str)
+        elif self.kind == "str_list":
+            ok = isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+        elif self.kind == "dict":
+            ok = isinstance(v, dict)
+        else:  # pragma: no cover - a Rule with an unknown kind is a programming error
+            raise TypeError(self.kind)
+        if not ok:
+            return False
+        if self.choices is not None and v not in self.choices:
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return self.hi is None or v <= self.hi
+
+
+def _opt(default, rule: Rule, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
 
 
 @dataclass
 class QuantOptions:
-    weight_bits: int = 8
-    activation_bits: int = 8
-    per_channel: bool = True
-    clipping: str = "auto"              # activation range method: minmax | percentile | mse | entropy | lapq (auto = mse)
-    percentile: float = 99.999
-    activation_mode: str = "auto"       # auto: static for conv nets, dynamic for MatMul-heavy (transformer) nets
-    rounding: str = "nearest"
-    saturation_remedy: str = "auto"     # how to handle the spec's saturation hazard
-    quantize_outputs: bool = False      # quantize tensors that are graph outputs
-    op_types: Optional[List[str]] = None  # restrict quantization to these op types
-    exclude: List[str] = field(default_factory=list)  # node names kept FP32
-    layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-layer overrides, keys LAYER_KEYS
-    edge_weight_bits: Optional[int] = None  # weight bits of the first and last weighted layer (AdaRound/BRECQ keep 8)
-    simulate: bool = False              # allow schemes the target has no kernel for (fake-quant)
-    equalize: bool = False              # cross-layer equalization before calibration (Relu-separated pairs)
+    """Every option with its rule (``Rule``): one declarative table, checked in one place (``validate``)."""
+    weight_bits: int = _opt(8, Rule(int, 2, 16))
+    activation_bits: int = _opt(8, Rule(int, 2, 16))
+    per_channel: bool = _opt(True, Rule(bool))
+    # activation range method: minmax | percentile | mse | entropy | lapq (auto = mse)
+    clipping: str = _opt("auto", Rule(str, choices=CLIPPING))
+    percentile: float = _opt(99.999, Rule(float, 50.0, 100.0, lo_open=True, hint="used by clipping='percentile'"))
+    # auto: static for conv nets, dynamic for MatMul-heavy (transformer) nets
+    activation_mode: str = _opt("auto", Rule(str, choices=ACTIVATION_MODES))
+    rounding: str = _opt("nearest", Rule(str, choices=ROUNDING))
+    saturation_remedy: str = _opt("auto", Rule(str, choices=REMEDIES))  # how to handle the spec's saturation hazard
+    quantize_outputs: bool = _opt(False, Rule(bool))    # quantize tensors that are graph outputs
+    op_types: Optional[List[str]] = _opt(None, Rule("str_list", nullable=True, hint="None: every op type"))
+    exclude: List[str] = _opt(None, Rule("str_list", hint="node names kept FP32"), list)
+    layers: Dict[str, Dict[str, Any]] = _opt(None, Rule("dict", hint="{node: {setting: value}}"), dict)
+    # weight bits of the first and last weighted layer (AdaRound/BRECQ keep 8)
+    edge_weight_bits: Optional[int] = _opt(None, Rule(int, 2, 16, nullable=True))
+    simulate: bool = _opt(False, Rule(bool))            # allow schemes the target has no kernel for (fake-quant)
+    equalize: bool = _opt(False, Rule(bool))            # cross-layer equalization before calibration
     # SmoothQuant: per-channel scales move activation outliers of LayerNorm-fed MatMul inputs into the
     # weights (hago_py/ir/passes/smooth.py); smooth_alpha is the migration strength (the paper's 0.5)
-    smooth: bool = True
-    smooth_alpha: float = 0.5
+    smooth: bool = _opt(True, Rule(bool))
+    smooth_alpha: float = _opt(0.5, Rule(float, 0.0, 1.0, hint="0.5 balances activation and weight ranges; "
+                                                               "smooth=False turns smoothing off"))
     # empirical bias correction (the loss-optimal bias from the layer statistics): True every quantized
     # weighted layer, False none, None (auto) the layers rounded by adaround / flexround / gptq
-    bias_correction: Optional[bool] = None
-    bn_reestimate: bool = False         # per-channel mean + variance re-matched after rounding (folded BN)
-    recon_samples: int = 256            # calibration samples used by data-driven rounding (adaround, gptq, ...)
+    bias_correction: Optional[bool] = _opt(None, Rule(bool, nullable=True, hint="None: auto"))
+    bn_reestimate: bool = _opt(False, Rule(bool))       # per-channel mean + variance re-matched after rounding
+    # calibration samples used by data-driven rounding (adaround, gptq, ...)
+    recon_samples: int = _opt(256, Rule(int, 1))
     # graph input [batch, seq] whose zeros mark padding tokens: their rows are left out of the reconstruction
     # statistics of token-wise layers ("auto": an input named attention_mask; None: use every row)
-    token_mask: Optional[str] = "auto"
-    rounding_iters: Optional[int] = None  # iterations of iterative rounding methods (None: method default)
+    token_mask: Optional[str] = _opt("auto", Rule(str, nullable=True))
+    # iterations of iterative rounding methods (None: method default)
+    rounding_iters: Optional[int] = _opt(None, Rule(int, 1, nullable=True))
     # per-method solver settings, e.g. {"brecq": {"lr": 1e-2, "fisher": False}, "adaround": {"iterations": 500}}
-    rounding_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    calib_batch_size: int = 16
-    max_calib_samples: Optional[int] = 512
-    threads: int = 1
-    seed: int = 0
-    check_artifact: bool = True
-    timing_repeats: int = 30
+    rounding_params: Dict[str, Dict[str, Any]] = _opt(None, Rule("dict", hint="{method: {setting: value}}"), dict)
+    calib_batch_size: int = _opt(16, Rule(int, 1))
+    max_calib_samples: Optional[int] = _opt(512, Rule(int, 1, nullable=True, hint="None: all samples"))
+    threads: int = _opt(1, Rule(int, 1, 1024))
+    seed: int = _opt(0, Rule(int, 0, 2**32 - 1))
+    check_artifact: bool = _opt(True, Rule(bool))
+    timing_repeats: int = _opt(30, Rule(int, 1, hint="or measure_latency=False to skip timing"))
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "QuantOptions":
@@ -71,65 +145,31 @@ class QuantOptions:
         return opts
 
     def validate(self) -> None:
-        def bad(name, value, allowed):
-            raise OptionError(f"option {name}={value!r} is invalid; use one of: {', '.join(map(str, allowed))}")
-
-        for name in ("weight_bits", "activation_bits"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
-                raise OptionError(f"option {name}={v!r} is invalid; use an integer between 2 and 16")
-        if self.clipping not in CLIPPING:
-            bad("clipping", self.clipping, CLIPPING)
-        if self.activation_mode not in ACTIVATION_MODES:
-            bad("activation_mode", self.activation_mode, ACTIVATION_MODES)
-        if self.saturation_remedy not in REMEDIES:
-            bad("saturation_remedy", self.saturation_remedy, REMEDIES)
-        if self.rounding not in ROUNDING:
-            bad("rounding", self.rounding, ROUNDING)
+        """Check every option against its Rule, then the per-layer settings; OptionError names the option."""
+        for f in fields(self):
+            rule: Rule = f.metadata["rule"]
+            v = getattr(self, f.name)
+            if not rule.accepts(v):
+                raise OptionError(f"option {f.name}={_show(v)} is invalid; use {rule.describe()}")
         for node, ov in self.layers.items():
+            if not isinstance(node, str):
+                raise OptionError(f"option layers has key {_show(node)}; keys are node names (strings)")
             if not isinstance(ov, dict):
                 raise OptionError(f"option layers[{node!r}] must be a dict of per-layer settings "
                                   f"({', '.join(LAYER_KEYS)}), got {type(ov).__name__}")
             for k, v in ov.items():
                 if k not in LAYER_KEYS:
                     raise OptionError(f"option layers[{node!r}] has unknown key {k!r}; valid: {', '.join(LAYER_KEYS)}")
-                if not isinstance(v, LAYER_KEYS[k]) or (LAYER_KEYS[k] is int and isinstance(v, bool)):
-                    raise OptionError(f"option layers[{node!r}][{k!r}]={v!r} must be {LAYER_KEYS[k].__name__}")
-            checks = {"rounding": ROUNDING, "activation_mode": ACTIVATION_MODES, "remedy": LAYER_REMEDIES,
-                      "clipping": CALIBRATION_METHODS, "weight_dtype": ("int8", "uint8", "int4", "uint4")}
-            for k, allowed in checks.items():
-                if k in ov and ov[k] not in allowed:
-                    bad(f"layers[{node!r}][{k!r}]", ov[k], allowed)
-            if "weight_bits" in ov and not 2 <= ov["weight_bits"] <= 16:
-                raise OptionError(f"option layers[{node!r}]['weight_bits']={ov['weight_bits']} must be 2..16")
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise OptionError(f"option percentile={self.percentile!r} is invalid; use a value in (50, 100]")
-        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
-                or not 0.0 <= float(self.smooth_alpha) <= 1.0:
-            raise OptionError(f"option smooth_alpha={self.smooth_alpha!r} is invalid; use a number in [0, 1] "
-                              "(0.5 balances activation and weight ranges; smooth=False turns smoothing off)")
-        if isinstance(self.timing_repeats, bool) or not isinstance(self.timing_repeats, int) or self.timing_repeats < 1:
-            raise OptionError(f"option timing_repeats={self.timing_repeats!r} is invalid; use an integer >= 1 "
-                              "(or measure_latency=False to skip timing)")
-        if self.calib_batch_size < 1:
-            raise OptionError("option calib_batch_size must be >= 1")
-        if self.max_calib_samples is not None and self.max_calib_samples < 1:
-            raise OptionError("option max_calib_samples must be >= 1 or None")
-        if self.edge_weight_bits is not None and (isinstance(self.edge_weight_bits, bool) or not isinstance(
-                self.edge_weight_bits, int) or not 2 <= self.edge_weight_bits <= 16):
-            raise OptionError(f"option edge_weight_bits={self.edge_weight_bits!r} must be None or 2..16")
-        if self.recon_samples < 1:
-            raise OptionError("option recon_samples must be >= 1")
-        if not isinstance(self.rounding_params, dict):
-            raise OptionError(f"option rounding_params={self.rounding_params!r} must be a dict "
-                              "{method: {setting: value}}, e.g. {'brecq': {'lr': 0.01}}")
+                if not LAYER_KEYS[k].accepts(v):
+                    raise OptionError(f"option layers[{node!r}][{k!r}]={_show(v)} is invalid; use "
+                                      f"{LAYER_KEYS[k].describe()}")
         for m, prm in self.rounding_params.items():
             if m not in ROUNDING or m == "nearest":
-                bad("rounding_params key", m, [r for r in ROUNDING if r != "nearest"])
+                raise OptionError(f"option rounding_params key {m!r} is invalid; use one of: "
+                                  f"{', '.join(r for r in ROUNDING if r != 'nearest')}")
             if not isinstance(prm, dict):
-                raise OptionError(f"option rounding_params[{m!r}]={prm!r} must be a dict of that method's settings")
-        if self.threads < 1:
-            raise OptionError("option threads must be >= 1")
+                raise OptionError(f"option rounding_params[{m!r}]={_show(prm)} must be a dict of that method's "
+                                  "settings, e.g. {'lr': 0.01}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -144,3 +184,25 @@ class QuantOptions:
     def layer(self, node: str, key: str, default=None):
         """Per-layer override ``key`` of ``node``, else ``default``."""
         return self.layers.get(node, {}).get(key, default)
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+# per-layer overrides (QuantOptions.layers[node] = {...}): what a search or a user may set per layer
+LAYER_KEYS = {
+    "quantize": Rule(bool),
+    "weight_bits": Rule(int, 2, 16),
+    "per_channel": Rule(bool),
+    "rounding": Rule(str, choices=ROUNDING),
+    "activation_mode": Rule(str, choices=ACTIVATION_MODES),
+    "weight_dtype": Rule(str, choices=("int8", "uint8", "int4", "uint4")),
+    "remedy": Rule(str, choices=LAYER_REMEDIES),
+    "clipping": Rule(str, choices=CALIBRATION_METHODS),
+}

@@ -15,11 +15,12 @@ from typing import Dict, Optional
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from ..errors import ModelError
 from ..ir.io import to_ir, to_proto, without_value_info
-from ..ir.passes._util import const_array, new_initializer
+from ..ir.names import NameAllocator
+from ..ir.passes._util import const_array
 from .plan import QuantPlan, TensorQuant
 from .weights import quantize_weight
 
@@ -34,32 +35,59 @@ def _int_array(q: np.ndarray, dtype: str) -> np.ndarray:
     return q.astype(_NP[dtype])
 
 
-def _qparam_values(graph: ir.Graph, base: str, tq: TensorQuant, cache: Dict):
-    key = (tq.dtype, tuple(tq.scale), tuple(tq.zero_point))
-    if key in cache:
-        return cache[key]
+def _new_init(graph: ir.Graph, names: NameAllocator, base: str, array: np.ndarray) -> ir.Value:
+    """A fresh initializer whose name no value of the graph has (see hago_py.ir.names)."""
+    name = names.value(base)
+    array = np.array(array, copy=True, order="C")  # keeps 0-d arrays 0-d
+    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                 const_value=ir.tensor(array, name=name))
+    graph.register_initializer(v)
+    return v
+
+
+def _qparam_values(graph: ir.Graph, names: NameAllocator, base: str, tq: TensorQuant):
     per_channel = tq.granularity == "per_channel" and len(tq.scale) > 1
     scale = np.asarray(tq.scale, np.float32) if per_channel else np.asarray(tq.scale[0], np.float32)
     zp = np.asarray(tq.zero_point) if per_channel else np.asarray(tq.zero_point[0])
-    s_val = new_initializer(graph, base + "_scale", scale)
-    z_val = new_initializer(graph, base + "_zero_point", _int_array(zp, tq.dtype))
-    cache[key] = (s_val, z_val)
-    return s_val, z_val
+    return (_new_init(graph, names, base + "_scale", scale),
+            _new_init(graph, names, base + "_zero_point", _int_array(zp, tq.dtype)))
 
 
-def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[str, np.ndarray]] = None
-            ) -> onnx.ModelProto:
+def _named_node(names: NameAllocator, op: str, inputs, node_name: str, out_names, attributes=None) -> ir.Node:
+    """An ir.Node whose node name and output names are fresh."""
+    node = ir.Node("", op, inputs, attributes=attributes or {}, name=names.node(node_name),
+                   num_outputs=len(out_names))
+    for o, n in zip(node.outputs, out_names):
+        o.name = names.value(n)
+    return node
+
+
+def _opset_needed(plan: QuantPlan) -> int:
+    """DequantizeLinear / QuantizeLinear with int4 / uint4 need opset 21, and so do int16 / uint16."""
+    dtypes = {lp.weight.dtype for lp in plan.quantized_layers() if lp.weight is not None}
+    dtypes |= {tq.dtype for tq in plan.activations.values() if tq.mode == "static"}
+    return 21 if dtypes & {"int4", "uint4", "int16", "uint16"} else 0
+
+
+def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[str, np.ndarray]] = None,
+            info: Optional[Dict] = None) -> onnx.ModelProto:
     """Build the QDQ model. ``weights`` may hold pre-rounded integer weights per layer (from a rounding
-    method that needs data); otherwise each weight is rounded here with the plan's rounding scheme."""
-    if any(lp.weight is not None and lp.weight.dtype in ("int4", "uint4") for lp in plan.quantized_layers()):
+    method that needs data); otherwise each weight is rounded here with the plan's rounding scheme.
+    ``info`` (a dict) receives ``bias_adjusted``: the layers whose weight scale was raised so that their
+    int32 bias does not overflow."""
+    need = _opset_needed(plan)
+    if need:
         from ..ir.io import upgrade_opset
 
-        model = upgrade_opset(model, 21, "the model (int4 weights need DequantizeLinear-21)")
+        model = upgrade_opset(model, need, "the model (int4 / int16 Q/DQ need opset 21)")
     m = to_ir(model)
     graph = m.graph
+    names = NameAllocator.for_graph(graph)
     nodes = {n.name: n for n in graph}
-    qcache: Dict = {}
+    dql_cache: Dict = {}
+    wcache: Dict = {}  # shared (tied) weights with identical quantization: one initializer, one DQ
     weights = weights or {}
+    adjusted = []
 
     # 1. weights (+ bias) of static and dynamic weighted layers
     for lp in plan.quantized_layers():
@@ -71,39 +99,51 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
                              "another model (check plan.model_digest)")
         w_val = node.inputs[1]
         w = const_array(w_val)
+        if w is None:
+            raise ModelError(f"layer '{lp.node}': weight '{w_val.name}' is not a constant in the model; the plan "
+                             "was made for another model")
         tq = lp.weight
         q = weights.get(lp.node)
         if q is None:
             q = quantize_weight(w, tq)
-        dynamic = plan.activations.get(lp.inputs[0]) is not None and plan.activations[lp.inputs[0]].mode == "dynamic"
-        if dynamic:
-            _realize_dynamic(graph, node, lp, q, plan.activations[lp.inputs[0]], qcache)
+        x_name = lp.inputs[0] if lp.inputs else None
+        x_tq = plan.activations.get(x_name) if x_name else None
+        if x_tq is not None and x_tq.mode == "dynamic":
+            _realize_dynamic(graph, names, node, lp, q, x_tq, dql_cache)
             continue
-        wq = new_initializer(graph, f"{w_val.name}_quantized", _int_array(q, tq.dtype))
-        s_val, z_val = _qparam_values(graph, f"{w_val.name}", tq, {})
-        attrs = {"axis": ir.AttrInt64("axis", int(tq.axis))} if tq.granularity == "per_channel" and len(tq.scale) > 1 else {}
-        dq = ir.Node("", "DequantizeLinear", [wq, s_val, z_val], attributes=attrs,
-                     name=f"{lp.node}/weight_dq", num_outputs=1)
-        dq.outputs[0].name = f"{w_val.name}_dequantized"
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
+        bias = _bias(node, lp)
+        if bias is not None and x_tq is not None:
+            x_scale = plan.resolve(x_name).scale
+            q = np.array(q)  # the bias fit may re-round it: never change the caller's array
+            if x_scale is not None and _fit_bias(bias, float(x_scale[0]), q, tq):
+                adjusted.append(lp.node)
+                lp.notes.append("weight scale raised on some output channels so that the int32 bias "
+                                "(bias / (s_x * s_w)) does not overflow (near-zero weights with a non-zero bias)")
+        key = (w_val.name, tq.dtype, tq.granularity, tq.axis, tuple(tq.scale), tuple(tq.zero_point),
+               q.shape, hash(np.ascontiguousarray(q).tobytes()))
+        if key not in wcache:
+            wq = _new_init(graph, names, f"{w_val.name}_quantized", _int_array(q, tq.dtype))
+            s_val, z_val = _qparam_values(graph, names, f"{w_val.name}", tq)
+            attrs = {"axis": ir.AttrInt64("axis", int(tq.axis))} if tq.granularity == "per_channel" \
+                and len(tq.scale) > 1 else {}
+            dq = _named_node(names, "DequantizeLinear", [wq, s_val, z_val], f"{lp.node}/weight_dq",
+                             [f"{w_val.name}_dequantized"], attrs)
+            graph.insert_before(node, dq)
+            wcache[key] = dq.outputs[0]
+        node.replace_input_with(1, wcache[key])
         # bias -> int32 with scale s_x * s_w (only when the input scale is static and known)
-        if lp.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
-            b = const_array(node.inputs[2])
-            x_tq = plan.resolve(lp.inputs[0]) if lp.inputs and lp.inputs[0] in plan.activations else None
-            if b is not None and x_tq is not None and x_tq.scale is not None:
-                bs = (np.float64(x_tq.scale[0]) * np.asarray(tq.scale, np.float64)).astype(np.float32)
-                bs = np.broadcast_to(bs, b.shape) if bs.size == 1 else bs
-                bq = np.clip(np.rint(b.astype(np.float64) / bs), -2**31, 2**31 - 1).astype(np.int32)
-                bq_val = new_initializer(graph, f"{node.inputs[2].name}_quantized", bq)
-                bs_val = new_initializer(graph, f"{node.inputs[2].name}_scale", bs.astype(np.float32))
-                bz_val = new_initializer(graph, f"{node.inputs[2].name}_zero_point", np.zeros(b.shape, np.int32))
-                bdq = ir.Node("", "DequantizeLinear", [bq_val, bs_val, bz_val],
-                              attributes={"axis": ir.AttrInt64("axis", 0)}, name=f"{lp.node}/bias_dq",
-                              num_outputs=1)
-                bdq.outputs[0].name = f"{node.inputs[2].name}_dequantized"
-                graph.insert_before(node, bdq)
-                node.replace_input_with(2, bdq.outputs[0])
+        if bias is not None and x_tq is not None and plan.resolve(x_name).scale is not None:
+            b_name = node.inputs[2].name or f"{lp.node}_bias"
+            bs = (np.float64(plan.resolve(x_name).scale[0]) * np.asarray(tq.scale, np.float64)).astype(np.float32)
+            bs = np.broadcast_to(bs, bias.shape) if bs.size == 1 else bs
+            bq = np.clip(np.rint(bias.astype(np.float64) / bs), -2**31, 2**31 - 1).astype(np.int32)
+            bq_val = _new_init(graph, names, f"{b_name}_quantized", bq)
+            bs_val = _new_init(graph, names, f"{b_name}_scale", bs.astype(np.float32))
+            bz_val = _new_init(graph, names, f"{b_name}_zero_point", np.zeros(bias.shape, np.int32))
+            bdq = _named_node(names, "DequantizeLinear", [bq_val, bs_val, bz_val], f"{lp.node}/bias_dq",
+                              [f"{b_name}_dequantized"], {"axis": ir.AttrInt64("axis", 0)})
+            graph.insert_before(node, bdq)
+            node.replace_input_with(2, bdq.outputs[0])
 
     # 2. static activations: Q -> DQ after the producer
     values = _values_by_name(graph)
@@ -117,14 +157,11 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         if v is None:
             raise ModelError(f"plan quantizes tensor '{name}' which is not in the model")
         users = [(u.node, u.idx) for u in v.uses()]
-        s_val, z_val = _qparam_values(graph, name, TensorQuant(tensor=name, dtype=tq_eff.dtype,
-                                                               scale=tq_eff.scale, zero_point=tq_eff.zero_point),
-                                      {})
-        q = ir.Node("", "QuantizeLinear", [v, s_val, z_val], name=f"{name}/quantize", num_outputs=1)
-        q.outputs[0].name = f"{name}_quantized"
-        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s_val, z_val], name=f"{name}/dequantize",
-                     num_outputs=1)
-        dq.outputs[0].name = f"{name}_dequantized"
+        s_val, z_val = _qparam_values(graph, names, name, TensorQuant(
+            tensor=name, dtype=tq_eff.dtype, scale=tq_eff.scale, zero_point=tq_eff.zero_point))
+        q = _named_node(names, "QuantizeLinear", [v, s_val, z_val], f"{name}/quantize", [f"{name}_quantized"])
+        dq = _named_node(names, "DequantizeLinear", [q.outputs[0], s_val, z_val], f"{name}/dequantize",
+                         [f"{name}_dequantized"])
         prod = v.producer()
         if prod is not None:
             graph.insert_after(prod, [q, dq])
@@ -136,14 +173,73 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
 
     m.graph.sort()
     RemoveUnusedNodesPass()(m)
+    RemoveUnusedOpsetsPass()(m)
     out = to_proto(m)
     out.producer_name = "hago_py"
+    if info is not None:
+        info["bias_adjusted"] = adjusted
     # The artifact carries no intermediate shape annotations (the prepared graph is shape-inferred; exported
     # models usually are not). With them ORT 1.32 proves the residual Add's operands equal in shape and fuses
     # Add + LayerNormalization into SkipLayerNormalization, which is slower on this CPU (MiniLM-L6 W8 dynamic:
     # 15.7 -> 14.1 ms without it, same run, 1 thread); the FP32 model gets no such fusion. Without them ORT
     # optimizes the quantized model the way it optimizes the FP32 input.
     return without_value_info(out)
+
+
+BIAS_LIMIT = 2.0 ** 30  # |int32 bias| kept below half the int32 range: the accumulation needs headroom too
+
+
+def _bias(node: ir.Node, lp) -> Optional[np.ndarray]:
+    """The layer's constant bias as a vector over the output channels, or None (no bias, computed bias, or a
+    Gemm bias that really varies over rows). Gemm's C broadcasts: a scalar, [1] or [1, N] becomes [N]."""
+    if lp.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    b = const_array(node.inputs[2])
+    if b is None:
+        return None
+    n_out = node.outputs[0].shape[-1] if lp.op_type == "Gemm" and node.outputs[0].shape is not None else None
+    if lp.op_type == "Gemm":
+        if n_out is None or not isinstance(n_out, int):
+            n_out = len(lp.weight.scale) if lp.weight.scale and len(lp.weight.scale) > 1 else None
+        if b.size == 1 and isinstance(n_out, int):
+            return np.full(n_out, b.reshape(-1)[0], b.dtype)
+        if b.ndim == 2 and b.shape[0] == 1:
+            b = b.reshape(-1)
+        if b.ndim != 1 or (isinstance(n_out, int) and b.shape[0] != n_out):
+            return None
+    return b if b.ndim == 1 else None
+
+
+def _fit_bias(bias: np.ndarray, x_scale: float, q: np.ndarray, tq: TensorQuant) -> bool:
+    """Raise the weight scale of the output channels whose int32 bias would overflow (``q`` and ``tq`` are
+    updated in place, the weight re-rounded on the coarser grid); True when something changed.
+
+    A channel with near-zero weights and a real bias (a pruned channel, a folded BatchNorm with gamma ~ 0) gets
+    a weight scale ~1e-9: bias / (s_x * s_w) then exceeds int32 and wraps, silently turning that output into
+    garbage. Its weights are negligible next to its bias, so a coarser weight grid costs nothing."""
+    s = np.asarray(tq.scale, np.float64)
+    per_channel = tq.granularity == "per_channel" and s.size > 1
+    need = np.abs(bias.astype(np.float64)) / (x_scale * BIAS_LIMIT)
+    if per_channel:
+        if need.shape != s.shape:
+            return False
+        new_s = np.maximum(s, need)
+    else:
+        new_s = np.maximum(s, need.max(initial=0.0)).reshape(s.shape)
+    if np.all(new_s <= s):
+        return False
+    from .observers import qrange
+
+    qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
+    z = np.asarray(tq.zero_point, np.int64)
+    shape = [1] * q.ndim
+    if per_channel:
+        shape[tq.axis] = -1
+    s_old, s_new, zz = s.reshape(shape), new_s.reshape(shape), z.reshape(shape) if per_channel else z
+    deq = (q.astype(np.int64) - zz) * s_old
+    q[...] = np.clip(np.rint(deq / s_new) + zz, qmin, qmax).astype(q.dtype)
+    tq.scale = [float(np.float32(v)) for v in new_s.reshape(-1)]
+    return True
 
 
 def _values_by_name(graph: ir.Graph) -> Dict[str, ir.Value]:
@@ -155,44 +251,45 @@ def _values_by_name(graph: ir.Graph) -> Dict[str, ir.Value]:
     return vals
 
 
-def _realize_dynamic(graph: ir.Graph, node: ir.Node, lp, q: np.ndarray, x_tq: TensorQuant, cache: Dict) -> None:
-    """MatMul / Gemm with dynamic activations -> DynamicQuantizeLinear + MatMulInteger + rescale."""
+def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q: np.ndarray,
+                     x_tq: TensorQuant, cache: Dict) -> None:
+    """MatMul / Gemm with dynamic activations -> DynamicQuantizeLinear + MatMulInteger + rescale.
+    MatMulInteger takes 8-bit weights only: narrower weights (W2-W4, simulated) sit in an int8 container."""
     tq = lp.weight
     x = node.inputs[0]
     if node.op_type == "Gemm" and any(a.name == "transB" and a.value for a in node.attributes.values()):
         q = q.T  # MatMulInteger wants [K, N]
-    key = ("dql", x.name)
+    dtype = {"int4": "int8", "uint4": "uint8", "int16": "int8", "uint16": "uint8"}.get(tq.dtype, tq.dtype)
+    key = ("dql", id(x))
     if key not in cache:
-        dql = ir.Node("", "DynamicQuantizeLinear", [x], name=f"{x.name}/dynamic_quantize", num_outputs=3)
-        for o, suf in zip(dql.outputs, ("_quantized", "_scale", "_zero_point")):
-            o.name = f"{x.name}{suf}"
+        base = x.name or node.name
+        dql = _named_node(names, "DynamicQuantizeLinear", [x], f"{base}/dynamic_quantize",
+                          [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"])
         graph.insert_before(node, dql)
         cache[key] = dql
     dql = cache[key]
-    wq = new_initializer(graph, f"{node.inputs[1].name}_quantized", _int_array(q, tq.dtype))
+    w_name = node.inputs[1].name
+    wq = _new_init(graph, names, f"{w_name}_quantized", _int_array(q, dtype))
     per_channel = tq.granularity == "per_channel" and len(tq.scale) > 1
-    wz = new_initializer(graph, f"{node.inputs[1].name}_zero_point",
-                         _int_array(np.asarray(tq.zero_point if per_channel else tq.zero_point[0]), tq.dtype))
-    ws = new_initializer(graph, f"{node.inputs[1].name}_scale",
-                         np.asarray(tq.scale if per_channel else tq.scale[0], np.float32))
-    mmi = ir.Node("", "MatMulInteger", [dql.outputs[0], wq, dql.outputs[2], wz], name=f"{node.name}/matmul_integer",
-                  num_outputs=1)
-    cast = ir.Node("", "Cast", mmi.outputs, attributes={"to": ir.AttrInt64("to", int(ir.DataType.FLOAT))},
-                   name=f"{node.name}/cast", num_outputs=1)
-    sc = ir.Node("", "Mul", [dql.outputs[1], ws], name=f"{node.name}/scale", num_outputs=1)
-    mul = ir.Node("", "Mul", [cast.outputs[0], sc.outputs[0]], name=f"{node.name}/rescale", num_outputs=1)
+    wz = _new_init(graph, names, f"{w_name}_zero_point",
+                   _int_array(np.asarray(tq.zero_point if per_channel else tq.zero_point[0]), dtype))
+    ws = _new_init(graph, names, f"{w_name}_scale", np.asarray(tq.scale if per_channel else tq.scale[0], np.float32))
+    mmi = _named_node(names, "MatMulInteger", [dql.outputs[0], wq, dql.outputs[2], wz],
+                      f"{node.name}/matmul_integer", [f"{node.name}/dyn_0"])
+    cast = _named_node(names, "Cast", mmi.outputs, f"{node.name}/cast", [f"{node.name}/dyn_1"],
+                       {"to": ir.AttrInt64("to", int(ir.DataType.FLOAT))})
+    sc = _named_node(names, "Mul", [dql.outputs[1], ws], f"{node.name}/scale", [f"{node.name}/dyn_2"])
+    mul = _named_node(names, "Mul", [cast.outputs[0], sc.outputs[0]], f"{node.name}/rescale", [f"{node.name}/dyn_3"])
     new_nodes = [mmi, cast, sc, mul]
     out_v = mul.outputs[0]
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        add = ir.Node("", "Add", [out_v, node.inputs[2]], name=f"{node.name}/bias", num_outputs=1)
+        add = _named_node(names, "Add", [out_v, node.inputs[2]], f"{node.name}/bias", [f"{node.name}/dyn_4"])
         new_nodes.append(add)
         out_v = add.outputs[0]
-    for i, n in enumerate(new_nodes):
-        n.outputs[0].name = f"{node.name}/dyn_{i}"
     graph.insert_before(node, new_nodes)
     old = node.outputs[0]
     name = old.name
     ir.convenience.replace_all_uses_with(old, out_v, replace_graph_outputs=True)
-    graph.remove(node, safe=False)
     old.name = None
+    graph.remove(node, safe=True)  # detaches the node's inputs: the FP32 weight becomes unused and is dropped
     out_v.name = name

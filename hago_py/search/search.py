@@ -110,6 +110,24 @@ def _roundtrip(rec: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(_clean(rec), sort_keys=True, allow_nan=False))
 
 
+def _check_settings(values: Mapping[str, Any]) -> None:
+    """The search settings' types and ranges, by the same declarative rules as the quantization options."""
+    from ..quant.options import Rule, _show
+
+    rules = {"proxy_samples": Rule(int, 1), "sensitivity_samples": Rule(int, 1), "variant_layers": Rule(int, 0),
+             "max_plan_trials": Rule(int, 1), "refine_moves": Rule(int, 0), "include_simulated": Rule(bool),
+             "roundings": Rule("str_list", nullable=True), "clipping": Rule("str_list", nullable=True),
+             "timing": Rule("dict", nullable=True), "resume": Rule(bool)}
+    for name, v in values.items():
+        if not rules[name].accepts(v):
+            raise OptionError(f"search setting {name}={_show(v)} is invalid; use {rules[name].describe()}")
+    for k, v in (values.get("timing") or {}).items():
+        if k not in DEFAULT_TIMING:
+            raise OptionError(f"search setting timing has unknown key {k!r}; valid: {', '.join(DEFAULT_TIMING)}")
+        if not Rule(float, 0.0).accepts(v):
+            raise OptionError(f"search setting timing[{k!r}]={_show(v)} is invalid; use a number >= 0")
+
+
 class _Search:
     def __init__(self, pipe, *, evaluate, accuracy_budget, latency_budget, time_budget, checkpoint, resume,
                  measure_latency, latency, roundings, clipping, proxy_samples, sensitivity_samples,
@@ -1208,6 +1226,10 @@ def run_search(pipe, *, evaluate: Optional[Callable[[onnx.ModelProto], float]] =
     on_trial: called with each new trial record (progress hooks, tests).
     Raises SearchError (with ``.closest``) when no quantized plan meets the budgets.
     """
+    _check_settings(dict(proxy_samples=proxy_samples, sensitivity_samples=sensitivity_samples,
+                         variant_layers=variant_layers, max_plan_trials=max_plan_trials, refine_moves=refine_moves,
+                         include_simulated=include_simulated, roundings=roundings, clipping=clipping,
+                         timing=timing, resume=resume))
     return _Search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget, latency_budget=latency_budget,
                    time_budget=time_budget, checkpoint=checkpoint, resume=resume, measure_latency=measure_latency,
                    latency=latency, roundings=roundings, clipping=clipping, proxy_samples=proxy_samples,
