@@ -6,6 +6,7 @@ and returns a Result holding the QDQ model, the QuantPlan and the report data.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ import numpy as np
 import onnx
 
 from .backends.ort import OrtBackend
-from .errors import OptionError
-from .ir import load_model, save_model
+from .errors import BackendError, HagoError, InternalError, OptionError
+from .ir import load_model
+from .ir.io import check_writable, model_bytes, write_all
 from .pipeline import Built, Pipeline, _progress
 from .quant.artifact import check_artifact
 from .quant.options import QuantOptions
@@ -33,15 +35,31 @@ class Result:
     chosen: Optional[Dict[str, Any]] = None
 
     def save(self, path, report_dir=None) -> Path:
-        """Write the quantized model (atomic) and, next to it, the plan (<name>.plan.json)."""
+        """Write the quantized model, next to it the plan (<name>.plan.json), and the report into
+        ``report_dir``: all of them or none (every location is checked before anything is written)."""
         path = Path(path)
-        save_model(self.model, path)
-        self.plan.save(path.with_suffix(".plan.json"))
+        check_outputs(path, report_dir)
+        files = {path: model_bytes(self.model), path.with_suffix(".plan.json"): (self.plan.to_json() + "\n").encode()}
+        dirs = []
         if report_dir is not None:
-            from .report import write_report
+            from .report.write import render_report
 
-            write_report(self, report_dir)
+            files.update({Path(report_dir) / k: v for k, v in render_report(self).items()})
+            dirs.append(Path(report_dir))
+        write_all(files, make_dirs=dirs)
         return path
+
+
+def check_outputs(path, report_dir=None) -> None:
+    """OutputError unless the model, its plan and the report folder can all be written (called before the
+    work by the CLI, and again by Result.save)."""
+    path = Path(path)
+    check_writable(path)
+    check_writable(path.with_suffix(".plan.json"))
+    if report_dir is not None:
+        from .report.write import check_report_dir
+
+        check_report_dir(Path(report_dir))
 
 
 def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, progress: bool = False,
@@ -64,22 +82,49 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
     t0 = time.perf_counter()
     opts = QuantOptions.from_kwargs(**options)
     _check_call(search, search_options, measure_latency, progress, evaluate)
-    pipe = Pipeline(model, calibration, target, opts, progress=progress, base_dir=base_dir)
-    if search:
-        from .search import run_search
-
-        return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget, latency_budget=latency_budget,
-                          time_budget=time_budget, checkpoint=checkpoint, resume=resume,
-                          measure_latency=measure_latency, **dict(search_options or {}))
-    if any(x is not None for x in (evaluate, accuracy_budget, latency_budget, time_budget, checkpoint,
-                                   search_options)) or resume:
+    if not search and (any(x is not None for x in (evaluate, accuracy_budget, latency_budget, time_budget,
+                                                     checkpoint, search_options)) or resume):
         raise OptionError("evaluate / accuracy_budget / latency_budget / time_budget / checkpoint / resume / "
-                          "search_options only "
-                          "apply to a search: pass search=True")
-    built = pipe.build()
-    result = finish(pipe, built, measure_latency=measure_latency)
+                          "search_options only apply to a search: pass search=True")
+    with internal_errors("quantize"):
+        pipe = Pipeline(model, calibration, target, opts, progress=progress, base_dir=base_dir)
+        if search:
+            from .search import run_search
+
+            return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget,
+                              latency_budget=latency_budget, time_budget=time_budget, checkpoint=checkpoint,
+                              resume=resume, measure_latency=measure_latency, **dict(search_options or {}))
+        built = pipe.build()
+        result = finish(pipe, built, measure_latency=measure_latency)
     result.report["timings_s"]["total"] = time.perf_counter() - t0
     return result
+
+
+@contextlib.contextmanager
+def internal_errors(stage: str):
+    """Inside: a BackendError is about a model hago_py made (the user's model was checked to run on load), and
+    any exception that is not a HagoError is a bug; both leave as one-line InternalErrors (CLI exit 1), with
+    the traceback in ``details``. The fuzz harness counts every InternalError as a failure of hago_py."""
+    import traceback
+
+    try:
+        yield
+    except (InternalError, KeyboardInterrupt, MemoryError):
+        raise
+    except BackendError as e:
+        raise InternalError(f"a model made by hago_py failed in the backend during {stage} ({e}); this is a "
+                            "bug in hago_py: please report it with the output of HAGO_DEBUG=1",
+                            details=e.details) from e
+    except HagoError:
+        raise
+    except RecursionError as e:
+        raise InternalError(f"{stage} ran out of recursion depth (a very deep graph or input structure); please "
+                            "report it", details=traceback.format_exc()) from e
+    except Exception as e:
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise InternalError(f"internal error during {stage}: {type(e).__name__}: {text}; this is a bug in "
+                            "hago_py: please report it with the output of HAGO_DEBUG=1",
+                            details=traceback.format_exc()) from e
 
 
 def _check_call(search, search_options, measure_latency, progress, evaluate) -> None:
@@ -106,24 +151,28 @@ def _check_call(search, search_options, measure_latency, progress, evaluate) -> 
 
         hint = difflib.get_close_matches(unknown[0], valid, 1)
         raise OptionError(f"unknown search_options key(s) {', '.join(map(str, unknown))}"
-                          + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; valid: {', '.join(valid)}")
+                          + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; use one of: {', '.join(valid)}")
 
 
 def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Result:
-    """Artifact check, latency vs FP32 and the report for one built plan."""
+    """Output gate, artifact check, latency vs FP32 and the report for one built plan."""
+    from .quant.gate import verify_output
+
     opts, spec, plan, qmodel = pipe.opts, pipe.spec, built.plan, built.model
+    verify_output(qmodel, pipe.check_batches[0], threads=opts.threads)
     report: Dict[str, Any] = {
         "target": spec.name,
         "backend": spec.backend,
         "options": opts.to_dict(),
         "prepare_passes": pipe.changed,
+        "model_canonicalized": list(pipe.load_notes),
         "smoothing": list(pipe.smoothed),
         "calibration_samples": pipe.calib.num_samples,
         "remedy": built.info.get("remedy", {}),
         "layers": layer_rows(plan),
         "timings_s": dict(pipe.timings),
     }
-    for k in ("rounding", "brecq", "lapq"):
+    for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback"):
         if k in built.info:
             report[k] = built.info[k]
     if opts.check_artifact:

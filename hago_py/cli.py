@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import HagoError, OutputError
+from .errors import HagoError, InternalError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,8 +69,17 @@ def _cmd_quantize(a) -> int:
     from .errors import OptionError
 
     out = Path(a.out)
-    if out.parent and not out.parent.exists():
-        raise OutputError(f"cannot write '{out}': folder '{out.parent}' does not exist; create it first")
+    # every output location and input file is checked before the work starts
+    api.check_outputs(out, a.report)
+    peers = None
+    if a.peers:
+        from .report.plot import load_peers
+
+        peers = load_peers(a.peers)
+    if a.search:
+        from .ir.io import check_writable
+
+        check_writable(a.checkpoint or out.with_suffix(".search.json"))
     search_flags = {"--accuracy-budget": a.accuracy_budget, "--latency-budget": a.latency_budget,
                     "--time-budget": a.time_budget, "--checkpoint": a.checkpoint, "--peers": a.peers,
                     "--resume": a.resume or None}
@@ -90,10 +99,8 @@ def _cmd_quantize(a) -> int:
                        recon_samples=a.recon_samples,
                        saturation_remedy=a.saturation_remedy, exclude=a.exclude, simulate=a.simulate,
                        threads=a.threads, max_calib_samples=a.max_calib_samples, **search)
-    if a.search and a.peers:
-        from .report.plot import load_peers
-
-        res.report["search"]["peers"] = load_peers(a.peers)
+    if a.search and peers is not None:
+        res.report["search"]["peers"] = peers
     res.save(out, report_dir=a.report)
     n_q = len(res.plan.quantized_layers())
     msg = f"wrote {out} ({n_q} layers quantized, {len(res.plan.fp_layers())} kept FP32)"
@@ -132,7 +139,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return {"quantize": _cmd_quantize, "targets": _cmd_targets, "demo": _cmd_demo}[args.cmd](args)
     except HagoError as e:
-        print(f"hago: error: {e}", file=sys.stderr)
+        import os
+
+        if os.environ.get("HAGO_DEBUG") and e.details:
+            print(e.details, file=sys.stderr)
+        kind = "internal error" if isinstance(e, InternalError) else "error"
+        print(f"hago: {kind}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("hago: interrupted", file=sys.stderr)
@@ -143,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if os.environ.get("HAGO_DEBUG"):
             traceback.print_exc()
-        print(f"hago: internal error: {type(e).__name__}: {e} (set HAGO_DEBUG=1 for the traceback; "
+        text = " ".join(str(e).split())[:300]
+        print(f"hago: internal error: {type(e).__name__}: {text} (set HAGO_DEBUG=1 for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
 

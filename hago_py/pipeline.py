@@ -11,6 +11,7 @@ calibrates what it has not seen before.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
@@ -59,6 +60,10 @@ class Pipeline:
         self.inputs = model_input_specs(self.proto)
         self.calib = load_calibration(calibration, self.inputs, batch_size=self.opts.calib_batch_size,
                                       max_samples=self.opts.max_calib_samples)
+        from .quant.gate import check_user_model
+
+        where = f"'{model}'" if isinstance(model, (str, os.PathLike)) else "the model"
+        check_user_model(self.reference, self.calib.first_batch(), where, self.opts.threads)
         self.prepared, self.changed = prepare(self.proto)
         if self.opts.equalize:
             self._equalize()
@@ -166,8 +171,38 @@ class Pipeline:
         apply_observers(plan, {n: self._observers[(n, m)] for n, m in wanted.items()})
         return plan
 
-    def build(self, layers: Optional[Mapping[str, Mapping[str, Any]]] = None, **changes) -> Built:
-        """annotate -> calibrate (-> LAPQ) -> saturation remedy -> rounding -> realize, for these options."""
+    def build(self, layers: Optional[Mapping[str, Mapping[str, Any]]] = None, *, sanity: bool = True,
+              **changes) -> Built:
+        """annotate -> calibrate (-> LAPQ) -> saturation remedy -> rounding -> realize, for these options.
+
+        sanity: layers whose quantized output is catastrophically worse than their input (quant/sanity.py)
+        are kept FP32 and the plan rebuilt (at most SANITY_ROUNDS times); the report lists them."""
+        built = self._build(layers, **changes)
+        if not sanity:
+            return built
+        from .quant.sanity import catastrophic, layer_sqnr
+
+        fallen: Dict[str, Dict[str, float]] = {}
+        for _ in range(SANITY_ROUNDS):
+            bad = catastrophic(layer_sqnr(self.prepared, built.model, built.plan, self.check_batches[:1],
+                                          self.opts.threads))
+            bad = {k: v for k, v in bad.items() if k not in (layers or {}) and k not in self.opts.layers}
+            if not bad:
+                break
+            fallen.update(bad)
+            layers = dict(layers or {}, **{k: {"quantize": False} for k in bad})
+            built = self._build(layers, **changes)
+        if fallen:
+            for k, v in fallen.items():
+                lp = built.plan.layers.get(k)
+                if lp is not None:
+                    lp.reason = (f"kept FP32 by the numeric sanity check: quantized, its worst output channel had an SQNR of "
+                                 f"{v['output_db']:.1f} dB against {v['input_db']:.1f} dB at its input")
+            built.info["sanity_fallback"] = fallen
+            _progress(self.progress, f"sanity check: {len(fallen)} layer(s) kept FP32 ({', '.join(fallen)})")
+        return built
+
+    def _build(self, layers: Optional[Mapping[str, Mapping[str, Any]]] = None, **changes) -> Built:
         opts = self.options(layers, **changes)
         info: Dict[str, Any] = {}
         plan = self.annotate(opts)
@@ -211,6 +246,9 @@ class Pipeline:
 
     def recon_batches(self, opts: QuantOptions) -> List[Dict[str, np.ndarray]]:
         return _first_batches(self.calib, opts.recon_samples, exact=True)
+
+
+SANITY_ROUNDS = 3
 
 
 def nothing_to_quantize(plan: QuantPlan, target: str, opts: QuantOptions) -> str:

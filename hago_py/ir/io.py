@@ -10,7 +10,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import onnx
 import onnx_ir as ir
@@ -162,40 +162,130 @@ def model_digest(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> Path:
-    """Write via temp file + rename in the same folder: never a half-written file."""
-    path = Path(path)
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows; else set-and-restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_target(path: Path) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise OutputError(f"cannot write '{path}': folder '{parent}' does not exist; create it first")
     if path.is_dir():
         raise OutputError(f"cannot write '{path}': it is a directory; give a file name")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write '{path}': folder '{parent}' is not writable; choose a writable location")
+    return parent
+
+
+def check_writable(path: Union[str, os.PathLike]) -> Path:
+    """OutputError unless ``path`` can be written as a file (checked before any work starts)."""
+    return _check_target(Path(path))
+
+
+def write_all(files, make_dirs=()) -> List[Path]:
+    """Write every ``{path: bytes}`` of ``files`` or none of them.
+
+    Each file goes to a temp file in its own folder first (fsync'd, mode 0666 minus the umask, like a plain
+    ``open``); only when all are written are they renamed into place. If a rename fails, the files already
+    renamed are taken back and any file they replaced is restored, so a failed save leaves the folders as
+    they were. ``make_dirs``: folders to create first (removed again on failure if they were new)."""
+    files = {Path(p): d for p, d in files.items()}
+    created: List[Path] = []
+    temps: Dict[Path, str] = {}
+    backups: Dict[Path, str] = {}
+    done: List[Path] = []
+    mode = 0o666 & ~_umask()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(parent))
-    except OSError as e:
-        raise OutputError(f"cannot write '{path}': {e.strerror}; choose a writable location") from e
+        for d in make_dirs:
+            d = Path(d)
+            missing = []
+            p = d
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create folder '{d}': {e.strerror}; choose a writable location") from e
+            created += list(reversed(missing))
+        for path, data in files.items():
+            parent = _check_target(path)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(parent))
+                temps[path] = tmp
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, mode)
+            except OSError as e:
+                raise OutputError(f"cannot write '{path}': {e.strerror}; choose a writable location") from e
+        for path, tmp in temps.items():
+            try:
+                if path.exists():
+                    fd, bak = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bak", dir=str(path.parent))
+                    os.close(fd)
+                    os.replace(path, bak)
+                    backups[path] = bak
+                os.replace(tmp, path)
+                done.append(path)
+            except OSError as e:
+                raise OutputError(f"cannot write '{path}': {e.strerror}; choose a writable location") from e
+    except BaseException:
+        for path in done:
+            _silent_unlink(path)
+        for path, bak in backups.items():
+            try:
+                os.replace(bak, path)
+            except OSError:
+                pass
+        for tmp in temps.values():
+            _silent_unlink(tmp)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    for bak in backups.values():
+        _silent_unlink(bak)
+    return list(files)
+
+
+def _silent_unlink(path) -> None:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise OutputError(f"cannot write '{path}': {e.strerror}; choose a writable location") from e
-    return path
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> Path:
+    """Write one file via temp file + rename in the same folder: never a half-written file."""
+    return write_all({Path(path): data})[0]
 
 
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike]) -> Path:
-    """Atomically save; models over 2 GB are not supported by a single-file save (ModelError)."""
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    """The deterministic serialization; models over 2 GB are not supported by a single-file save."""
     data = model.SerializeToString(deterministic=True)
     if len(data) > 2**31 - 1:
-        raise ModelError(f"model too large ({len(data) / 2**30:.1f} GB) for a single .onnx file")
-    return atomic_write_bytes(path, data)
+        raise OutputError(f"model too large ({len(data) / 2**30:.1f} GB) for a single .onnx file")
+    return data
+
+
+def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike]) -> Path:
+    """Atomically save (see write_all)."""
+    return write_all({Path(path): model_bytes(model)})[0]

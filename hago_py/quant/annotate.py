@@ -230,8 +230,10 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                 keep_fp(node, f"{op} inputs are not all produced in the int8 region: quantizing would only "
                               "add Q/DQ round trips")
                 continue
-            schemes = spec.schemes(op)
-            sch = schemes[0]
+            sch = next((sc for sc in spec.schemes(op) if sc.activation_bits == a_bits), None)
+            if sch is None:
+                keep_fp(node, f"target {spec.name} has no A{a_bits} scheme for {op}: kept FP32")
+                continue
             lp = LayerPlan(node=node.name, op_type=op, quantize=True,
                            reason=f"{op} -> {sch.kernel} on int8 inputs", fused=list(fused),
                            scheme={"activation_bits": sch.activation_bits, "activation_dtype": sch.activation_dtype,

@@ -165,7 +165,7 @@ class QuantOptions:
                                       f"{LAYER_KEYS[k].describe()}")
         for m, prm in self.rounding_params.items():
             if m not in ROUNDING or m == "nearest":
-                raise OptionError(f"option rounding_params key {m!r} is invalid; use one of: "
+                raise OptionError(f"option rounding_params key={m!r} is invalid; use one of: "
                                   f"{', '.join(r for r in ROUNDING if r != 'nearest')}")
             if not isinstance(prm, dict):
                 raise OptionError(f"option rounding_params[{m!r}]={_show(prm)} must be a dict of that method's "

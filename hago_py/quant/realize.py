@@ -293,3 +293,4 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
     old.name = None
     graph.remove(node, safe=True)  # detaches the node's inputs: the FP32 weight becomes unused and is dropped
     out_v.name = name
+    out_v.type, out_v.shape = old.type, old.shape  # a graph output must keep its declared type

@@ -26,13 +26,29 @@ def load_peers(src: PeersLike) -> List[Dict[str, Any]]:
     / drop`` where that file's ``drop`` is metric - FP32)."""
     if src is None:
         return []
+    try:
+        return _load_peers(src)
+    except OptionError:
+        raise
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:
+        where = f"peers file '{src}'" if isinstance(src, (str, Path)) else "the peers list"
+        raise OptionError(f"{where} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120]}); pass a "
+                          "benchmarks/results/*.json file or a list of {name, speedup, delta} dicts") from e
+
+
+def _load_peers(src: PeersLike) -> List[Dict[str, Any]]:
     if isinstance(src, (str, Path)):
         path = Path(src)
+        if not path.is_file():
+            raise OptionError(f"peers file '{path}' does not exist; pass a benchmarks/results/*.json file")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise OptionError(f"peers file '{path}' cannot be read as JSON ({e}); pass a benchmarks/results/*.json "
-                              "file or a list of {name, speedup, delta} dicts") from e
+        except (OSError, ValueError, RecursionError) as e:
+            raise OptionError(f"peers file '{path}' cannot be read as JSON ({type(e).__name__}); pass a "
+                              "benchmarks/results/*.json file or a list of {name, speedup, delta} dicts") from e
+        if not isinstance(data, dict) or not isinstance(data.get("rows", []), list):
+            raise OptionError(f"peers file '{path}' is not a benchmark result (a JSON object with a 'rows' list); "
+                              "pass a benchmarks/results/*.json file")
         out = []
         for r in data.get("rows", []):
             sp = r.get("speedup")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import OutputError
-from ..ir.io import atomic_write_bytes, atomic_write_text
+from ..ir.io import write_all
 
 LOG_LINES_MD = 400
 
@@ -274,17 +275,11 @@ def markdown_to_html(md: str, images: Optional[Dict[str, str]] = None) -> str:
             f"</head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
-def write_report(result, out_dir, peers=None) -> Path:
-    """report.md, report.html (self-contained), report.json, plan.json and, for a search, pareto.png.
-
-    peers: peer points for the Pareto plot (a list of {name, speedup, delta} dicts or a
-    benchmarks/results/*.json path); default: the ones the search recorded."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create report folder '{out}': {e.strerror}; choose a writable location") from e
+def render_report(result, peers=None) -> Dict[str, bytes]:
+    """The report files as {file name: bytes}: report.md, report.html (self-contained), report.json,
+    plan.json and, for a search, pareto.png. Nothing is written (see write_report / Result.save)."""
     report = result.report
+    files: Dict[str, bytes] = {}
     images = {}
     if report.get("search"):
         from .plot import load_peers, pareto_png
@@ -293,11 +288,31 @@ def write_report(result, out_dir, peers=None) -> Path:
         if peers is not None:
             s["peers"] = load_peers(peers)
         png = pareto_png(dict(s, target=report.get("target", "")), s.get("peers"))
-        atomic_write_bytes(out / "pareto.png", png)
+        files["pareto.png"] = png
         images["pareto.png"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     md = render_markdown(report, pareto_image="pareto.png" if images else None)
-    atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
-    atomic_write_text(out / "report.html", markdown_to_html(md, images))
-    result.plan.save(out / "plan.json")
+    files["report.md"] = md.encode("utf-8")
+    files["report.json"] = (json.dumps(report, indent=1, sort_keys=True, default=str) + "\n").encode("utf-8")
+    files["report.html"] = markdown_to_html(md, images).encode("utf-8")
+    files["plan.json"] = (result.plan.to_json() + "\n").encode("utf-8")
+    return files
+
+
+def write_report(result, out_dir, peers=None) -> Path:
+    """Write the report files (render_report) into ``out_dir``, all or nothing."""
+    out = Path(out_dir)
+    check_report_dir(out)
+    write_all({out / k: v for k, v in render_report(result, peers).items()}, make_dirs=[out])
     return out
+
+
+def check_report_dir(out: Path) -> None:
+    """OutputError unless ``out`` is an existing folder or can be created as one (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"report folder '{out}' is an existing file; give a folder name (--report DIR)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create report folder '{out}': '{parent}' is not a writable folder; choose a "
+                          "writable location")

@@ -155,7 +155,7 @@ class _Search:
         self.backend = OrtBackend(threads=self.opts.threads)
 
         # reference plan (automatic remedy choice runs once here), space, explicit reference configuration
-        ref0 = pipe.build()
+        ref0 = pipe.build(sanity=False)  # the search decides per layer itself
         self.space: SearchSpace = build_space(pipe, ref0.plan, roundings=roundings, clipping=clipping,
                                               include_simulated=include_simulated)
         self.ref_assign = self.space.ref_assign()
@@ -261,7 +261,7 @@ class _Search:
             self._bar.update(1)
 
     def build(self, assign: Mapping[str, str]):
-        return self.pipe.build(self.space.config(assign))
+        return self.pipe.build(self.space.config(assign), sanity=False)
 
     def session(self, model: onnx.ModelProto):
         return self.backend.compile(model)
