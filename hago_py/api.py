@@ -182,7 +182,7 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
                                  f"{chk.integer_kernels}; SQNR fused {chk.sqnr_fused_db:.1f} dB / simulated "
                                  f"{chk.sqnr_simulated_db:.1f} dB")
     if measure_latency and spec.backend.get("name") == "ort":
-        feed = {k: v[:1] for k, v in pipe.check_batches[0].items()}
+        feed = pipe.timing_feed()
         tr = OrtBackend(threads=opts.threads).time({"fp32": pipe.reference, "int8": qmodel}, feed,
                                                    repeats=opts.timing_repeats, warmup=3)
         report["latency"] = {"measured": True, "speedup": tr.speedup("int8"),

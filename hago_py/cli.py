@@ -10,9 +10,17 @@ from typing import List, Optional
 from .errors import HagoError, InternalError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``hago: error: ...``, exit 2) like every other hago error."""
+
+    def error(self, message):
+        message = " ".join(str(message).split())
+        self.exit(2, f"hago: error: {message}; see '{self.prog} --help'\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hago", description="Hardware-aware post-training quantization of ONNX models")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="hago", description="Hardware-aware post-training quantization of ONNX models")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize an ONNX model for a target")
     q.add_argument("model", help="FP32 .onnx model")

@@ -76,6 +76,12 @@ class Pipeline:
         self._node_names = {n.name for n in self.prepared.graph.node}
         self.timings: Dict[str, float] = {"prepare": time.perf_counter() - t0}
 
+    def timing_feed(self) -> Dict[str, np.ndarray]:
+        """One input for latency timing: batch 1, or the model's fixed batch when its inputs declare one."""
+        sizes = {s.shape[0] for s in self.inputs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+        b = sizes.pop() if len(sizes) == 1 else 1
+        return {k: np.ascontiguousarray(v[:b]) for k, v in self.check_batches[0].items()}
+
     def _equalize(self) -> None:
         from .ir.io import to_ir, to_proto
         from .ir.passes.equalize import CrossLayerEqualizationPass

@@ -66,7 +66,8 @@ def load_model(source: ModelLike, *, check: bool = True, min_opset: int = MIN_OP
     check_strings(model, where)
     _load_external(model, base_dir, where)
     if len(model.graph.node) == 0:
-        raise ModelError(f"{where} has an empty graph (no nodes); is it really an ONNX model?")
+        raise ModelError(f"{where} has an empty graph (no nodes): nothing to quantize; check that the file is the "
+                         "exported model (re-export it)")
     model = canonicalize(model, where, notes)
     if check:
         try:

@@ -164,7 +164,7 @@ class _Search:
         # data: proxy set (end-to-end proxy metric) and the smaller sensitivity set (layer table)
         self.proxy_batches = _take(pipe.calib, int(proxy_samples))
         self.sens_batches = _take(pipe.calib, int(min(sensitivity_samples, proxy_samples)))
-        self.feed = {k: np.ascontiguousarray(v[:1]) for k, v in pipe.check_batches[0].items()}
+        self.feed = pipe.timing_feed()
         self.fp_session = self.backend.compile(pipe.reference)
         self.sens_proxy = FidelityProxy(self.backend, self.fp_session, self.sens_batches)
         self.proxy = FidelityProxy(self.backend, self.fp_session, self.proxy_batches)
