@@ -168,6 +168,7 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
         "model_canonicalized": list(pipe.load_notes),
         "smoothing": list(pipe.smoothed),
         "calibration_samples": pipe.calib.num_samples,
+        "calibration_notes": list(getattr(pipe.calib, "notes", [])),
         "remedy": built.info.get("remedy", {}),
         "layers": layer_rows(plan),
         "timings_s": dict(pipe.timings),

@@ -78,8 +78,9 @@ class Pipeline:
 
     def timing_feed(self) -> Dict[str, np.ndarray]:
         """One input for latency timing: batch 1, or the model's fixed batch when its inputs declare one."""
-        sizes = {s.shape[0] for s in self.inputs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
-        b = sizes.pop() if len(sizes) == 1 else 1
+        from .data import static_batch_size
+
+        b = static_batch_size(self.inputs) or 1
         return {k: np.ascontiguousarray(v[:b]) for k, v in self.check_batches[0].items()}
 
     def _equalize(self) -> None:
@@ -251,7 +252,14 @@ class Pipeline:
         return Built(plan=plan, model=qmodel, info=info)
 
     def recon_batches(self, opts: QuantOptions) -> List[Dict[str, np.ndarray]]:
-        return _first_batches(self.calib, opts.recon_samples, exact=True)
+        return self.first_batches(opts.recon_samples, exact=True)
+
+    def first_batches(self, n_samples: int, exact: bool = False) -> List[Dict[str, np.ndarray]]:
+        """The first calibration batches holding ``n_samples`` samples (``exact``: the last one cut to fit). A
+        model with a fixed batch only runs whole batches: then whole batches, at least one."""
+        from .data import static_batch_size
+
+        return _first_batches(self.calib, n_samples, exact=exact and static_batch_size(self.inputs) is None)
 
 
 SANITY_ROUNDS = 3

@@ -232,8 +232,12 @@ def test_static_batch_larger_than_one():
     spec = InputSpec("x", np.dtype(np.float32), (4, 3, 4, 4))
     ds = load_calibration({"x": arrays(10)["x"]}, [spec], batch_size=4)
     assert [b["x"].shape[0] for b in ds] == [4, 4] and ds.num_samples == 8
-    with pytest.raises(DataError, match="batch_size=4"):
-        load_calibration({"x": arrays(10)["x"]}, [spec], batch_size=8)
+    # the model's fixed batch wins over the requested batch size (noted, not an error)
+    ds = load_calibration({"x": arrays(10)["x"]}, [spec], batch_size=8)
+    assert [b["x"].shape[0] for b in ds] == [4, 4] and ds.num_samples == 8
+    assert any("fixed batch size of 4" in n for n in ds.notes)
+    with pytest.raises(DataError, match="fixed batch size of 4 but only 3 sample"):
+        load_calibration({"x": arrays(3)["x"]}, [spec], batch_size=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,9 +347,15 @@ def test_dtype_mismatch():
     with pytest.raises(DataError, match="'x' has dtype uint8.*preprocessing"):
         load_calibration(a, SPECS)
     a = arrays(2)
-    a["x"] = a["x"].astype(np.float16)
-    with pytest.raises(DataError, match="'x' has dtype float16"):
+    a["x"] = a["x"].astype(np.complex64)
+    with pytest.raises(DataError, match="'x' has dtype complex64"):
         load_calibration(a, SPECS)
+    # float16 -> float32 is lossless: accepted and widened
+    a = arrays(2)
+    a["x"] = a["x"].astype(np.float16)
+    b = next(iter(load_calibration(a, SPECS)))
+    assert b["x"].dtype == np.float32
+    np.testing.assert_array_equal(b["x"], a["x"].astype(np.float32))
 
 
 def test_static_dim_mismatch():
@@ -414,11 +424,17 @@ def test_iterable_batch_errors(batch, pattern):
         list(ds)
 
 
-def test_iterable_static_batch_axis_checked():
+def test_iterable_static_batch_regrouped():
+    # a model with a fixed batch gets batches of exactly that size, whatever the source's batches hold
     spec = InputSpec("x", np.dtype(np.float32), (1, 3, 4, 4))
     ds = load_calibration([{"x": np.zeros((2, 3, 4, 4), np.float32)}], [spec])
-    with pytest.raises(DataError, match="'x' axis 0 has size 2 but the model expects 1"):
-        list(ds)
+    assert [b["x"].shape[0] for b in ds] == [1, 1] and ds.num_samples == 2
+    spec3 = InputSpec("x", np.dtype(np.float32), (3, 3, 4, 4))
+    x = arrays(8)["x"]
+    ds = load_calibration([{"x": x[:2]}, {"x": x[2:7]}, {"x": x[7:]}], [spec3])
+    assert [b["x"].shape[0] for b in ds] == [3, 3] and ds.num_samples == 6 and len(ds) == 2
+    np.testing.assert_array_equal(cat(ds, "x"), x[:6])
+    assert any("last 2 of 8 samples" in n for n in ds.notes)
 
 
 # ---------------------------------------------------------------------------------------------

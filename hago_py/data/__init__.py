@@ -10,6 +10,7 @@ from hago_py.data.readers import (
     iterate_batches,
     load_calibration,
     model_input_specs,
+    static_batch_size,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "iterate_batches",
     "load_calibration",
     "model_input_specs",
+    "static_batch_size",
 ]

@@ -37,14 +37,19 @@ __all__ = [
     "Preprocess",
     "ImageFolder",
     "IMAGE_EXTENSIONS",
+    "static_batch_size",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
-# Silent, lossless-enough casts: {expected dtype: set of accepted source dtypes}.
+# Silent casts: {expected dtype: set of accepted source dtypes} (native byte order; data in the other byte
+# order is accepted for every dtype, the swap is lossless). float64 -> float32 is the one narrowing cast
+# (calibration tolerates it); values beyond the float32 range are rejected, never turned into Inf.
 _ALLOWED_CASTS = {
-    np.dtype(np.float32): {np.dtype(np.float64)},
-    np.dtype(np.int64): {np.dtype(np.int32)},
+    np.dtype(np.float32): {np.dtype(np.float64), np.dtype(np.float16)},
+    np.dtype(np.float64): {np.dtype(np.float32), np.dtype(np.float16)},
+    np.dtype(np.int64): {np.dtype(t) for t in (np.int32, np.int16, np.int8, np.uint32, np.uint16, np.uint8)},
+    np.dtype(np.int32): {np.dtype(t) for t in (np.int16, np.int8, np.uint16, np.uint8)},
 }
 
 _FINITE_CHUNK = 256  # samples checked for NaN/Inf at a time (bounds temporary memory)
@@ -120,23 +125,45 @@ def model_input_specs(model) -> List[InputSpec]:
 
 
 def _dtype_name(dt) -> str:
-    return np.dtype(dt).name if dt is not None else "?"
+    """numpy's dtype name, with the byte order when it is not the machine's (``float32 (big-endian)``)."""
+    if dt is None:
+        return "?"
+    dt = np.dtype(dt)
+    if dt.byteorder in ("<", ">"):  # numpy writes the native order as "=" and order-less types as "|"
+        return f"{dt.name} ({'big' if dt.byteorder == '>' else 'little'}-endian)"
+    return dt.name
+
+
+def _native(dt: np.dtype) -> np.dtype:
+    return dt.newbyteorder("=") if dt.byteorder in ("<", ">") else dt
 
 
 def _target_dtype(arr: np.ndarray, spec: InputSpec, where: str) -> np.dtype:
-    """The dtype ``arr`` will be fed as (its own, or a silent cast); DataError otherwise."""
-    if spec.dtype is None or arr.dtype == spec.dtype:
-        return arr.dtype
-    if arr.dtype in _ALLOWED_CASTS.get(np.dtype(spec.dtype), ()):
-        return np.dtype(spec.dtype)
+    """The dtype ``arr`` will be fed as (its own, or a silent cast); DataError otherwise.
+
+    Data in the non-native byte order (e.g. ``>f4`` read from a big-endian file) is converted to the native
+    order, which is lossless; the allowed casts are those of ``_ALLOWED_CASTS``.
+    """
+    native = _native(arr.dtype)
+    if spec.dtype is None:
+        return native
+    want = _native(np.dtype(spec.dtype))
+    if native == want or native in _ALLOWED_CASTS.get(want, ()):
+        return want
     hint = ""
-    if arr.dtype == np.uint8 and np.issubdtype(spec.dtype, np.floating):
+    if native == np.uint8 and np.issubdtype(want, np.floating):
         hint = " (raw image pixels? apply the model's preprocessing, e.g. with Preprocess / ImageFolder)"
-    raise DataError(f"{where}: input '{spec.name}' has dtype {arr.dtype.name} but the model expects "
-                    f"{_dtype_name(spec.dtype)}{hint}; convert the data to {_dtype_name(spec.dtype)}")
+    elif np.issubdtype(native, np.floating) and np.issubdtype(want, np.integer):
+        hint = " (an integer input such as token ids or indices: round / cast the data, e.g. .astype(np.int64))"
+    raise DataError(f"{where}: input '{spec.name}' has dtype {_dtype_name(arr.dtype)} but the model expects "
+                    f"{_dtype_name(want)}{hint}; convert the data to {_dtype_name(want)}")
 
 
 def _check_shape(arr: np.ndarray, spec: InputSpec, where: str, check_batch_axis: bool) -> None:
+    empty = [a for a in range(1, arr.ndim) if arr.shape[a] == 0]
+    if empty and (spec.shape is None or arr.ndim == len(spec.shape)):
+        raise DataError(f"{where}: input '{spec.name}' has an empty axis {empty[0]} (shape {tuple(arr.shape)}, "
+                        f"model {spec.describe()}); every sample needs at least one element along each axis")
     if spec.shape is None:
         return
     if arr.ndim != len(spec.shape):
@@ -152,9 +179,15 @@ def _check_shape(arr: np.ndarray, spec: InputSpec, where: str, check_batch_axis:
                             f"(resize / preprocess) to match the model input")
 
 
-def _check_finite(arr: np.ndarray, name: str, where: str, offset: int = 0) -> None:
+def _check_finite(arr: np.ndarray, name: str, where: str, offset: int = 0,
+                  target: Optional[np.dtype] = None) -> None:
+    """NaN / Inf (and, when ``target`` is a narrower float, values that would overflow to Inf) -> DataError."""
     if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.complexfloating):
         return
+    limit = None
+    if target is not None and np.issubdtype(target, np.floating) and \
+            np.finfo(target).max < np.finfo(arr.dtype).max:
+        limit = float(np.finfo(target).max)
     n = arr.shape[0] if arr.ndim else 1
     flat = arr.reshape(n, -1) if arr.ndim else arr.reshape(1, 1)
     for s in range(0, n, _FINITE_CHUNK):
@@ -166,6 +199,13 @@ def _check_finite(arr: np.ndarray, name: str, where: str, offset: int = 0) -> No
             kind = "NaN" if np.isnan(bad).any() else "Inf"
             raise DataError(f"{where}: input '{name}' contains {kind} at sample {offset + s + i}; "
                             "remove or repair that sample")
+        if limit is not None and chunk.size:
+            big = (np.abs(chunk) > limit).any(axis=1)
+            if big.any():
+                i = int(np.argmax(big))
+                raise DataError(f"{where}: input '{name}' sample {offset + s + i} holds a value of magnitude "
+                                f"{float(np.abs(chunk[i]).max()):.3g}, beyond the {_dtype_name(target)} range "
+                                f"({limit:.3g}) the model computes in; rescale or repair the data")
 
 
 def _check_names(found: Sequence[str], specs: Sequence[InputSpec], where: str) -> None:
@@ -217,7 +257,17 @@ def iterate_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterat
 
 def _check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r} (in quantize() this is the "
+                        "option calib_batch_size)")
+
+
+def _check_max_samples(max_samples) -> Optional[int]:
+    if max_samples is None:
+        return None
+    if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 0:
+        raise DataError(f"max_samples must be a non-negative integer or None, got {max_samples!r} (in quantize() "
+                        "this is the option max_calib_samples, on the CLI --max-calib-samples)")
+    return int(max_samples)
 
 
 class Dataset:
@@ -230,6 +280,9 @@ class Dataset:
     name: str
     input_names: List[str]
     batch_size: Optional[int]
+    #: Remarks for the user about how the data was used (a fixed model batch size, samples left out);
+    #: for an iterable source complete after the first full pass.
+    notes: List[str]
 
     def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -266,7 +319,9 @@ class ArrayDataset(Dataset):
     def __init__(self, arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], batch_size: int = 8,
                  max_samples: Optional[int] = None, name: str = "calibration", where: Optional[str] = None):
         _check_batch_size(batch_size)
+        max_samples = _check_max_samples(max_samples)
         self.name = name
+        self.notes: List[str] = []
         where = where or f"{name} data"
         self._where = where
         if not isinstance(arrays, Mapping):
@@ -282,25 +337,25 @@ class ArrayDataset(Dataset):
         if len(set(counts.values())) > 1:
             raise DataError(f"{where}: inconsistent sample counts between inputs: {counts}; every input needs "
                             "the same number of samples (leading axis)")
-        n = next(iter(counts.values()), 0)
+        given = n = next(iter(counts.values()), 0)
         if max_samples is not None:
-            if isinstance(max_samples, bool) or int(max_samples) < 0:
-                raise DataError(f"max_samples must be a non-negative integer or None, got {max_samples!r}")
-            n = min(n, int(max_samples))
+            n = min(n, max_samples)
         if n == 0:
             raise DataError(f"{where}: {name} set is empty (0 samples); give at least one sample")
+        self.batch_size = _effective_batch_size(batch_size, specs, where, self.notes)
+        self.dropped = 0
+        fixed = _fixed_batch(specs)
+        if fixed is not None and fixed > 1:
+            n, self.dropped = _whole_batches(n, fixed, where, given=given, max_samples=max_samples)
+            if self.dropped:
+                self.notes.append(_dropped_note(where, fixed, n + self.dropped, self.dropped))
         self._dtypes: Dict[str, np.dtype] = {}
         self._arrays: Dict[str, np.ndarray] = {}
         for s in specs:
             arr = raw[s.name][:n]
             self._dtypes[s.name] = _target_dtype(arr, s, where)
-            _check_finite(arr, s.name, where)
+            _check_finite(arr, s.name, where, target=self._dtypes[s.name])
             self._arrays[s.name] = arr
-        self.batch_size = _effective_batch_size(batch_size, specs, where)
-        self.dropped = 0
-        if _fixed_batch(specs) not in (None, 1):
-            n, self.dropped = _whole_batches(n, self.batch_size, where)
-            self._arrays = {k: v[:n] for k, v in self._arrays.items()}
         self._n = n
 
     @property
@@ -327,38 +382,59 @@ def _fixed_batch(specs: Sequence[InputSpec]) -> Optional[int]:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _whole_batches(n: int, b: int, where: str) -> Tuple[int, int]:
-    """A fixed batch size B > 1 takes only whole batches: drop the last n % B samples."""
+def static_batch_size(inputs: Sequence[InputSpec]) -> Optional[int]:
+    """The model's fixed batch size B (the one static leading dim its inputs share), or None when the batch
+    is dynamic. A model with a fixed B only runs batches of exactly B samples: never slice a batch of it
+    (e.g. to one sample for timing) -- take whole batches instead."""
+    return _fixed_batch(list(inputs))
+
+
+def _whole_batches(n: int, b: int, where: str, given: Optional[int] = None,
+                   max_samples: Optional[int] = None) -> Tuple[int, int]:
+    """A fixed batch size B > 1 takes only whole batches: (samples kept, the last n % B samples dropped).
+
+    ``given``: samples in the source before ``max_samples`` cut them to ``n`` (for a precise message).
+    """
     if n < b:
+        if max_samples is not None and given is not None and given >= b:
+            raise DataError(f"{where}: the model has a fixed batch size of {b} but max_samples={max_samples} keeps "
+                            f"only {n} of the {given} samples; allow at least {b} samples (in quantize() the "
+                            f"option max_calib_samples, on the CLI --max-calib-samples)")
         raise DataError(f"{where}: the model has a fixed batch size of {b} but only {n} sample(s) were given; "
-                        f"give at least {b} samples or export the model with a dynamic batch dimension")
+                        f"give at least {b} samples (it runs whole batches of {b}) or export the model with a "
+                        f"dynamic batch dimension")
     keep = n - n % b
     return keep, n - keep
 
 
-def _effective_batch_size(batch_size: int, specs: Sequence[InputSpec], where: str) -> int:
-    """A model with a fixed leading (batch) dim can only take batches of exactly that size."""
-    fixed = {s.name: s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
-    if not fixed:
-        return int(batch_size)
-    sizes = set(fixed.values())
-    if len(sizes) > 1:
-        return int(batch_size)  # inputs disagree on axis 0: it is not a batch axis for all; leave it
-    b = sizes.pop()
-    if b != batch_size:
-        if b == 1:
-            return 1  # a static batch of 1 (common in exported models): feed one sample at a time
-        raise DataError(f"{where}: the model has a fixed batch size of {b} (inputs {sorted(fixed)}) but "
-                        f"batch_size={batch_size} was asked; pass batch_size={b} or export the model with "
-                        "a dynamic batch dimension")
-    return int(batch_size)
+def _dropped_note(where: str, b: int, n: int, dropped: int) -> str:
+    return (f"{where}: the model has a fixed batch size of {b}; the last {dropped} of {n} samples do not fill a "
+            f"batch and are not used")
+
+
+def _effective_batch_size(batch_size: int, specs: Sequence[InputSpec], where: str,
+                          notes: Optional[List[str]] = None) -> int:
+    """The batch size data is fed in: a model with a fixed leading (batch) dim B takes batches of exactly B
+    samples, whatever ``batch_size`` asks (a note records the override); otherwise ``batch_size``."""
+    b = _fixed_batch(specs)
+    if b is None:
+        return int(batch_size)  # no static batch, or inputs disagree on axis 0 (then it is no common batch axis)
+    if b != batch_size and notes is not None:
+        notes.append(f"{where}: the model has a fixed batch size of {b}, so data is fed in batches of {b} "
+                     f"(the requested batch size {batch_size}, option calib_batch_size, does not apply)")
+    return int(b)
 
 
 class IterableDataset(Dataset):
     """Data given as an iterable of feed dicts (each one batch), checked lazily as each batch is
     yielded. A one-shot iterator (generator) is cached on its first pass so the set can be
     iterated again; a list / re-iterable object is iterated afresh each time; a callable is called
-    for a new iterator each time."""
+    for a new iterator each time.
+
+    Batches are kept as given, except for a model with a fixed batch size B: then the samples are
+    regrouped into batches of exactly B (the last n % B samples are dropped, with a note). An exception
+    raised by the source itself (a failing generator / loader) becomes a :class:`DataError` naming the batch.
+    """
 
     def __init__(self, source: Any, specs: Sequence[InputSpec], max_samples: Optional[int] = None,
                  name: str = "calibration", where: Optional[str] = None, num_samples: Optional[int] = None,
@@ -367,24 +443,29 @@ class IterableDataset(Dataset):
         self._where = where or f"{name} data"
         self._specs = list(specs)
         self.input_names = [s.name for s in specs]
-        self.batch_size = batch_size
-        if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 0):
-            raise DataError(f"max_samples must be a non-negative integer or None, got {max_samples!r}")
-        self._max = None if max_samples is None else int(max_samples)
+        self.notes: List[str] = []
+        self._fixed = _fixed_batch(self._specs)
+        self.batch_size = self._fixed if self._fixed is not None else batch_size
+        self._max = _check_max_samples(max_samples)
         self._factory: Optional[Callable[[], Iterable]] = None
         self._once: Optional[Iterator] = None
         self._cache: Optional[List[Dict[str, np.ndarray]]] = None
         if callable(source) and not hasattr(source, "__iter__"):
             self._factory = source
-        elif iter(source) is source:  # one-shot iterator / generator
-            self._once = source
         else:
-            self._factory = lambda: source
+            try:
+                one_shot = iter(source) is source
+            except Exception as e:
+                raise self._source_error(e, None) from e
+            if one_shot:  # one-shot iterator / generator
+                self._once = source
+            else:
+                self._factory = lambda: source
         self._n_batches: Optional[int] = None
         self._n_samples: Optional[int] = None
         if num_samples is not None:
             n = num_samples if self._max is None else min(num_samples, self._max)
-            self._set_counts(n)
+            self._set_counts(n, given=num_samples)
         elif isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
             if len(source) == 0:
                 raise DataError(f"{self._where}: {name} set is empty (0 batches); give at least one sample")
@@ -400,17 +481,33 @@ class IterableDataset(Dataset):
                         break
                     take = c if self._max is None else min(c, self._max - total)
                     total += take
-                    nb += 1
-                self._n_samples, self._n_batches = total, nb
+                    nb += 1 if take else 0
                 if total == 0:
                     raise DataError(f"{self._where}: {name} set is empty (0 samples); give at least one sample")
+                if self._fixed is not None:
+                    self._set_counts(total, given=sum(counts))
+                else:
+                    self._n_samples, self._n_batches = total, nb
 
-    def _set_counts(self, n: int) -> None:
+    def _set_counts(self, n: int, given: Optional[int] = None) -> None:
         if n == 0:
             raise DataError(f"{self._where}: {self.name} set is empty (0 samples); give at least one sample")
+        if self._fixed is not None and self._fixed > 1:
+            n, _ = _whole_batches(n, self._fixed, self._where, given=given, max_samples=self._max)
         self._n_samples = n
         if self.batch_size:
             self._n_batches = math.ceil(n / self.batch_size)
+
+    def _source_error(self, e: BaseException, index: Optional[int]) -> DataError:
+        import traceback
+
+        at = "creating the batch iterator" if index is None else f"reading batch {index}"
+        msg = " ".join(str(e).split())
+        if len(msg) > 200:
+            msg = msg[:197] + "..."
+        return DataError(f"{self._where}: {at} failed: the data source raised {type(e).__name__}"
+                         f"{': ' + msg if msg else ''}; fix the generator / loader that yields the batches",
+                         details="".join(traceback.format_exception(type(e), e, e.__traceback__)))
 
     def _raw_iter(self) -> Iterator:
         if self._cache is not None:
@@ -418,6 +515,27 @@ class IterableDataset(Dataset):
         if self._once is not None:
             return self._caching(self._once)
         return iter(self._factory())
+
+    def _guarded(self) -> Iterator[Tuple[int, Any]]:
+        """(index, batch) from the source; exceptions the source raises become DataErrors."""
+        try:
+            it = self._raw_iter()
+        except DataError:
+            raise
+        except Exception as e:
+            raise self._source_error(e, None) from e
+        i = 0
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError:
+                raise
+            except Exception as e:
+                raise self._source_error(e, i) from e
+            yield i, batch
+            i += 1
 
     def _caching(self, it: Iterator) -> Iterator:
         cache: List[Dict[str, np.ndarray]] = []
@@ -427,10 +545,11 @@ class IterableDataset(Dataset):
         self._cache = cache
         self._once = None
 
-    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
-        total, nb = 0, 0
-        for i, batch in enumerate(self._raw_iter()):
-            if self._max is not None and total >= self._max:
+    def _checked(self) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
+        """(samples before this batch, checked and cast batch) for each non-empty source batch."""
+        seen = 0
+        for i, batch in self._guarded():
+            if self._max is not None and seen >= self._max:
                 break
             where = f"{self._where}, batch {i}"
             if not isinstance(batch, Mapping):
@@ -446,21 +565,53 @@ class IterableDataset(Dataset):
                 raise DataError(f"{where}: inconsistent sample counts between inputs: {counts}; every input "
                                 "needs the same batch size")
             n = next(iter(counts.values()), 0)
-            if self._max is not None and total + n > self._max:
-                n = self._max - total
+            if self._max is not None and seen + n > self._max:
+                n = self._max - seen
                 arrs = {k: v[:n] for k, v in arrs.items()}
             out = {}
             for s in self._specs:
                 a = arrs[s.name]
                 dt = _target_dtype(a, s, where)
-                _check_shape(a, s, where, check_batch_axis=True)
-                _check_finite(a, s.name, where, offset=total)
+                # a fixed batch size is restored by regrouping below, so only a free batch axis is checked as is
+                _check_shape(a, s, where, check_batch_axis=self._fixed is None)
+                _check_finite(a, s.name, where, offset=seen, target=dt)
                 out[s.name] = a if a.dtype == dt else a.astype(dt)
             if n == 0:
                 continue
-            total += n
-            nb += 1
-            yield out
+            yield seen, out
+            seen += n
+
+    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+        total, nb, seen = 0, 0, 0
+        b = self._fixed
+        pending: Optional[Dict[str, np.ndarray]] = None  # samples waiting for a full batch of b
+        for start, out in self._checked():
+            n = len(next(iter(out.values())))
+            seen = start + n
+            if b is None:
+                total += n
+                nb += 1
+                yield out
+                continue
+            if pending is not None:
+                out = {k: np.concatenate([pending[k], out[k]], axis=0) for k in self.input_names}
+                pending = None
+            have = len(next(iter(out.values())))
+            for s in range(0, have - b + 1, b):
+                total += b
+                nb += 1
+                yield {k: v[s:s + b] for k, v in out.items()}
+            if have % b:
+                pending = {k: v[have - have % b:] for k, v in out.items()}
+        if b is not None and pending is not None:
+            left = len(next(iter(pending.values())))
+            if total == 0:
+                raise DataError(f"{self._where}: the model has a fixed batch size of {b} but only {left} "
+                                f"sample(s) were given; give at least {b} samples (it runs whole batches of {b}) "
+                                "or export the model with a dynamic batch dimension")
+            note = _dropped_note(self._where, b, seen, left)
+            if note not in self.notes:
+                self.notes.append(note)
         if total == 0:
             raise DataError(f"{self._where}: {self.name} set is empty (0 samples); give at least one sample")
         self._n_samples, self._n_batches = total, nb
@@ -885,14 +1036,22 @@ class ImageFolder:
         """A lazily-loaded :class:`Dataset` (images decoded batch by batch on each pass); the first
         image is checked against the model input now."""
         where = f"image folder '{self.root}'"
+        _check_batch_size(batch_size)
+        max_samples = _check_max_samples(max_samples)
         _check_names([self.input_name], specs, where)
         spec = specs[0]
-        bs = _effective_batch_size(batch_size, specs, where)
+        notes: List[str] = []
+        bs = _effective_batch_size(batch_size, specs, where, notes)
         first = self.load(0)[None]
         _target_dtype(first, spec, where)
         _check_shape(first, spec, where, check_batch_axis=False)
-        n = len(self.files) if max_samples is None else min(len(self.files), int(max_samples))
-        if _fixed_batch(specs) not in (None, 1):
-            n, _ = _whole_batches(n, bs, where)
-        return IterableDataset(lambda: self.batches(bs, n), specs, name=name, where=where, num_samples=n,
-                               batch_size=bs)
+        n = len(self.files) if max_samples is None else min(len(self.files), max_samples)
+        fixed = _fixed_batch(specs)
+        if fixed is not None and fixed > 1:
+            n, dropped = _whole_batches(n, fixed, where, given=len(self.files), max_samples=max_samples)
+            if dropped:
+                notes.append(_dropped_note(where, fixed, n + dropped, dropped))
+        ds = IterableDataset(lambda: self.batches(bs, n), specs, name=name, where=where, num_samples=n,
+                             batch_size=bs)
+        ds.notes.extend(notes)
+        return ds

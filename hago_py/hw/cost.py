@@ -14,6 +14,7 @@ speed-ups as optimistic; reports must label them as predicted, not measured.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 from ..errors import OptionError
@@ -31,7 +32,24 @@ def _cost(cost: CostLike) -> CostModel:
         return cost.cost_model
     if not isinstance(cost, CostModel):
         raise OptionError(f"cost must be a CostModel or HardwareSpec, got {type(cost).__name__}")
+    _check_figures(cost)
     return cost
+
+
+def _check_figures(cm: CostModel) -> None:
+    """A CostModel built by hand (load_spec checks spec files) must still have finite, positive rates."""
+    for name in ("peak_int8_ops_per_s", "peak_fp32_flops_per_s", "memory_bandwidth_bytes_per_s",
+                 "peak_fp16_flops_per_s", "peak_int4_ops_per_s"):
+        v = getattr(cm, name)
+        if v is None and name in ("peak_fp16_flops_per_s", "peak_int4_ops_per_s"):
+            continue
+        try:
+            ok = not isinstance(v, bool) and math.isfinite(float(v)) and float(v) > 0
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise OptionError(f"cost model field {name} is {v!r}; it must be a finite number > 0 (a rate per "
+                              f"second)")
 
 
 def predict_latency(flops: float, bytes_moved: float, cost: CostLike, int8: bool) -> float:

@@ -304,6 +304,73 @@ def _fmt_path(parts: Iterable[Any]) -> str:
     return out or "(top level)"
 
 
+#: Deepest nesting a spec may have (the built-in specs nest 6 levels); deeper input is rejected before any
+#: recursive processing (copying, schema validation) can exhaust the interpreter stack.
+MAX_SPEC_DEPTH = 32
+
+
+def _structure_problems(data: Any) -> List[str]:
+    """Non-finite or out-of-range numbers and excessive nesting, found without recursion.
+
+    ``json.loads`` accepts ``NaN`` / ``Infinity`` (and turns ``1e400`` into inf); a JSON schema cannot reject
+    them (NaN fails every comparison, inf passes ``exclusiveMinimum``), so they are caught here, with the
+    JSON path of each, before the schema check.
+    """
+    problems: List[str] = []
+    stack: List[Tuple[Any, Tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        obj, path = stack.pop()
+        if len(path) > MAX_SPEC_DEPTH:
+            return [f"{_fmt_path(path[:MAX_SPEC_DEPTH])}: nested more than {MAX_SPEC_DEPTH} levels deep; a spec "
+                    f"nests at most a few levels (see {BUILTIN_DIR / 'x86_avx2.json'})"]
+        if isinstance(obj, dict):
+            stack.extend((v, path + (k,)) for k, v in reversed(list(obj.items())))
+        elif isinstance(obj, list):
+            stack.extend((v, path + (i,)) for i, v in reversed(list(enumerate(obj))))
+        elif isinstance(obj, bool) or obj is None or isinstance(obj, str):
+            continue
+        elif isinstance(obj, float):
+            if obj != obj:
+                problems.append(f"{_fmt_path(path)}: NaN is not a number; give a finite positive figure")
+            elif obj in (float("inf"), float("-inf")):
+                problems.append(f"{_fmt_path(path)}: {obj} (Infinity, or a number too large for a double) is not "
+                                f"finite; give a finite figure")
+        elif isinstance(obj, int):
+            try:
+                float(obj)
+            except OverflowError:
+                problems.append(f"{_fmt_path(path)}: integer with {len(str(abs(obj)))} digits is too large; "
+                                f"give a realistic figure")
+    return problems
+
+
+@lru_cache(maxsize=1)
+def onnx_op_types() -> Dict[str, str]:
+    """Op types of ONNX's default domain (``ai.onnx``), keyed by their lower-case spelling."""
+    try:
+        import onnx.defs
+    except ImportError:  # pragma: no cover - onnx is a hard dependency
+        return {}
+    return {sch.name.lower(): sch.name for sch in onnx.defs.get_all_schemas() if sch.domain in ("", "ai.onnx")}
+
+
+def _op_name_problem(op: Any, path: str) -> Optional[str]:
+    """A 'path: problem' string when ``op`` is not an op type of ONNX's default domain, else None."""
+    valid = onnx_op_types()
+    if not valid or not isinstance(op, str) or op in valid.values():
+        return None
+    low = op.lower()
+    if low in valid:
+        close: Optional[str] = valid[low]
+    else:
+        m = difflib.get_close_matches(low, sorted(valid), n=1, cutoff=0.6)
+        close = valid[m[0]] if m else None
+    hint = f" (did you mean {close!r}?)" if close else ""
+    domain = (" (ops of other domains, such as com.microsoft, cannot be listed)" if "." in op else "")
+    return (f"{path}: unknown op {op!r}{hint}; it is not an op type of ONNX's default domain{domain}: spell it "
+            f"exactly as in the ONNX operator list (case-sensitive)")
+
+
 def _schema_error_message(err) -> str:
     msg = err.message
     if err.validator == "additionalProperties" and isinstance(err.instance, dict):
@@ -339,6 +406,24 @@ def _semantic_problems(data: Mapping[str, Any]) -> List[str]:
     problems: List[str] = []
     ops: Mapping[str, Any] = data.get("ops", {})
 
+    # op names must be ONNX op types of the default domain: a misspelt one would silently never match a node
+    bad_names = set()
+    for op in ops:
+        pr = _op_name_problem(op, f"ops.{op}")
+        if pr:
+            problems.append(pr)
+            bad_names.add(op)
+    for i, op in enumerate(data.get("passthrough_ops", ())):
+        pr = _op_name_problem(op, f"passthrough_ops[{i}]")
+        if pr:
+            problems.append(pr)
+            bad_names.add(op)
+    for i, op in enumerate(data.get("dynamic_activations", {}).get("ops", ())):
+        pr = _op_name_problem(op, f"dynamic_activations.ops[{i}]")
+        if pr:
+            problems.append(pr)
+            bad_names.add(op)
+
     for op, rule in ops.items():
         for i, s in enumerate(rule.get("schemes", [])):
             p = f"ops.{op}.schemes[{i}]"
@@ -369,6 +454,8 @@ def _semantic_problems(data: Mapping[str, Any]) -> List[str]:
 
     dyn = data.get("dynamic_activations", {})
     for i, op in enumerate(dyn.get("ops", ())):
+        if op in bad_names:
+            continue
         if op not in ops:
             problems.append(f"dynamic_activations.ops[{i}]: {op!r} is not in ops; add an ops entry for it or remove it")
         elif not any("dynamic" in s.get("activation_mode", ()) for s in ops[op].get("schemes", [])):
@@ -378,10 +465,14 @@ def _semantic_problems(data: Mapping[str, Any]) -> List[str]:
         problems.append("dynamic_activations.granularity: empty while dynamic_activations.ops is not; "
                         "list at least one granularity (e.g. per_tensor)")
 
-    known = set(ops) | set(data.get("passthrough_ops", ())) | FUSABLE_EXTRA_OPS
+    known = (set(ops) | set(data.get("passthrough_ops", ())) | FUSABLE_EXTRA_OPS) - bad_names
     for i, pat in enumerate(data.get("fusion_patterns", ())):
         for j, op in enumerate(pat):
-            if op not in known:
+            pr = None if op in bad_names else _op_name_problem(op, f"fusion_patterns[{i}][{j}]")
+            if pr:
+                problems.append(pr)
+                bad_names.add(op)
+            elif op not in known and op not in bad_names:
                 close = difflib.get_close_matches(op, sorted(known), n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"fusion_patterns[{i}][{j}]: unknown op {op!r}{hint}; it must appear in ops or "
@@ -454,33 +545,104 @@ def _build(data: Dict[str, Any], source_path: Optional[str]) -> HardwareSpec:
     )
 
 
+#: Largest spec file read (the built-in specs are a few KiB): a bigger file is not a spec.
+MAX_SPEC_BYTES = 16 * 1024 * 1024
+
+
+def _problem_error(where: str, what: str, problems: List[str]) -> SpecError:
+    shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+    return SpecError(f"hardware spec {where} {what}: {shown}", details="\n".join(problems))
+
+
 def _from_dict(data: Any, where: str, source_path: Optional[str]) -> HardwareSpec:
     if not isinstance(data, dict):
         raise SpecError(f"hardware spec {where} must be a JSON object (got {type(data).__name__}); "
                         f"see {BUILTIN_DIR / 'x86_avx2.json'} for the format")
-    _schema_check(data, where)
-    problems = _semantic_problems(data)
+    problems = _structure_problems(data)
     if problems:
-        shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-        raise SpecError(f"hardware spec {where} is inconsistent: {shown}")
-    return _build(data, source_path)
+        raise _problem_error(where, "has invalid values", problems)
+    try:
+        _schema_check(data, where)
+        problems = _semantic_problems(data)
+        if problems:
+            raise _problem_error(where, "is inconsistent", problems)
+        return _build(data, source_path)
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(f"hardware spec {where} is nested too deeply to check; a spec nests at most a few "
+                        f"levels (see {BUILTIN_DIR / 'x86_avx2.json'})") from None
+    except Exception as e:  # a case the schema and semantic checks missed: still the spec's fault, say so
+        import traceback
+
+        raise SpecError(f"hardware spec {where} could not be interpreted ({type(e).__name__}: {e}); check it "
+                        f"against {SCHEMA_PATH} and {BUILTIN_DIR / 'x86_avx2.json'} (if it follows them, this is "
+                        f"a hago_py bug: please report it with the spec)",
+                        details=traceback.format_exc()) from e
+
+
+def _from_mapping(source: Mapping[str, Any]) -> HardwareSpec:
+    """A dict source goes through JSON like a file: that copies it (the caller's dict is never shared or
+    mutated), turns tuples into lists and rejects values JSON cannot hold (objects, cycles, non-str keys)."""
+    where = "<dict>"
+    try:
+        text = json.dumps(dict(source), allow_nan=True)
+    except RecursionError:
+        raise SpecError(f"hardware spec {where} is nested too deeply; a spec nests at most a few levels "
+                        f"(see {BUILTIN_DIR / 'x86_avx2.json'})") from None
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"hardware spec {where} holds a value that is not plain JSON ({e}); use only dict "
+                        f"(with str keys), list, str, int, float, bool and None values") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:  # pragma: no cover - json.dumps fails first
+        raise SpecError(f"hardware spec {where} is nested too deeply") from None
+    return _from_dict(data, where, None)
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte order mark (some Windows editors write one)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        hint = (" (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
+        bad = raw[e.start:e.start + 1]
+        line = raw[:e.start].count(b"\n") + 1
+        raise SpecError(f"hardware spec file {path} is not UTF-8 text{hint}: invalid byte 0x{bad.hex()} at "
+                        f"line {line} (byte offset {e.start}); save the file as UTF-8") from None
 
 
 def _load_file(path: Path) -> HardwareSpec:
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as e:  # name too long, embedded NUL, ...
+        raise SpecError(f"hardware spec path {str(path)[:200]!r} cannot be used ({e}); pass a built-in name "
+                        f"({', '.join(_safe_builtin_names())}) or an existing .json path") from None
+    if not exists:
         raise SpecError(f"hardware spec file {path} not found; pass a built-in name "
                         f"({', '.join(_safe_builtin_names())}) or an existing .json path")
-    if not path.is_file():
+    if not is_file:
         raise SpecError(f"hardware spec path {path} is not a file; pass a .json spec file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"hardware spec file {path} cannot be read ({e}); check its permissions and encoding") from e
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"hardware spec file {path} is {size} bytes, more than any spec "
+                            f"({MAX_SPEC_BYTES} bytes at most); pass the right .json file")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"hardware spec file {path} cannot be read ({e.strerror or e}); check that it exists "
+                        f"and is readable") from e
+    text = _decode(raw, path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"hardware spec file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; "
                         f"fix the syntax there") from e
+    except RecursionError:
+        raise SpecError(f"hardware spec file {path} is nested too deeply to parse (more than Python's recursion "
+                        f"limit of brackets); a spec nests at most a few levels (see "
+                        f"{BUILTIN_DIR / 'x86_avx2.json'})") from None
     return _from_dict(data, str(path), str(path))
 
 
@@ -517,7 +679,7 @@ def load_spec(source: SpecSource) -> HardwareSpec:
     if isinstance(source, HardwareSpec):
         return source
     if isinstance(source, Mapping):
-        return _from_dict(copy.deepcopy(dict(source)), "<dict>", None)
+        return _from_mapping(source)
     if isinstance(source, os.PathLike):
         return _load_file(Path(os.fspath(source)))
     if not isinstance(source, str):
@@ -527,21 +689,30 @@ def load_spec(source: SpecSource) -> HardwareSpec:
     if not s:
         raise SpecError("empty hardware spec name; pass a built-in name "
                         f"({', '.join(_safe_builtin_names())}) or a path to a .json file")
+    if "\x00" in s:
+        raise SpecError(f"hardware spec name {s[:80]!r} contains a NUL character; pass a built-in name or a path")
     if _looks_like_path(s):
         path = Path(s).expanduser()
-        if not path.exists() and path.name == s and s.endswith(".json") and (_builtin_dir() / s).is_file():
+        if path.name == s and s.endswith(".json") and _is_file(_builtin_dir() / s) and not _is_file(path):
             path = _builtin_dir() / s  # "x86_avx2.json" given as a bare file name: the built-in one
         return _load_file(path)
     builtin = _builtin_dir() / f"{s}.json"
-    if s != "schema" and builtin.is_file():
+    if s != "schema" and _is_file(builtin):
         spec = _load_file(builtin)
         if spec.name != s:
             raise SpecError(f"built-in hardware spec {builtin} is named {spec.name!r} but its file is {s}.json; "
                             f"make the name field match the file name")
         return spec
-    if Path(s).is_file():
+    if _is_file(Path(s)):
         return _load_file(Path(s))
     raise _unknown_name(s)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def list_specs() -> List[Dict[str, Any]]:

@@ -11,7 +11,8 @@ accuracy within SQNR_TOLERANCE_DB are kept; the least intrusive of those wins. E
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+import math
+from typing import Any, Dict, List, Tuple
 
 import onnx
 
@@ -71,6 +72,40 @@ def _judging_plan(plan: QuantPlan) -> QuantPlan:
     return p
 
 
+def select_candidate(sqnr: Dict[str, float], tolerance_db: float = SQNR_TOLERANCE_DB) -> Tuple[str, str]:
+    """The least intrusive candidate (first in ``sqnr``'s order) whose fused SQNR is within ``tolerance_db`` of
+    the best one; returns (candidate, why).
+
+    Non-finite figures are handled explicitly: +inf means a perfect match (only other +inf candidates are
+    within tolerance of it), -inf is the worst possible figure and NaN (no valid measurement) never wins
+    unless every candidate is NaN, in which case the first (least intrusive) candidate is kept. The result
+    depends only on the figures and their order, so it is deterministic.
+    """
+    if not sqnr:
+        raise ValueError("select_candidate needs at least one candidate")
+    names = list(sqnr)
+    vals = {c: float(sqnr[c]) if sqnr[c] is not None else float("nan") for c in names}
+    valid = [c for c in names if not math.isnan(vals[c])]
+    if not valid:
+        return names[0], (f"{names[0]}: no candidate gave a valid fused SQNR (all NaN); kept the least "
+                          f"intrusive candidate")
+    best = max(vals[c] for c in valid)
+    if best == math.inf:
+        close = [c for c in valid if vals[c] == math.inf]
+        best_s = "inf (exact match)"
+    elif best == -math.inf:
+        close = valid
+        best_s = "-inf"
+    else:
+        close = [c for c in valid if vals[c] >= best - tolerance_db]
+        best_s = f"{best:.1f} dB"
+    choice = close[0]
+    ignored = len(names) - len(valid)
+    skipped = f"; {ignored} candidate(s) without a valid SQNR (NaN) ignored" if ignored else ""
+    return choice, (f"{choice}: least intrusive candidate within {tolerance_db} dB of the best fused SQNR "
+                    f"({best_s}){skipped}")
+
+
 def choose_remedy(model: onnx.ModelProto, plan: QuantPlan, spec, opts, batches) -> Dict[str, Any]:
     from .artifact import sqnr_db
     from .realize import realize
@@ -122,17 +157,13 @@ def choose_remedy(model: onnx.ModelProto, plan: QuantPlan, spec, opts, batches) 
             p = apply_remedy(_judging_plan(plan), rem, lays, spec, hazard)
             q = realize(model, p)
             fused = [o for b in be.predict(q, batches, output_names=out_names) for o in b]
-            results[cand] = {"sqnr_fused_db": sqnr_db(fp, fused), "layers": len(lays)}
+            results[cand] = {"sqnr_fused_db": float(sqnr_db(fp, fused)), "layers": len(lays)}
             models[cand] = q
-        best = max(r["sqnr_fused_db"] for r in results.values())
-        close = [c for c in candidates if results[c]["sqnr_fused_db"] >= best - SQNR_TOLERANCE_DB]
         # The least intrusive candidate (spec order: none, then each remedy on the saturating layers, then on
         # all) within the tolerance wins. Latency is not used here: per-candidate timings on a shared machine
         # would make the output depend on noise (same inputs must give the same bytes); the search weighs
         # measured latency explicitly.
-        choice = close[0]
-        why = (f"{choice}: least intrusive candidate within {SQNR_TOLERANCE_DB} dB of the best fused SQNR "
-               f"({best:.1f} dB)")
+        choice, why = select_candidate({c: results[c]["sqnr_fused_db"] for c in candidates})
         rem, lays = candidates[choice]
         apply_remedy(plan, rem, lays, spec, hazard)
         info["candidates"][hazard.name] = results
@@ -162,7 +193,10 @@ def layer_saturation(model: onnx.ModelProto, plan: QuantPlan, layers: List[str],
             wanted.append(x)
     if not wanted:
         return {}
-    feed = {k: v[:max_samples] for k, v in batches[0].items()}
+    static_batch = {i.name for i in model.graph.input
+                    if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    # a model with a fixed batch dimension only accepts whole batches: never slice those inputs
+    feed = {k: (v if k in static_batch else v[:max_samples]) for k, v in batches[0].items()}
     aug = with_outputs(model, wanted)
     sess = backend.compile(aug, optimization="basic")
     names = [o.name for o in sess.get_outputs()]
@@ -177,13 +211,13 @@ def layer_saturation(model: onnx.ModelProto, plan: QuantPlan, layers: List[str],
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         w = numpy_helper.to_array(inits[lp.weight.tensor])
         try:
-            rows, wm = layer_rows_and_weight(lp.op_type, attrs, np.asarray(outs[x_name], np.float32), w,
-                                             lp.weight.axis if lp.weight.axis is not None else 0)
-        except ValueError:
+            rows, wm = layer_rows_and_weight(lp.op_type, attrs, np.asarray(outs[x_name], np.float32), w)
+        except ValueError as e:
+            lp.notes.append(f"saturation not estimated: {e}")
             continue
         act = plan.resolve(x_name)
         rows_q, zp = quantize_rows(rows, act)
         wq = int_weight(wm, dataclasses.replace(lp.weight, axis=0) if lp.weight.granularity == "per_channel"
                         else lp.weight)
-        res[n] = saturation_sqnr_db(rows_q, zp, wq, hazard.intermediate_bits or 16)
+        res[n] = float(saturation_sqnr_db(rows_q, zp, wq, hazard.intermediate_bits or 16))
     return res

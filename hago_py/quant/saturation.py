@@ -9,7 +9,7 @@ saturation SQNR. Layers above ``threshold_db`` do not need a remedy.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -34,19 +34,41 @@ def _im2col_nhwc(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     return cols.reshape(n * oh * ow, kh * kw * c)
 
 
-def layer_rows_and_weight(op_type: str, attrs: Dict, x: np.ndarray, w: np.ndarray, axis: int
-                          ) -> Tuple[np.ndarray, np.ndarray]:
-    """Return (rows [M, K], weight matrix [N, K]) with K in the kernel's reduction order."""
+def layer_rows_and_weight(op_type: str, attrs: Dict, x: np.ndarray, w: np.ndarray,
+                          axis: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Return (rows [M, K], weight matrix [N, K]) with K in the kernel's reduction order.
+
+    The layout is taken from the op, never from the quantization axis (which is None for per-tensor
+    weights): Conv weights are [N, C, kh, kw]; MatMul weights are [K, N]; Gemm weights are [N, K] with
+    ``transB=1`` and [K, N] otherwise. Activations of any rank >= 1 are flattened to rows of their last
+    (reduction) axis, e.g. [B, S, K] -> [B*S, K]. ``axis`` is accepted for backward compatibility and ignored.
+    Raises ValueError for a layout that is not modelled (grouped / non-2-D Conv, Gemm with transA, batched
+    MatMul weights, mismatched reduction sizes).
+    """
     if op_type == "Conv":
-        if w.ndim != 4 or int(attrs.get("group", 1)) != 1:
+        if w.ndim != 4 or int(attrs.get("group", 1)) != 1 or x.ndim != 4:
             raise ValueError("only 2-D, non-grouped convolutions are modelled")
+        if x.shape[1] != w.shape[1]:
+            raise ValueError(f"Conv input has {x.shape[1]} channels but the weight expects {w.shape[1]}")
         kh, kw = w.shape[2], w.shape[3]
         rows = _im2col_nhwc(x, (kh, kw), attrs.get("strides", [1, 1]), attrs.get("pads", [0, 0, 0, 0]),
                             attrs.get("dilations", [1, 1]))
         wm = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
         return rows, wm
+    if op_type == "MatMul":
+        if w.ndim != 2:
+            raise ValueError(f"MatMul weight of rank {w.ndim} (batched weights) is not modelled")
+        wm = w.T  # [K, N] -> [N, K]
+    elif op_type == "Gemm":
+        if w.ndim != 2 or int(attrs.get("transA", 0)):
+            raise ValueError("only Gemm with a 2-D weight and transA=0 is modelled")
+        wm = w if int(attrs.get("transB", 0)) else w.T  # transB=1 stores [N, K]; transB=0 stores [K, N]
+    else:
+        raise ValueError(f"op {op_type} has no modelled dot-product layout")
+    if x.ndim < 1 or x.shape[-1] != wm.shape[1]:
+        raise ValueError(f"{op_type} activation of shape {tuple(x.shape)} does not reduce over the weight's "
+                         f"{wm.shape[1]} inputs")
     rows = x.reshape(-1, x.shape[-1])
-    wm = w if axis == 0 else w.T  # Gemm transB=1 stores [N, K]; MatMul / Gemm transB=0 store [K, N]
     return rows, wm
 
 

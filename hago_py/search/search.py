@@ -74,22 +74,6 @@ class _TrialLimit(Exception):
     pass
 
 
-def _take(calib, n: int) -> List[Dict[str, np.ndarray]]:
-    out, seen = [], 0
-    for b in calib:
-        k = len(next(iter(b.values())))
-        if seen + k > n:
-            b = {name: v[: n - seen] for name, v in b.items()}
-            k = n - seen
-        if k <= 0:
-            break
-        out.append(b)
-        seen += k
-        if seen >= n:
-            break
-    return out
-
-
 def _digest_batches(batches) -> str:
     import hashlib
 
@@ -162,8 +146,8 @@ class _Search:
         self.remedy_info = ref0.info.get("remedy", {})
 
         # data: proxy set (end-to-end proxy metric) and the smaller sensitivity set (layer table)
-        self.proxy_batches = _take(pipe.calib, int(proxy_samples))
-        self.sens_batches = _take(pipe.calib, int(min(sensitivity_samples, proxy_samples)))
+        self.proxy_batches = pipe.first_batches(int(proxy_samples), exact=True)
+        self.sens_batches = pipe.first_batches(int(min(sensitivity_samples, proxy_samples)), exact=True)
         self.feed = pipe.timing_feed()
         self.fp_session = self.backend.compile(pipe.reference)
         self.sens_proxy = FidelityProxy(self.backend, self.fp_session, self.sens_batches)
