@@ -277,7 +277,9 @@ def nothing_to_quantize(plan: QuantPlan, target: str, opts: QuantOptions) -> str
     parts = [f"{', '.join(nodes[:3])}{f' and {len(nodes) - 3} more' if len(nodes) > 3 else ''}: {r}"
              for r, nodes in sorted(reasons.items(), key=lambda kv: -len(kv[1]))]
     return (f"nothing to quantize for target {target} at W{opts.weight_bits}A{opts.activation_bits}: "
-            + "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else ""))
+            + "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else "")
+            + ". Change the options named there (exclude / op_types / layers / bits, or simulate=True), or the "
+              "target (hago targets)")
 
 
 def _first_batches(calib, n_samples: int, exact: bool = False) -> List[Dict[str, np.ndarray]]:

@@ -166,7 +166,8 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                 simulated = True
                 w_dtype = want_dtype or ("int8" if w_bits > 4 else "int4")
                 scheme_d = {"weight_bits": w_bits, "activation_bits": a_bits, "weight_dtype": w_dtype,
-                            "activation_dtype": "uint8", "kernel": None, "native": False}
+                            "activation_dtype": "uint8" if a_bits <= 8 else "uint16", "kernel": None,
+                            "native": False}
             else:
                 w_dtype = scheme.weight_dtype
                 simulated = not scheme.native

@@ -216,6 +216,9 @@ def layer_saturation(model: onnx.ModelProto, plan: QuantPlan, layers: List[str],
             lp.notes.append(f"saturation not estimated: {e}")
             continue
         act = plan.resolve(x_name)
+        if not act.scale or not act.zero_point:  # no static qparams on this input (yet): nothing to estimate
+            lp.notes.append("saturation not estimated: the input has no calibrated scale")
+            continue
         rows_q, zp = quantize_rows(rows, act)
         wq = int_weight(wm, dataclasses.replace(lp.weight, axis=0) if lp.weight.granularity == "per_channel"
                         else lp.weight)
