@@ -195,6 +195,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
         cut = max(topo[name] for name in wave)
         live = [t for t, p in prod.items() if p < cut and last.get(t, -1) >= cut]
         q_names = {o for n in qmodel.graph.node for o in n.output}
+        q_nodes = {n.name: n for n in qmodel.graph.node}
         wanted_fp, wanted_q, dyn = [], [], {}
         for name in wave:
             lp = plan.layers[name]
@@ -202,7 +203,10 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
             tq = plan.activations.get(x)
             wanted_fp.append(x)
             if tq is not None and tq.mode == "static":
-                wanted_q.append(f"{x}_dequantized")
+                # the layer's own input in the QDQ model: realize names it <x>_dequantized unless the user's graph
+                # already had that name (the name allocator then picks another)
+                qn = q_nodes.get(name)
+                wanted_q.append(qn.input[0] if qn is not None and qn.input else f"{x}_dequantized")
                 dyn[name] = False
             else:
                 wanted_q.append(x)
