@@ -59,11 +59,12 @@ RECYCLE_AFTER = 200
 FIX_WORDS = ("use ", "pass ", "check", "give ", "re-export", "export", "remove", "rename", "set ", "add ", "choose",
              "create", "fix", "try ", "convert", "install", "provide", "drop ", "make ", "list ", "specify",
              "supply", "must", "expected", "should", "instead", "e.g.", "valid", "one of", "allowed", "need",
-             "only ", "supported", "did you mean", "keep ", "move ", "write", "save", "see ")
+             "only ", "supported", "did you mean", "keep ", "move ", "write", "save", "see ", "change", "turn ",
+             "increase", "reduce", "lower ", "raise ", "enable", "disable", "report it", "rerun", "re-run")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
 LISTS_CHOICES = re.compile(r":\s*[\w.'\"-]+(,\s*[\w.'\"-]+){2,}")  # 'valid ...: a, b, c' names the fix
 PROBLEM_COLUMNS = ("crash", "hang", "invalid_output", "files_left", "bad_message", "not_close", "wrong_outcome",
-                   "internal_error", "unused_initializers", "input_mutated")
+                   "internal_error", "unused_initializers", "input_mutated", "harness_error")
 
 
 class CaseTimeout(BaseException):
@@ -96,8 +97,8 @@ class Outcome:
         self.details.append(f"{problem}: {detail}")
 
     def repro(self) -> str:
-        """The command that reruns this case alone."""
-        return f"python -m benchmarks.fuzz --repro {self.family}:{self.seed}"
+        """The command that reruns this case alone (and writes a standalone repro.py)."""
+        return f"python -m benchmarks.fuzz --repro {self.family}:{self.seed} --keep /tmp/hago-case"
 
 
 # ------------------------------------------------------------------------------------------- case folder
@@ -477,6 +478,16 @@ def execute(case: Case, workdir: Path, timeout: float, o: Outcome) -> None:
     check_expectation(case, o)
 
 
+def check_cwd(before: set, o: Outcome) -> None:
+    """Count (and remove) files a case wrote into the current directory instead of where it was told."""
+    new = sorted(set(os.listdir(".")) - before)
+    if new:
+        o.add("files_left", f"written to the current directory: {new[:5]}")
+        for name in new:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(name) if os.path.isdir(name) else os.unlink(name)
+
+
 def cli_exception(family: str, seed: int, root: Path, cache: Optional[ExportCache]) -> Optional[BaseException]:
     """Rerun a CLI case that exited 1 through the CLI's own command function, without its catch-all, and
     return the exception it raises (None if it raises none or the CLI has no such function)."""
@@ -521,8 +532,9 @@ def refine_cli_failure(o: Outcome, root: Path, timeout: float, cache: Optional[E
 
 
 def run_case(family: str, seed: int, root: Path, timeout: float = DEFAULT_TIMEOUT_S,
-             cache: Optional[ExportCache] = None) -> Outcome:
-    """Generate and run one case in a fresh folder under ``root``; the folder is removed afterwards."""
+             cache: Optional[ExportCache] = None, watch_cwd: bool = False) -> Outcome:
+    """Generate and run one case in a fresh folder under ``root``; the folder is removed afterwards.
+    ``watch_cwd``: also count files the case leaves in the current directory (then removed)."""
     t0 = time.perf_counter()
     o = Outcome(family, seed)
     try:
@@ -535,6 +547,7 @@ def run_case(family: str, seed: int, root: Path, timeout: float = DEFAULT_TIMEOU
         o.status = "skip"
         return o
     workdir = Path(tempfile.mkdtemp(prefix=f"{family}-{seed}-", dir=root))
+    cwd_before = set(os.listdir(".")) if watch_cwd else set()
     try:
         execute(case, workdir, timeout, o)
     except CaseTimeout:
@@ -542,11 +555,13 @@ def run_case(family: str, seed: int, root: Path, timeout: float = DEFAULT_TIMEOU
         o.traceback = traceback.format_exc()
         o.location = hago_location(o.traceback)
         o.add("hang", f"no result after {timeout:.0f} s (stuck at {o.location})")
-    except Exception as e:  # noqa: BLE001 - a checker failure is reported as such
-        o.add("invalid_output", f"checker error {type(e).__name__}: {str(e)[:200]}")
+    except Exception as e:  # noqa: BLE001 - a failure of the checker itself is reported as such
+        o.add("harness_error", f"{type(e).__name__}: {str(e)[:200]}")
         o.traceback = traceback.format_exc()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if watch_cwd:
+            check_cwd(cwd_before, o)
     if o.status == "internal" and o.mode == "cli":
         refine_cli_failure(o, root, timeout, cache)
     o.seconds = time.perf_counter() - t0
@@ -557,21 +572,49 @@ def run_case(family: str, seed: int, root: Path, timeout: float = DEFAULT_TIMEOU
 
 
 def worker_main(conn: Any, root: str, timeout: float) -> None:
-    """Worker loop: receive (family, seed), send back the Outcome as a dict; None ends the loop."""
+    """Worker loop: import hago_py, say 'ready', then receive (family, seed) and send back the Outcome as a
+    dict; None ends the loop."""
     warnings.simplefilter("ignore")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import hago_py  # noqa: F401 - a broken import is reported to the parent, not counted against a case
+        import hago_py.api  # noqa: F401
+        import hago_py.cli  # noqa: F401
+    except BaseException as e:  # noqa: BLE001
+        conn.send(("import failed", f"{type(e).__name__}: {e}"))
+        return
+    scratch = Path(root) / f"cwd-{os.getpid()}"  # the worker's own current directory, watched per case
+    scratch.mkdir(parents=True, exist_ok=True)
+    os.chdir(scratch)
+    conn.send(("ready", ""))
     cache = ExportCache()
     while True:
         task = conn.recv()
         if task is None:
             return
         family, seed = task
-        conn.send(asdict(run_case(family, seed, Path(root), timeout, cache)))
+        if family.startswith("_selftest"):
+            selftest_task(family)
+        conn.send(asdict(run_case(family, seed, Path(root), timeout, cache, watch_cwd=True)))
+
+
+def selftest_task(family: str) -> None:
+    """Harness self-test tasks: '_selftest_die' kills the worker, '_selftest_hang' blocks past every alarm."""
+    if family == "_selftest_die":
+        os._exit(3)
+    if family == "_selftest_hang":
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        while True:
+            time.sleep(1)
+
+
+class WorkerStartError(RuntimeError):
+    """A worker process could not import hago_py (e.g. a source file is mid-edit)."""
 
 
 @dataclass
 class Worker:
-    """A worker process, its pipe, its current task and its deadline."""
+    """A worker process, its pipe, its current task and when that task started."""
 
     proc: Any
     conn: Any
@@ -580,13 +623,37 @@ class Worker:
     done: int = 0
 
 
-def start_worker(ctx: Any, root: Path, timeout: float) -> Worker:
-    """Spawn a worker process."""
+def spawn_worker(ctx: Any, root: Path, timeout: float) -> Worker:
+    """Spawn a worker and wait for its 'ready' (WorkerStartError if it fails to import hago_py)."""
     parent, child = ctx.Pipe()
     p = ctx.Process(target=worker_main, args=(child, str(root), timeout), daemon=True)
     p.start()
     child.close()
-    return Worker(p, parent)
+    w = Worker(p, parent)
+    try:
+        if not parent.poll(300):
+            raise WorkerStartError("worker did not start within 300 s")
+        status, why = parent.recv()
+    except (EOFError, OSError) as e:
+        stop_worker(w)
+        raise WorkerStartError(f"worker died while starting (exit code {p.exitcode}): {e}") from e
+    if status != "ready":
+        stop_worker(w)
+        raise WorkerStartError(why)
+    return w
+
+
+def start_worker(ctx: Any, root: Path, timeout: float, attempts: int = 6) -> Worker:
+    """Spawn a ready worker, retrying a failed start a few times (sources may be mid-edit); raise after that."""
+    last = ""
+    for i in range(attempts):
+        try:
+            return spawn_worker(ctx, root, timeout)
+        except WorkerStartError as e:
+            last = str(e)
+            print(f"  worker start failed ({last[:200]}); retrying in {5 * (i + 1)} s", file=sys.stderr, flush=True)
+            time.sleep(5 * (i + 1))
+    raise WorkerStartError(f"no worker could start after {attempts} attempts: {last}")
 
 
 def stop_worker(w: Worker, graceful: bool = False) -> None:
@@ -611,56 +678,89 @@ def dead_outcome(task: Tuple[str, int], status: str, detail: str, seconds: float
     return o
 
 
+class Pool:
+    """Worker processes that run cases with a hard per-case deadline; see :func:`run_pool`."""
+
+    def __init__(self, jobs: int, timeout: float, root: Path, grace: float = HARD_GRACE_S) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.timeout, self.root, self.hard = timeout, root, timeout + grace
+        self.workers = [start_worker(self.ctx, root, timeout) for _ in range(jobs)]
+
+    def replace(self, i: int, graceful: bool = False) -> None:
+        """Stop worker ``i`` and start a fresh one in its place."""
+        stop_worker(self.workers[i], graceful)
+        self.workers[i] = start_worker(self.ctx, self.root, self.timeout)
+
+    def dispatch(self, queue: List[Tuple[str, int]]) -> None:
+        """Give every idle worker the next task (a worker that cannot take it is replaced, the task kept)."""
+        for i in range(len(self.workers)):
+            if self.workers[i].task is not None or not queue:
+                continue
+            if self.workers[i].done >= RECYCLE_AFTER:
+                self.replace(i, graceful=True)
+            w = self.workers[i]
+            try:
+                w.conn.send(queue[-1])
+            except (BrokenPipeError, OSError):
+                self.replace(i)
+                continue
+            w.task, w.started = queue.pop(), time.perf_counter()
+
+    def collect(self) -> List[Tuple[Tuple[str, int], Outcome]]:
+        """Wait for the next finished (or dead / overdue) tasks and return (task, outcome) pairs."""
+        busy = [w for w in self.workers if w.task is not None]
+        if not busy:
+            return []
+        wait_s = max(0.05, min(w.started + self.hard - time.perf_counter() for w in busy))
+        ready = wait([w.conn for w in busy], timeout=wait_s)
+        done = []
+        for i, w in enumerate(self.workers):
+            if w.task is None:
+                continue
+            elapsed = time.perf_counter() - w.started
+            if w.conn in ready:
+                try:
+                    o = Outcome(**w.conn.recv())
+                    w.done += 1
+                    done.append((w.task, o))
+                    w.task = None
+                except (EOFError, OSError):
+                    w.proc.join(5)
+                    done.append((w.task, dead_outcome(w.task, "crash", f"worker died (exit code {w.proc.exitcode})",
+                                                      elapsed)))
+                    self.replace(i)
+            elif elapsed > self.hard:
+                done.append((w.task, dead_outcome(w.task, "hang", f"killed after {self.hard:.0f} s", elapsed)))
+                self.replace(i)
+        return done
+
+    def close(self) -> None:
+        """Stop all workers."""
+        for w in self.workers:
+            stop_worker(w, graceful=w.task is None)
+
+
 def run_pool(tasks: List[Tuple[str, int]], jobs: int, timeout: float, root: Path,
-             progress: bool = True) -> List[Outcome]:
-    """Run ``tasks`` on ``jobs`` workers with per-case hang detection; returns outcomes in task order."""
-    ctx = mp.get_context("spawn")
-    hard = timeout + HARD_GRACE_S
+             progress: bool = True, grace: float = HARD_GRACE_S) -> List[Outcome]:
+    """Run ``tasks`` on ``jobs`` worker processes with per-case hang detection; outcomes in task order.
+    A case that does not report back ``grace`` seconds after its soft ``timeout`` is killed (a hang)."""
     results: Dict[int, Outcome] = {}
     order = {t: i for i, t in enumerate(tasks)}
     queue = list(tasks)[::-1]
-    workers = [start_worker(ctx, root, timeout) for _ in range(max(1, min(jobs, len(tasks))))]
+    pool = Pool(max(1, min(jobs, len(tasks))), timeout, root, grace)
     t_start, last_print = time.perf_counter(), 0
     try:
         while len(results) < len(tasks):
-            for i, w in enumerate(workers):
-                if w.task is None and queue:
-                    if w.done >= RECYCLE_AFTER:
-                        stop_worker(w, graceful=True)
-                        w = workers[i] = start_worker(ctx, root, timeout)
-                    w.task, w.started = queue.pop(), time.perf_counter()
-                    w.conn.send(w.task)
-            busy = [w for w in workers if w.task is not None]
-            now = time.perf_counter()
-            wait_s = max(0.05, min(w.started + hard - now for w in busy))
-            ready = wait([w.conn for w in busy], timeout=wait_s)
-            for i, w in enumerate(workers):
-                if w.task is None:
-                    continue
-                if w.conn in ready:
-                    try:
-                        o = Outcome(**w.conn.recv())
-                    except (EOFError, OSError):
-                        w.proc.join(5)
-                        o = dead_outcome(w.task, "crash", f"worker died (exit code {w.proc.exitcode})",
-                                         time.perf_counter() - w.started)
-                        stop_worker(w)
-                        workers[i] = start_worker(ctx, root, timeout)
-                    results[order[w.task]] = o
-                    w.task, w.done = None, w.done + 1
-                elif time.perf_counter() - w.started > hard:
-                    results[order[w.task]] = dead_outcome(w.task, "hang", f"killed after {hard:.0f} s",
-                                                          time.perf_counter() - w.started)
-                    stop_worker(w)
-                    workers[i] = start_worker(ctx, root, timeout)
+            pool.dispatch(queue)
+            for task, o in pool.collect():
+                results[order[task]] = o
             if progress and len(results) - last_print >= 100:
                 last_print = len(results)
                 bad = sum(1 for r in results.values() if r.problems)
                 print(f"  {len(results)}/{len(tasks)} cases, {bad} with problems, "
                       f"{time.perf_counter() - t_start:.0f} s", flush=True)
     finally:
-        for w in workers:
-            stop_worker(w, graceful=w.task is None)
+        pool.close()
     return [results[i] for i in range(len(tasks))]
 
 
@@ -696,7 +796,7 @@ def format_table(table: Dict[str, Dict[str, int]]) -> str:
     """The per-family table as fixed-width text."""
     short = {"invalid_output": "invalid", "files_left": "files", "bad_message": "bad_msg", "not_close": "not_close",
              "wrong_outcome": "wrong", "internal_error": "internal", "unused_initializers": "unused_init",
-             "input_mutated": "mutated"}
+             "input_mutated": "mutated", "harness_error": "harness"}
     cols = ["cases", "api", "cli", "ok", "no_qdq", "rejected", "skipped"] + [c for c in PROBLEM_COLUMNS]
     head = f"{'family':<10}" + "".join(f"{short.get(c, c):>{max(9, len(short.get(c, c)) + 1)}}" for c in cols)
     lines = [head, "-" * len(head)]
@@ -766,7 +866,8 @@ def write_repro(case: Case, folder: Path) -> Path:
         body += f"calibration = {_repro_value(case.calibration, folder, 'calib', onnx, pickle)}\n"
         body += f"target = {_repro_value(case.target, folder, 'spec', onnx, pickle)}\n"
         body += f"kwargs = pickle.loads({pickle.dumps(case.kwargs)!r})\n"
-        body += (f"res = hago_py.quantize(model, calibration, target, measure_latency={case.measure_latency}, **kwargs)\n"
+        body += ("res = hago_py.quantize(model, calibration, target, "
+                 f"measure_latency={case.measure_latency}, **kwargs)\n"
                  f"res.save({str(folder / case.out.path) if case.out else str(folder / 'out.onnx')!r}, "
                  f"report_dir={str(folder / case.report.path) if case.report else None!r})\nprint('quantized')\n")
     path = folder / "repro.py"

@@ -247,15 +247,19 @@ class GraphBuilder:
         k = 1 if (min(h, w) < 3 or chance(self.rng, 0.3)) else 3
         fixed = same or keep_hw
         stride = 2 if (not fixed and min(h, w) >= 4 and chance(self.rng, 0.25)) else 1
-        pad = k // 2 if (fixed or chance(self.rng, 0.7)) else 0
+        dil = 2 if (k == 3 and stride == 1 and min(h, w) >= 5 and chance(self.rng, 0.15)) else 1
+        pad = (k // 2) * dil if (fixed or chance(self.rng, 0.7)) else 0
         group = c if (not same and cout is None and c > 1 and chance(self.rng, 0.15)) else 1
         co = c if (group > 1 or same) else (cout or int(self.rng.integers(2, 9)))
         has_bias = chance(self.rng, 0.8)
         wn, bn = self.weight((co, c // group, k, k), (c // group) * k * k, co if has_bias else None, "w")
-        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        ext = dil * (k - 1) + 1
+        ho, wo = (h + 2 * pad - ext) // stride + 1, (w + 2 * pad - ext) // stride + 1
         ins = [x, wn] + ([bn] if bn else [])
-        return self.node("Conv", ins, (self.shape[x][0], co, ho, wo), kernel_shape=[k, k], strides=[stride, stride],
-                         pads=[pad] * 4, group=group)
+        attrs: Dict[str, Any] = dict(kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4, group=group)
+        if dil > 1:
+            attrs["dilations"] = [dil, dil]
+        return self.node("Conv", ins, (self.shape[x][0], co, ho, wo), **attrs)
 
     def pool(self, x: str) -> str:
         """MaxPool / AveragePool / GlobalAveragePool."""
@@ -361,6 +365,34 @@ class GraphBuilder:
             ins.append(self.init("clip_max", np.array(hi, np.float32)))
         return self.node("Clip", ins, self.shape[x])
 
+    def silu(self, x: str) -> str:
+        """x * Sigmoid(x) (SiLU / Swish, as exporters write it)."""
+        sg = self.node("Sigmoid", [x], self.shape[x])
+        ins = [x, sg] if chance(self.rng, 0.5) else [sg, x]
+        return self.node("Mul", ins, self.shape[x])
+
+    def softmax(self, x: str) -> str:
+        """Softmax over the last axis."""
+        return self.node("Softmax", [x], self.shape[x], axis=len(self.shape[x]) - 1)
+
+    def norm(self, x: str) -> str:
+        """BatchNormalization (rank 4) or LayerNormalization over the last axis (opset >= 17, else Softmax)."""
+        shp = self.shape[x]
+        if len(shp) == 4:
+            c = shp[1]
+            ins = [x] + [self.init(n, a) for n, a in (
+                ("bn_scale", self.rng.uniform(0.5, 1.5, c)), ("bn_bias", self.rng.normal(0, 0.1, c)),
+                ("bn_mean", self.rng.normal(0, 0.1, c)), ("bn_var", self.rng.uniform(0.5, 2.0, c)))]
+            for n in ins[1:]:
+                self.inits[n] = self.inits[n].astype(np.float32)
+            return self.node("BatchNormalization", ins, shp, epsilon=1e-5)
+        if self.k.opset < 17:
+            return self.softmax(x)
+        d = shp[-1]
+        g = self.init("ln_g", (1 + self.rng.normal(0, 0.1, d)).astype(np.float32))
+        b = self.init("ln_b", self.rng.normal(0, 0.1, d).astype(np.float32))
+        return self.node("LayerNormalization", [x, g, b], shp, axis=-1)
+
     def layer(self, x: str, same: bool = False, keep_hw: bool = False) -> str:
         """One weighted layer suited to the rank of ``x`` (output shape == input shape when ``same``)."""
         shp = self.shape[x]
@@ -411,7 +443,8 @@ class GraphBuilder:
     def step(self, x: str) -> str:
         """One random op applicable to ``x``."""
         rank = len(self.shape[x])
-        choices: List[Callable[[str], str]] = [self.layer, self.act, self.residual, self.concat]
+        choices: List[Callable[[str], str]] = [self.layer, self.act, self.residual, self.concat, self.silu,
+                                               self.norm] + ([self.softmax] if rank != 4 else [])
         if rank == 4:
             choices += [self.pool, self.pad, self.to_rank2]
             if self.shape[x][1] <= 16:
@@ -645,6 +678,11 @@ def draw_model(family: str, seed: int, plain: bool
     raise RuntimeError(f"fuzzgen: no valid graph for {family}:{seed} after {MAX_REDRAWS} draws ({last})")
 
 
+def fp32_bytes(model: onnx.ModelProto) -> bytes:
+    """The FP32 reference the success checks run: ``model`` with unique node names (ORT refuses duplicates)."""
+    return unique_node_names(model).SerializeToString()
+
+
 def knobs_note(knobs: GraphKnobs) -> str:
     """One-line description of a drawn graph."""
     batch = f"static batch {knobs.batch}" if knobs.static_batch else "dynamic batch"
@@ -796,7 +834,7 @@ def gen_graphs(seed: int) -> Case:
     calibration set; default W8A8 options (sometimes per-tensor / another built-in target)."""
     model, calib, probe, knobs = draw_model("graphs", seed, plain=False)
     rng = family_rng("graphs", seed, salt=1)
-    case = Case("graphs", seed, "api", knobs_note(knobs), fp32=unique_node_names(model).SerializeToString(), probe=probe)
+    case = Case("graphs", seed, "api", knobs_note(knobs), fp32=fp32_bytes(model), probe=probe)
     opts: Dict[str, Any] = {}
     if chance(rng, 0.25):
         opts["per_channel"] = False
@@ -837,7 +875,7 @@ def gen_calib(seed: int) -> Case:
     kind = pick(rng, CALIB_KINDS)
     if kind in ("fewer_than_batch", "not_multiple_of_batch") and not knobs.static_batch:
         kind = "one_sample"
-    case = Case("calib", seed, "api", f"calib '{kind}' on a {knobs_note(knobs)}", fp32=unique_node_names(model).SerializeToString(),
+    case = Case("calib", seed, "api", f"calib '{kind}' on a {knobs_note(knobs)}", fp32=fp32_bytes(model),
                 probe=probe)
     names = list(calib)
     case.blame = tuple(names) + ("calibration", "calib", "sample", "input")
@@ -994,7 +1032,8 @@ def mutate_spec(rng: np.random.Generator, kind: str, spec: Dict[str, Any]
                                (["cost_model", "cores"], 1.5), (conv_scheme[:3], {}),
                                (conv_scheme + ["weight_symmetric"], True), (["fusion_patterns"], "Conv"),
                                (conv_scheme + ["weight_bits"], "8"), (["backend"], "ort"),
-                               (["cost_model", "sources"], "datasheet"), (conv_scheme + ["granularity"], "per_channel")])
+                               (["cost_model", "sources"], "datasheet"),
+                               (conv_scheme + ["granularity"], "per_channel")])
         _spec_set(s, path, val)
         return s, "reject", tuple(str(p) for p in path if isinstance(p, str)), {}, None
     if kind == "lowercase_op":
@@ -1096,7 +1135,7 @@ def gen_specs(seed: int) -> Case:
     kind = pick(rng, SPEC_MUTATIONS)
     base = pick(rng, list(BUILTIN_TARGETS))
     case = Case("specs", seed, "api", f"spec mutation '{kind}' of {base} on a {knobs_note(knobs)}",
-                fp32=unique_node_names(model).SerializeToString(), probe=probe)
+                fp32=fp32_bytes(model), probe=probe)
     opts: Dict[str, Any] = {}
     if kind == "unknown_builtin":
         target, case.expect = pick(rng, ["x86-avx2", "X86_AVX2", "x86_avx3", "avx2", ""]), "reject"
@@ -1230,7 +1269,7 @@ def gen_options(seed: int) -> Case:
     if opts.get("weight_bits") in (2, 4, 6, 7) and "simulate" not in opts and chance(rng, 0.5):
         opts["simulate"] = True
     case = Case("options", seed, "api", f"options {dict(opts, **extra)!r} on a {knobs_note(knobs)}",
-                fp32=unique_node_names(model).SerializeToString(), probe=probe)
+                fp32=fp32_bytes(model), probe=probe)
     case.expect = "reject" if bad else "either"
     # a valid option set can still ask for what the target lacks (e.g. W7A8): then the target / scheme is named
     case.blame = tuple(sorted(bad)) if bad else tuple(opts) + ("option", "target", "scheme", "simulate")
@@ -1291,7 +1330,7 @@ def gen_files(seed: int) -> Case:
     model, calib, probe, knobs = draw_model("files", seed, plain=True)
     rng = family_rng("files", seed, salt=1)
     kind = pick(rng, FILE_KINDS)
-    case = Case("files", seed, "api", f"file case '{kind}' on a {knobs_note(knobs)}", fp32=unique_node_names(model).SerializeToString(),
+    case = Case("files", seed, "api", f"file case '{kind}' on a {knobs_note(knobs)}", fp32=fp32_bytes(model),
                 probe=probe)
     data = model.SerializeToString()
     m_val: Any = model
@@ -1357,7 +1396,8 @@ def gen_files(seed: int) -> Case:
         case.expect = "either"
     elif kind in ("peers_missing", "peers_malformed", "peers_without_search"):
         if kind == "peers_malformed":
-            case.files["peers.json"] = pick(rng, [b"{not json", b"[1, 2]", b'{"rows": 3}', b'{"rows": [{"speedup": "x", "drop": 1}]}'])
+            case.files["peers.json"] = pick(rng, [b"{not json", b"[1, 2]", b'{"rows": 3}',
+                                                  b'{"rows": [{"speedup": "x", "drop": 1}]}'])
         flags = ["--peers", Rel("peers.json")]
         if kind != "peers_without_search":
             flags = ["--search", "--time-budget", "2"] + flags
@@ -1478,7 +1518,8 @@ def gen_exporters(seed: int, cache: Optional[ExportCache] = None) -> Case:
     if why:
         case.note = f"SKIP: {why}"
         return case
-    status, blob = cache.get((kind, opset, keep, dynamic, wseed), lambda: torch_export(kind, opset, keep, dynamic, wseed))
+    status, blob = cache.get((kind, opset, keep, dynamic, wseed),
+                             lambda: torch_export(kind, opset, keep, dynamic, wseed))
     if status != "ok":
         case.note = f"SKIP: torch export failed for {note}: {blob}"
         return case

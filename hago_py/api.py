@@ -95,6 +95,11 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
                               latency_budget=latency_budget, time_budget=time_budget, checkpoint=checkpoint,
                               resume=resume, measure_latency=measure_latency, **dict(search_options or {}))
         built = pipe.build()
+        if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+                   for n in built.model.graph.node):  # never return the input unchanged as if quantized
+            from .pipeline import nothing_to_quantize
+
+            raise OptionError(nothing_to_quantize(built.plan, pipe.spec.name, opts))
         result = finish(pipe, built, measure_latency=measure_latency)
     result.report["timings_s"]["total"] = time.perf_counter() - t0
     return result

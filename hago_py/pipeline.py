@@ -140,10 +140,12 @@ class Pipeline:
              if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits]
         return list(dict.fromkeys(w[:1] + w[-1:]))
 
-    def annotate(self, opts: QuantOptions) -> QuantPlan:
+    def annotate(self, opts: QuantOptions, allow_empty: bool = False) -> QuantPlan:
+        """The plan for ``opts``; OptionError when it quantizes nothing, unless ``allow_empty`` (a search's
+        or the sanity check's per-layer overrides may keep every layer FP32; the user's options may not)."""
         self._check_bits(opts)
         plan = annotate(self.prepared, self.spec, opts, target_name=self.spec.name, model_digest=self.digest)
-        if not plan.quantized_layers() and not opts.layers:
+        if not plan.quantized_layers() and not allow_empty:
             raise OptionError(nothing_to_quantize(plan, self.spec.name, opts))
         return plan
 
@@ -212,7 +214,7 @@ class Pipeline:
     def _build(self, layers: Optional[Mapping[str, Mapping[str, Any]]] = None, **changes) -> Built:
         opts = self.options(layers, **changes)
         info: Dict[str, Any] = {}
-        plan = self.annotate(opts)
+        plan = self.annotate(opts, allow_empty=bool(layers))
         self.calibrate(plan, opts)
         info["remedy"] = choose_remedy(self.prepared, plan, self.spec, opts, self.check_batches)
         if opts.clipping == "lapq":  # after the remedy: it may change weight bits / dtypes, LAPQ sees the final ones

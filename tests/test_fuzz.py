@@ -66,6 +66,69 @@ def test_fixed_slice(family: str, seed: int) -> None:
     assert not o.problems, contract_report(o)
 
 
+# cases the fuzz campaign (python -m benchmarks.fuzz --n 5000 --seed 0) found broken: each must now hold the contract
+REGRESSION = {
+    "graphs:2628": "Gemm bias of shape [1] + rounding=adaround: reconstruct.apply_biases reshape ValueError",
+    "options:345": "clipping=lapq with a Concat graph output: ModelError 'realize and lapq disagree on node naming'",
+}
+
+
+@pytest.mark.parametrize("key", sorted(REGRESSION))
+def test_regression_seeds(key: str) -> None:
+    family, seed = key.split(":")
+    o = run(family, int(seed))
+    assert not o.problems, f"{REGRESSION[key]}\n" + contract_report(o)
+
+
+def check_handmade(tmp: Path, model: onnx.ModelProto, feed: Dict[str, np.ndarray], **kwargs) -> fuzz.Outcome:
+    """Run a hand-written model (a minimised fuzz finding) through the same contract checker."""
+    case = Case("graphs", -1, "api", "minimised fuzz finding", model=model, calibration=feed, target="x86_avx2",
+                kwargs=kwargs, out=Rel("out.onnx"), fp32=model.SerializeToString(),
+                probe={k: v[:4] for k, v in feed.items()}, quantizable=True, expect="ok",
+                blame=tuple(kwargs) + ("node", "model"))
+    o = fuzz.Outcome("graphs", -1)
+    fuzz.execute(case, tmp, CASE_TIMEOUT_S, o)
+    return o
+
+
+def tiny_model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
+    """A checked IR-8 model from helper pieces."""
+    g = onnx.helper.make_graph(nodes, "g", inputs, outputs, inits)
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_min_gemm_bias_of_shape_1_with_adaround(tmp_path: Path) -> None:
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    r = np.random.default_rng(0)
+    m = tiny_model([h.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
+                   [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])], [h.make_tensor_value_info("y", T.FLOAT, ["N", 4])],
+                   [numpy_helper.from_array(r.normal(0, .3, (4, 8)).astype(np.float32), "w"),
+                    numpy_helper.from_array(np.array([0.5], np.float32), "b")])
+    o = check_handmade(tmp_path, m, {"x": r.normal(0, 1, (16, 8)).astype(np.float32)}, rounding="adaround",
+                       rounding_iters=5)
+    assert not o.problems, contract_report(o)
+
+
+def test_min_lapq_with_concat_graph_output(tmp_path: Path) -> None:
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    r = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             h.make_node("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1]), h.make_node("Concat", ["a", "b"], ["y"], axis=1)]
+    m = tiny_model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 4, 8, 8])],
+                   [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])],
+                   [numpy_helper.from_array(r.normal(0, .3, (2, 4, 3, 3)).astype(np.float32), n) for n in ("w1", "w2")],
+                   opset=15)
+    o = check_handmade(tmp_path, m, {"x": r.normal(0, 1, (8, 4, 8, 8)).astype(np.float32)}, clipping="lapq")
+    assert not o.problems, contract_report(o)
+
+
 # ------------------------------------------------------------------------------------ hypothesis properties
 
 
@@ -222,3 +285,11 @@ def test_families_exercise_api_and_cli() -> None:
             modes.setdefault(f, set()).add(make_case(f, SLICE_SEED + i, _CACHE).mode)
     assert all(m == {"api", "cli"} for m in modes.values()), modes
     assert isinstance(make_case("files", SLICE_SEED, _CACHE).out, Rel)
+
+
+def test_pool_counts_dead_and_hung_workers_and_goes_on(tmp_path: Path) -> None:
+    tasks = [("_selftest_die", 0), ("_selftest_hang", 0), ("options", SLICE_SEED)]
+    out = fuzz.run_pool(tasks, jobs=2, timeout=1.0, root=tmp_path, progress=False, grace=2.0)
+    assert [o.status for o in out[:2]] == ["crash", "hang"]
+    assert "crash" in out[0].problems and "hang" in out[1].problems
+    assert out[2].status in ("ok", "rejected")

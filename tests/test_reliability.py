@@ -245,17 +245,20 @@ def test_invalid_output_is_an_internal_error_and_nothing_is_written(tmp_path, mo
 
 
 # -- class 8: silent accuracy loss ------------------------------------------------------------------------
-def _pruned_channel_model():
+def _pruned_channel_model(second_layer=False):
     w = RNG.normal(0, .3, (8, 3, 3, 3)).astype(np.float32)
     w[3] *= 1e-7                       # a pruned channel / folded BN with gamma ~ 0 ...
     b = np.zeros(8, np.float32)
     b[3] = 0.5                         # ... with a real bias
-    return _model([h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1]),
-                   h.make_node("Relu", ["y"], ["r"], name="relu"),
-                   h.make_node("GlobalAveragePool", ["r"], ["z"], name="gap")],
-                  [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
-                  [h.make_tensor_value_info("z", T.FLOAT, ["N", 8, 1, 1])],
-                  [nh.from_array(w, "w"), nh.from_array(b, "b")])
+    nodes = [h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["y"], ["r"], name="relu")]
+    inits = [nh.from_array(w, "w"), nh.from_array(b, "b")]
+    if second_layer:  # a healthy layer before it, so that the model still has something quantized
+        nodes = [h.make_node("Conv", ["x0", "w0"], ["x"], name="conv0", pads=[1, 1, 1, 1])] + nodes
+        inits.append(nh.from_array(RNG.normal(0, .3, (3, 3, 3, 3)).astype(np.float32), "w0"))
+    nodes.append(h.make_node("GlobalAveragePool", ["r"], ["z"], name="gap"))
+    return _model(nodes, [h.make_tensor_value_info("x0" if second_layer else "x", T.FLOAT, ["N", 3, 8, 8])],
+                  [h.make_tensor_value_info("z", T.FLOAT, ["N", 8, 1, 1])], inits)
 
 
 def test_int32_bias_overflow_is_fixed_and_reported():
@@ -271,13 +274,18 @@ def test_int32_bias_overflow_is_fixed_and_reported():
 def test_sanity_check_keeps_a_ruined_layer_fp32(monkeypatch):
     """With the bias fix disabled, the per-layer numeric check still catches the ruined layer."""
     monkeypatch.setattr("hago_py.quant.realize.BIAS_LIMIT", 2.0 ** 40)
-    m = _pruned_channel_model()
-    feed = _x()
+    m = _pruned_channel_model(second_layer=True)
+    feed = {"x0": _x()["x"]}
     res = hago_py.quantize(m, feed, measure_latency=False)
-    assert "conv" in res.report["sanity_fallback"]
+    assert list(res.report["sanity_fallback"]) == ["conv"]
     assert not res.plan.layers["conv"].quantize and "sanity" in res.plan.layers["conv"].reason
-    out = _run(res.model, {"x": feed["x"][:4]})[0]
-    assert np.allclose(out[:, 3], 0.5, atol=0.01)
+    assert res.plan.layers["conv0"].quantize
+    out = _run(res.model, {"x0": feed["x0"][:4]})[0]
+    ref = _run(m, {"x0": feed["x0"][:4]})[0]
+    assert np.allclose(out[:, 3], ref[:, 3], atol=0.01)
+    # a model whose only layer falls back is not returned as if quantized
+    with pytest.raises(OptionError, match="numeric sanity check"):
+        hago_py.quantize(_pruned_channel_model(), _x(), measure_latency=False)
 
 
 # -- class 9: usability gaps ------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..backends.ort import OrtBackend
-from ..errors import DataError, ModelError, OptionError
+from ..errors import DataError, InternalError, ModelError, OptionError
 from .calibrate import calibration_targets, collect_tensors
 from .observers import qparams_from_range, qrange
 from .plan import QuantPlan, TensorQuant
@@ -187,6 +187,9 @@ class _Simulator:
         self.evaluations = 0
         # weights the data-driven rounding has not solved yet (it runs after LAPQ) are nearest here
         qmodel = realize(model, plan.nearest_copy(weights or {}), weights=weights)
+        # a planned tensor that only feeds a graph output has its Q/DQ removed as unused by realize: nothing to feed
+        q_in = {n.input[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and n.input}
+        self.static = [t for t in self.static if t in q_in]
         self.fast = all(plan.resolve(t).dtype in _FEEDABLE for t in self.static)
         self.feeds: Dict[str, Tuple[str, str]] = {}
         if self.fast:
@@ -201,13 +204,13 @@ class _Simulator:
         sim.CopyFrom(qmodel)
         g = sim.graph
         inits = {i.name: i for i in g.initializer}
-        nodes = {n.name: n for n in g.node}
+        q_of = {n.input[0]: n for n in g.node if n.op_type == "QuantizeLinear" and n.input}
         drop = set()
         for t in self.static:
-            qn = nodes.get(f"{t}/quantize")
-            if qn is None or qn.op_type != "QuantizeLinear":
-                raise ModelError(f"lapq: the realized model has no QuantizeLinear node '{t}/quantize' for "
-                                 f"tensor '{t}'; realize and lapq disagree on node naming")
+            qn = q_of.get(t)
+            if qn is None:
+                raise InternalError(f"lapq: the realized model has no QuantizeLinear for tensor '{t}'; please "
+                                    "report it (clipping='mse' avoids LAPQ)")
             s_name, z_name = qn.input[1], qn.input[2]
             self.feeds[t] = (s_name, z_name)
             drop.update((s_name, z_name))
@@ -220,9 +223,19 @@ class _Simulator:
         # int32 biases follow the fed input scale, as in realize: bq = rint(b / f32(s_x * s_w)) clipped
         fp_inits = {i.name: i for i in fp_model.graph.initializer}
         fp_nodes = {n.name: n for n in fp_model.graph.node}
+        nodes = {n.name: n for n in g.node}
+        producer = {o: n for n in g.node for o in n.output}
+
+        def dq_input(layer: str, idx: int):
+            """The DequantizeLinear feeding input ``idx`` of ``layer`` in the realized graph (by structure, not by
+            name: realize's names get suffixes on collisions, and tied weights share one DQ)."""
+            n = nodes.get(layer)
+            p = producer.get(n.input[idx]) if n is not None and len(n.input) > idx else None
+            return p if p is not None and p.op_type == "DequantizeLinear" else None
+
         for lp in self.plan.quantized_layers():
-            bdq = nodes.get(f"{lp.node}/bias_dq")
-            wdq = nodes.get(f"{lp.node}/weight_dq")
+            bdq = dq_input(lp.node, 2)
+            wdq = dq_input(lp.node, 1)
             if bdq is None or wdq is None or not lp.inputs or lp.inputs[0] not in self.feeds:
                 continue
             fpn = fp_nodes.get(lp.node)
@@ -231,6 +244,10 @@ class _Simulator:
                                  "run the prepare passes (constant folding) before lapq")
             b = numpy_helper.to_array(fp_inits[fpn.input[2]]).astype(np.float64)
             ws = numpy_helper.to_array(inits[wdq.input[1]]).astype(np.float64)
+            bq = numpy_helper.to_array(inits[bdq.input[0]]) if bdq.input[0] in inits else None
+            if bq is not None and b.size != bq.size and b.size == 1:  # Gemm C broadcast to [N] by realize
+                b = np.full(bq.shape, b.reshape(-1)[0])
+            b = b.reshape(-1) if bq is not None and b.size == bq.size else b
             ws = np.broadcast_to(ws, b.shape) if ws.size == 1 else ws
             pre = f"lapq/{lp.node}/bias"
             xs = self.feeds[lp.inputs[0]][0]

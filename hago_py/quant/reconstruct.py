@@ -77,7 +77,8 @@ def apply_biases(model: onnx.ModelProto, biases: Mapping[str, np.ndarray]) -> on
         b = np.asarray(b, np.float32)
         if kind is not None and uses.get(init, 0) == 1:
             old = numpy_helper.to_array(inits[init])
-            inits[init].CopyFrom(numpy_helper.from_array(b.reshape(old.shape), init))
+            # a broadcast bias (Gemm C of shape [1]) becomes the per-channel vector the correction computed
+            inits[init].CopyFrom(numpy_helper.from_array(b.reshape(old.shape) if old.size == b.size else b, init))
         elif node.op_type in ("Conv", "Gemm") and (len(node.input) < 3 or not node.input[2]):
             new = f"{name}/bias_corrected"
             m.graph.initializer.append(numpy_helper.from_array(b, new))
