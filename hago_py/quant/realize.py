@@ -20,7 +20,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 from ..errors import ModelError
 from ..ir.io import to_ir, to_proto, without_value_info
 from ..ir.names import NameAllocator
-from ..ir.passes._util import const_array
+from ..ir.passes._util import const_array, new_initializer
 from .plan import QuantPlan, TensorQuant
 from .weights import quantize_weight
 
@@ -37,12 +37,7 @@ def _int_array(q: np.ndarray, dtype: str) -> np.ndarray:
 
 def _new_init(graph: ir.Graph, names: NameAllocator, base: str, array: np.ndarray) -> ir.Value:
     """A fresh initializer whose name no value of the graph has (see hago_py.ir.names)."""
-    name = names.value(base)
-    array = np.array(array, copy=True, order="C")  # keeps 0-d arrays 0-d
-    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                 const_value=ir.tensor(array, name=name))
-    graph.register_initializer(v)
-    return v
+    return new_initializer(graph, base, array, names)
 
 
 def _qparam_values(graph: ir.Graph, names: NameAllocator, base: str, tq: TensorQuant):

@@ -24,8 +24,11 @@ def single_consumer(value: ir.Value) -> ir.Node | None:
     return users[0].node
 
 
-def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register a fresh initializer with a unique name derived from ``name``."""
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray, names=None) -> ir.Value:
+    """Register a fresh initializer with a unique name derived from ``name`` (from ``names``, a
+    hago_py.ir.names.NameAllocator, when given: unique among all values, not only the initializers)."""
+    if names is not None:
+        name = names.value(name)
     base, k = name, 0
     existing = graph.initializers
     while name in existing:
