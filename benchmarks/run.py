@@ -45,7 +45,23 @@ def machine_info(threads: int) -> Dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "mem_gb": mem_gb, "platform": platform.platform(),
-            "timing_threads": threads}
+            "timing_threads": threads, "int8_isa": int8_isa()}
+
+
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_isa() -> list:
+    """The CPU flags that decide which int8 kernels ORT's MLAS runs (AVX2 vpmaddubsw, AVX-512 / AVX VNNI
+    vpdpbusd, AMX): hosts that share a model name ("AMD EPYC") differ here, and ratios differ with them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in INT8_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def versions() -> Dict[str, str]:
@@ -320,7 +336,8 @@ def format_report(results: List[Dict[str, Any]]) -> str:
         r0 = results[0]
         m = r0.get("machine", {})
         v = r0.get("versions", {})
-        out += [f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs; latency at batch 1 with "
+        out += [f"Machine: {m.get('cpu')} ({', '.join(m.get('int8_isa') or ['int8 ISA not recorded'])}), "
+                f"{m.get('logical_cpus')} logical CPUs; latency at batch 1 with "
                 f"{m.get('timing_threads')} intra-op thread(s), all models of one network interleaved "
                 f"round-robin in one process; speedup = median over rounds of FP32 time / model time (rounds "
                 f"are paired, so drift cancels), spread = p10-p90 of the same per-round ratios; clean = FP32's "
