@@ -60,6 +60,11 @@ class Pipeline:
         self.inputs = model_input_specs(self.proto)
         self.calib = load_calibration(calibration, self.inputs, batch_size=self.opts.calib_batch_size,
                                       max_samples=self.opts.max_calib_samples)
+        if self.calib.num_samples < FEW_SAMPLES:
+            note = (f"calibration used only {self.calib.num_samples} sample(s): activation ranges may not cover other "
+                    f"inputs; give {FEW_SAMPLES} or more (a few hundred is typical)")
+            self.calib.notes.append(note)
+            _progress(progress, note)
         from .quant.gate import check_user_model
 
         where = f"'{model}'" if isinstance(model, (str, os.PathLike)) else "the model"
@@ -265,6 +270,7 @@ class Pipeline:
 
 
 SANITY_ROUNDS = 3
+FEW_SAMPLES = 16  # fewer calibration samples than this are reported as a risk to accuracy
 
 
 def nothing_to_quantize(plan: QuantPlan, target: str, opts: QuantOptions) -> str:

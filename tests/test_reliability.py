@@ -384,3 +384,18 @@ def test_dynamic_matmul_output_holds_no_fp32_weight():
     assert not fp_w & {t.name for t in res.model.graph.initializer}
     nbytes = lambda mm: sum(nh.to_array(t).nbytes for t in mm.graph.initializer if len(t.dims) == 2)  # noqa: E731
     assert nbytes(res.model) <= 0.25 * nbytes(m) + 64  # INT8 weights only
+
+
+def test_few_calibration_samples_are_reported():
+    res = hago_py.quantize(_conv_model(), _x(2), measure_latency=False)
+    assert any("only 2 sample(s)" in n for n in res.report["calibration_notes"])
+
+
+def test_16_bit_simulated_dynamic_matmul_runs_static():
+    m = _model([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+               [h.make_tensor_value_info("x", T.FLOAT, ["B", 4, 16])], [h.make_tensor_value_info("y", T.FLOAT, ["B", 4, 8])],
+               [nh.from_array(RNG.normal(0, .3, (16, 8)).astype(np.float32), "w")])
+    feed = {"x": RNG.random((8, 4, 16)).astype(np.float32)}
+    res = hago_py.quantize(m, feed, measure_latency=False, weight_bits=16, simulate=True, activation_mode="dynamic")
+    assert res.plan.layers["mm"].weight.dtype == "int16"
+    _quantized_ok(res, {"x": feed["x"][:2]}, min_db=40.0)

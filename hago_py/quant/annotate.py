@@ -164,7 +164,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                                   " (pass simulate=True to fake-quantize it anyway)")
                     continue
                 simulated = True
-                w_dtype = want_dtype or ("int8" if w_bits > 4 else "int4")
+                w_dtype = want_dtype or ("int4" if w_bits <= 4 else "int8" if w_bits <= 8 else "int16")
                 scheme_d = {"weight_bits": w_bits, "activation_bits": a_bits, "weight_dtype": w_dtype,
                             "activation_dtype": "uint8" if a_bits <= 8 else "uint16", "kernel": None,
                             "native": False}
@@ -191,7 +191,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                 scheme is None or "dynamic" in scheme.activation_mode)
             if mode == "auto":
                 mode = "dynamic" if (dyn_ok and ranks.get(node.input[0], 2) >= 3) else "static"
-            if mode == "dynamic" and not dyn_ok:
+            if mode == "dynamic" and (not dyn_ok or w_bits > 8):  # MatMulInteger takes 8-bit weights at most
                 mode = "static"
             a_dtype = scheme_d["activation_dtype"]
             a_sym = False if scheme is None else (False not in scheme.activation_symmetric)

@@ -153,7 +153,8 @@ class QuantOptions:
                 raise OptionError(f"option {f.name}={_show(v)} is invalid; use {rule.describe()}")
         for node, ov in self.layers.items():
             if not isinstance(node, str):
-                raise OptionError(f"option layers has key {_show(node)}; keys are node names (strings)")
+                raise OptionError(f"option layers has key {_show(node)}, which is not a node name; use node names "
+                                  "(strings) from the report's per-layer table as keys")
             if not isinstance(ov, dict):
                 raise OptionError(f"option layers[{node!r}] must be a dict of per-layer settings "
                                   f"({', '.join(LAYER_KEYS)}), got {type(ov).__name__}")

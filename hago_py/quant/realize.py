@@ -254,7 +254,7 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
     x = node.inputs[0]
     if node.op_type == "Gemm" and any(a.name == "transB" and a.value for a in node.attributes.values()):
         q = q.T  # MatMulInteger wants [K, N]
-    dtype = {"int4": "int8", "uint4": "uint8", "int16": "int8", "uint16": "uint8"}.get(tq.dtype, tq.dtype)
+    dtype = {"int4": "int8", "uint4": "uint8"}.get(tq.dtype, tq.dtype)
     key = ("dql", id(x))
     if key not in cache:
         base = x.name or node.name
