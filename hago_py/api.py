@@ -94,7 +94,9 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
             return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget,
                               latency_budget=latency_budget, time_budget=time_budget, checkpoint=checkpoint,
                               resume=resume, measure_latency=measure_latency, **dict(search_options or {}))
-        built = pipe.build()
+        from .quant.gate import deployable
+
+        built = deployable(pipe, pipe.build())
         if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
                    for n in built.model.graph.node):  # never return the input unchanged as if quantized
             from .pipeline import nothing_to_quantize
@@ -178,7 +180,7 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
         "layers": layer_rows(plan),
         "timings_s": dict(pipe.timings),
     }
-    for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback"):
+    for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback", "ort_fallback"):
         if k in built.info:
             report[k] = built.info[k]
     if opts.check_artifact:

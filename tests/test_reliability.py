@@ -399,3 +399,39 @@ def test_16_bit_simulated_dynamic_matmul_runs_static():
     res = hago_py.quantize(m, feed, measure_latency=False, weight_bits=16, simulate=True, activation_mode="dynamic")
     assert res.plan.layers["mm"].weight.dtype == "int16"
     _quantized_ok(res, {"x": feed["x"][:2]}, min_db=40.0)
+
+
+def test_layers_that_break_ort_optimizer_are_found_and_kept_fp32(monkeypatch):
+    """The deployability fallback bisects to the layer whose quantization makes ORT's optimizer fail."""
+    import hago_py.quant.gate as gate
+
+    real = gate.deploy_error
+
+    def fake(qmodel, feed, threads=1):  # pretend ORT cannot load any graph in which conv2 is quantized
+        if any(n.op_type == "DequantizeLinear" and n.output[0].startswith("w2") for n in qmodel.graph.node):
+            return "ONNX Runtime could not load model (fake optimizer bug)"
+        return real(qmodel, feed, threads)
+
+    monkeypatch.setattr(gate, "deploy_error", fake)
+    res = hago_py.quantize(small_cnn(), {"input": RNG.random((16, 3, 8, 8)).astype(np.float32)}, measure_latency=False)
+    assert list(res.report["ort_fallback"]) == ["conv2"]
+    assert not res.plan.layers["conv2"].quantize and "graph optimizer" in res.plan.layers["conv2"].reason
+    assert res.plan.layers["conv1"].quantize and res.plan.layers["fc"].quantize
+
+
+def test_ort_optimizer_bug_on_signed_int8_opset21_is_a_clear_error_not_an_internal_one():
+    """Seen by the fuzzer: rank-3 MatMul + Add with signed int8 activations (arm_cortex_a76) at opset >= 21 makes
+    ORT's optimizer build an invalid QuantizeLinear. Every layer falls back, so it is 'nothing to quantize' with
+    that reason (an OptionError, exit 2), never an invalid model or an InternalError."""
+    m = _model([h.make_node("MatMul", ["x", "w"], ["a"], name="mm"), h.make_node("Add", ["a", "b"], ["y"], name="add")],
+               [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 10])], [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 6])],
+               [nh.from_array(RNG.normal(0, .3, (10, 6)).astype(np.float32), "w"),
+                nh.from_array(RNG.normal(0, .1, (6,)).astype(np.float32), "b")], opset=21, ir_version=10)
+    feed = {"x": RNG.normal(0, 1, (1, 4, 10)).astype(np.float32)}
+    try:
+        res = hago_py.quantize(m, feed, "arm_cortex_a76", measure_latency=False)
+    except OptionError as e:  # onnxruntime 1.32: the optimizer bug is present
+        assert "graph optimizer fails" in str(e) and "mm" in str(e)
+    else:  # an onnxruntime without the bug: then the model must really be quantized and load
+        assert res.plan.layers["mm"].quantize
+        _run(res.model, feed)

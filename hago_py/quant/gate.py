@@ -26,6 +26,59 @@ def check_user_model(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], whe
                          "and the data against each other", details=e.details) from e
 
 
+def deploy_error(qmodel: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = 1):
+    """ONNX Runtime's one-line error when ``qmodel`` does not load or run in its deployed form (full
+    optimization), else None."""
+    be = OrtBackend(threads=threads)
+    try:
+        be.run(be.compile(qmodel, optimization="all"), feed)
+    except HagoError as e:
+        return str(e)
+    return None
+
+
+def deployable(pipe, built, layers=None):
+    """``built``, or a rebuild in which the layers that make ONNX Runtime's optimizer fail are kept FP32.
+
+    ORT's graph optimizer has bugs of its own that a valid QDQ graph can trigger (seen: rank-3 MatMul + Add with
+    signed int8 activations, where MatMulAddFusion, QDQ propagation and the S8->U8 transformer build a
+    QuantizeLinear whose output_dtype contradicts its zero point). Instead of failing the whole model, the
+    responsible layer is found by bisection over the quantized layers (a rebuild per step, only when the load
+    failed) and kept FP32, named in ``built.info["ort_fallback"]`` and its plan reason. Gives up (returns the
+    failing build, which the gate then reports as an InternalError) after DEPLOY_ROUNDS culprits."""
+    feed, threads = pipe.check_batches[0], pipe.opts.threads
+    err = deploy_error(built.model, feed, threads)
+    if err is None:
+        return built
+    fallen: dict = {}
+    base = dict(layers or {})
+
+    def build_without(names):
+        return pipe.build(dict(base, **{n: {"quantize": False} for n in list(fallen) + list(names)}))
+
+    for _ in range(DEPLOY_ROUNDS):
+        cand = [lp.node for lp in built.plan.quantized_layers() if lp.node not in fallen]
+        while len(cand) > 1:
+            half = cand[: len(cand) // 2]
+            cand = half if deploy_error(build_without(half).model, feed, threads) is None else cand[len(half):]
+        if not cand:
+            break
+        fallen[cand[0]] = err
+        trial = build_without([])
+        err = deploy_error(trial.model, feed, threads)
+        if err is None:
+            for n, why in fallen.items():
+                if n in trial.plan.layers:
+                    trial.plan.layers[n].reason = ("kept FP32: ONNX Runtime's graph optimizer fails on the model with "
+                                                   f"this layer quantized ({why[:160]})")
+            trial.info["ort_fallback"] = fallen
+            return trial
+    return built
+
+
+DEPLOY_ROUNDS = 3
+
+
 def verify_output(qmodel: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = 1) -> None:
     """InternalError unless ``qmodel`` passes onnx.checker, holds nothing unused, loads in ORT with full
     optimization (the deployed form) and runs on ``feed`` with finite outputs."""
