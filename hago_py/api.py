@@ -94,15 +94,7 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
             return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget,
                               latency_budget=latency_budget, time_budget=time_budget, checkpoint=checkpoint,
                               resume=resume, measure_latency=measure_latency, **dict(search_options or {}))
-        from .quant.gate import deployable
-
-        built = deployable(pipe, pipe.build())
-        if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
-                   for n in built.model.graph.node):  # never return the input unchanged as if quantized
-            from .pipeline import nothing_to_quantize
-
-            raise OptionError(nothing_to_quantize(built.plan, pipe.spec.name, opts))
-        result = finish(pipe, built, measure_latency=measure_latency)
+        result = finish(pipe, pipe.build(), measure_latency=measure_latency)
     result.report["timings_s"]["total"] = time.perf_counter() - t0
     return result
 
@@ -136,9 +128,11 @@ def internal_errors(stage: str):
 
 def _check_call(search, search_options, measure_latency, progress, evaluate) -> None:
     """The call's own arguments (options have their Rule table): types, and search_options' keys."""
+    from .quant.options import Rule, _show
+
     for name, v in (("search", search), ("measure_latency", measure_latency), ("progress", progress)):
-        if not isinstance(v, (bool, np.bool_)):
-            raise OptionError(f"argument {name}={v!r} is invalid; use True or False")
+        if not Rule(bool).accepts(v):
+            raise OptionError(f"argument {name}={_show(v)} is invalid; use {Rule(bool).describe()}")
     if evaluate is not None and not callable(evaluate):
         raise OptionError(f"argument evaluate={evaluate!r} is invalid; pass a function model -> float")
     if search_options is None:
@@ -162,11 +156,17 @@ def _check_call(search, search_options, measure_latency, progress, evaluate) -> 
 
 
 def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Result:
-    """Output gate, artifact check, latency vs FP32 and the report for one built plan."""
-    from .quant.gate import verify_output
+    """Deployability (ORT-optimizer fallback), output gate, artifact check, latency vs FP32 and the report for one
+    built plan."""
+    from .pipeline import nothing_to_quantize
+    from .quant.gate import deployable, verify_output
 
+    built, outputs = deployable(pipe, built)
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+               for n in built.model.graph.node):  # never return the input unchanged as if quantized
+        raise OptionError(nothing_to_quantize(built.plan, pipe.spec.name, pipe.opts))
     opts, spec, plan, qmodel = pipe.opts, pipe.spec, built.plan, built.model
-    verify_output(qmodel, pipe.check_batches[0], threads=opts.threads)
+    verify_output(qmodel, outputs, built.info.get("deploy_error"))
     report: Dict[str, Any] = {
         "target": spec.name,
         "backend": spec.backend,

@@ -11,7 +11,6 @@ calibrates what it has not seen before.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
@@ -65,10 +64,10 @@ class Pipeline:
                     f"inputs; give {FEW_SAMPLES} or more (a few hundred is typical)")
             self.calib.notes.append(note)
             _progress(progress, note)
+        from .ir.io import describe_source
         from .quant.gate import check_user_model
 
-        where = f"'{model}'" if isinstance(model, (str, os.PathLike)) else "the model"
-        check_user_model(self.reference, self.calib.first_batch(), where, self.opts.threads)
+        check_user_model(self.reference, self.calib.first_batch(), describe_source(model), self.opts.threads)
         self.prepared, self.changed = prepare(self.proto)
         if self.opts.equalize:
             self._equalize()
@@ -83,10 +82,7 @@ class Pipeline:
 
     def timing_feed(self) -> Dict[str, np.ndarray]:
         """One input for latency timing: batch 1, or the model's fixed batch when its inputs declare one."""
-        from .data import static_batch_size
-
-        b = static_batch_size(self.inputs) or 1
-        return {k: np.ascontiguousarray(v[:b]) for k, v in self.check_batches[0].items()}
+        return {k: np.ascontiguousarray(v) for k, v in self.first_batches(1, exact=True)[0].items()}
 
     def _equalize(self) -> None:
         from .ir.io import to_ir, to_proto
@@ -198,8 +194,8 @@ class Pipeline:
 
         fallen: Dict[str, Dict[str, float]] = {}
         for _ in range(SANITY_ROUNDS):
-            bad = catastrophic(layer_sqnr(self.prepared, built.model, built.plan, self.check_batches[:1],
-                                          self.opts.threads))
+            bad = catastrophic(layer_sqnr(self.prepared, built.model, built.plan,
+                                          self.first_batches(SANITY_SAMPLES, exact=True), self.opts.threads))
             bad = {k: v for k, v in bad.items() if k not in (layers or {}) and k not in self.opts.layers}
             if not bad:
                 break
@@ -210,8 +206,8 @@ class Pipeline:
             for k, v in fallen.items():
                 lp = built.plan.layers.get(k)
                 if lp is not None:
-                    lp.reason = (f"kept FP32 by the numeric sanity check: quantized, its worst output channel had an SQNR of "
-                                 f"{v['output_db']:.1f} dB against {v['input_db']:.1f} dB at its input")
+                    lp.reason = ("kept FP32 by the numeric sanity check: quantized, its worst output channel had an "
+                                 f"SQNR of {v['output_db']:.1f} dB against {v['input_db']:.1f} dB at its input")
             built.info["sanity_fallback"] = fallen
             _progress(self.progress, f"sanity check: {len(fallen)} layer(s) kept FP32 ({', '.join(fallen)})")
         return built
@@ -270,6 +266,7 @@ class Pipeline:
 
 
 SANITY_ROUNDS = 3
+SANITY_SAMPLES = 8  # samples the numeric sanity check judges: per-channel energies, bounded memory
 FEW_SAMPLES = 16  # fewer calibration samples than this are reported as a risk to accuracy
 
 
@@ -279,9 +276,8 @@ def nothing_to_quantize(plan: QuantPlan, target: str, opts: QuantOptions) -> str
     for lp in plan.fp_layers():
         reasons.setdefault(lp.reason, []).append(lp.node)
     if not reasons:
-        return (f"nothing to quantize: the model has no layer that target {target} quantizes (no "
-                f"{', '.join(sorted({'Conv', 'MatMul', 'Gemm'}))} with a constant weight, nor an op the spec lists); "
-                "the model is left as it is")
+        return (f"nothing to quantize: the model has no layer that target {target} quantizes (no Conv, Gemm or "
+                "MatMul with a constant weight, nor an op the spec lists); the model is left as it is")
     parts = [f"{', '.join(nodes[:3])}{f' and {len(nodes) - 3} more' if len(nodes) > 3 else ''}: {r}"
              for r, nodes in sorted(reasons.items(), key=lambda kv: -len(kv[1]))]
     return (f"nothing to quantize for target {target} at W{opts.weight_bits}A{opts.activation_bits}: "

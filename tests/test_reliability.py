@@ -405,14 +405,14 @@ def test_layers_that_break_ort_optimizer_are_found_and_kept_fp32(monkeypatch):
     """The deployability fallback bisects to the layer whose quantization makes ORT's optimizer fail."""
     import hago_py.quant.gate as gate
 
-    real = gate.deploy_error
+    real = gate.deployed_run
 
     def fake(qmodel, feed, threads=1):  # pretend ORT cannot load any graph in which conv2 is quantized
         if any(n.op_type == "DequantizeLinear" and n.output[0].startswith("w2") for n in qmodel.graph.node):
-            return "ONNX Runtime could not load model (fake optimizer bug)"
+            return None, "ONNX Runtime could not load model (fake optimizer bug)"
         return real(qmodel, feed, threads)
 
-    monkeypatch.setattr(gate, "deploy_error", fake)
+    monkeypatch.setattr(gate, "deployed_run", fake)
     res = hago_py.quantize(small_cnn(), {"input": RNG.random((16, 3, 8, 8)).astype(np.float32)}, measure_latency=False)
     assert list(res.report["ort_fallback"]) == ["conv2"]
     assert not res.plan.layers["conv2"].quantize and "graph optimizer" in res.plan.layers["conv2"].reason

@@ -21,7 +21,8 @@ MIN_OPSET = 13
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, bytes]
 
 
-def _describe(source) -> str:
+def describe_source(source) -> str:
+    """How messages name a model source: its path in quotes, or what was given."""
     if isinstance(source, (str, os.PathLike)):
         return f"'{source}'"
     return "the given model bytes" if isinstance(source, (bytes, bytearray)) else "the given ModelProto"
@@ -38,7 +39,7 @@ def load_model(source: ModelLike, *, check: bool = True, min_opset: int = MIN_OP
     """
     from .canonical import canonicalize, check_strings
 
-    where = _describe(source)
+    where = describe_source(source)
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)

@@ -26,30 +26,31 @@ def check_user_model(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], whe
                          "and the data against each other", details=e.details) from e
 
 
-def deploy_error(qmodel: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = 1):
-    """ONNX Runtime's one-line error when ``qmodel`` does not load or run in its deployed form (full
-    optimization), else None."""
+def deployed_run(qmodel: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = 1):
+    """(outputs, None) when ``qmodel`` loads and runs in ONNX Runtime in its deployed form (full optimization),
+    else (None, ORT's one-line error)."""
     be = OrtBackend(threads=threads)
     try:
-        be.run(be.compile(qmodel, optimization="all"), feed)
+        return be.run(be.compile(qmodel, optimization="all"), feed), None
     except HagoError as e:
-        return str(e)
-    return None
+        return None, str(e)
 
 
 def deployable(pipe, built, layers=None):
-    """``built``, or a rebuild in which the layers that make ONNX Runtime's optimizer fail are kept FP32.
+    """(``built``, its deployed outputs on the first check batch), or a rebuild in which the layers that make
+    ONNX Runtime's optimizer fail are kept FP32.
 
     ORT's graph optimizer has bugs of its own that a valid QDQ graph can trigger (seen: rank-3 MatMul + Add with
     signed int8 activations, where MatMulAddFusion, QDQ propagation and the S8->U8 transformer build a
     QuantizeLinear whose output_dtype contradicts its zero point). Instead of failing the whole model, the
     responsible layer is found by bisection over the quantized layers (a rebuild per step, only when the load
-    failed) and kept FP32, named in ``built.info["ort_fallback"]`` and its plan reason. Gives up (returns the
-    failing build, which the gate then reports as an InternalError) after DEPLOY_ROUNDS culprits."""
+    failed) and kept FP32, named in ``built.info["ort_fallback"]`` and its plan reason. Gives up after
+    DEPLOY_ROUNDS culprits: then the outputs are None and ``built.info["deploy_error"]`` holds ORT's error, which
+    verify_output reports as an InternalError."""
     feed, threads = pipe.check_batches[0], pipe.opts.threads
-    err = deploy_error(built.model, feed, threads)
+    outs, err = deployed_run(built.model, feed, threads)
     if err is None:
-        return built
+        return built, outs
     fallen: dict = {}
     base = dict(layers or {})
 
@@ -60,28 +61,30 @@ def deployable(pipe, built, layers=None):
         cand = [lp.node for lp in built.plan.quantized_layers() if lp.node not in fallen]
         while len(cand) > 1:
             half = cand[: len(cand) // 2]
-            cand = half if deploy_error(build_without(half).model, feed, threads) is None else cand[len(half):]
+            cand = half if deployed_run(build_without(half).model, feed, threads)[1] is None else cand[len(half):]
         if not cand:
             break
         fallen[cand[0]] = err
         trial = build_without([])
-        err = deploy_error(trial.model, feed, threads)
+        outs, err = deployed_run(trial.model, feed, threads)
         if err is None:
             for n, why in fallen.items():
                 if n in trial.plan.layers:
                     trial.plan.layers[n].reason = ("kept FP32: ONNX Runtime's graph optimizer fails on the model with "
                                                    f"this layer quantized ({why[:160]})")
             trial.info["ort_fallback"] = fallen
-            return trial
-    return built
+            return trial, outs
+    built.info["deploy_error"] = err
+    return built, None
 
 
 DEPLOY_ROUNDS = 3
 
 
-def verify_output(qmodel: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = 1) -> None:
-    """InternalError unless ``qmodel`` passes onnx.checker, holds nothing unused, loads in ORT with full
-    optimization (the deployed form) and runs on ``feed`` with finite outputs."""
+def verify_output(qmodel: onnx.ModelProto, outputs, error=None) -> None:
+    """InternalError unless ``qmodel`` passes onnx.checker, holds nothing unused, and loaded in ORT with full
+    optimization (the deployed form) and ran with finite ``outputs`` (from :func:`deployed_run`; ``error``: ORT's
+    message when it did not)."""
     def fail(what: str, details=None):
         raise InternalError(f"hago_py produced an invalid model ({what}); nothing was written. This is a bug in "
                             "hago_py: please report it with the output of HAGO_DEBUG=1", details=details)
@@ -98,12 +101,9 @@ def verify_output(qmodel: onnx.ModelProto, feed: Mapping[str, np.ndarray], threa
     extra = [o.domain for o in qmodel.opset_import if (o.domain or "") not in domains | {"", "ai.onnx"}]
     if extra:
         fail(f"unused opset import(s) {', '.join(extra)}")
-    be = OrtBackend(threads=threads)
-    try:
-        outs = be.run(be.compile(qmodel, optimization="all"), feed)
-    except HagoError as e:
-        fail(f"ONNX Runtime: {e}", e.details)
-    bad = [o.name for o, v in zip(qmodel.graph.output, outs)
+    if outputs is None:
+        fail(f"ONNX Runtime: {error}")
+    bad = [o.name for o, v in zip(qmodel.graph.output, outputs)
            if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))]
     if bad:
         fail(f"output '{bad[0]}' is not finite on the calibration data")

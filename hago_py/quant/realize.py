@@ -35,17 +35,12 @@ def _int_array(q: np.ndarray, dtype: str) -> np.ndarray:
     return q.astype(_NP[dtype])
 
 
-def _new_init(graph: ir.Graph, names: NameAllocator, base: str, array: np.ndarray) -> ir.Value:
-    """A fresh initializer whose name no value of the graph has (see hago_py.ir.names)."""
-    return new_initializer(graph, base, array, names)
-
-
 def _qparam_values(graph: ir.Graph, names: NameAllocator, base: str, tq: TensorQuant):
     per_channel = tq.granularity == "per_channel" and len(tq.scale) > 1
     scale = np.asarray(tq.scale, np.float32) if per_channel else np.asarray(tq.scale[0], np.float32)
     zp = np.asarray(tq.zero_point) if per_channel else np.asarray(tq.zero_point[0])
-    return (_new_init(graph, names, base + "_scale", scale),
-            _new_init(graph, names, base + "_zero_point", _int_array(zp, tq.dtype)))
+    return (new_initializer(graph, base + "_scale", scale, names),
+            new_initializer(graph, base + "_zero_point", _int_array(zp, tq.dtype), names))
 
 
 def _named_node(names: NameAllocator, op: str, inputs, node_name: str, out_names, attributes=None) -> ir.Node:
@@ -117,7 +112,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         key = (w_val.name, tq.dtype, tq.granularity, tq.axis, tuple(tq.scale), tuple(tq.zero_point),
                q.shape, hash(np.ascontiguousarray(q).tobytes()))
         if key not in wcache:
-            wq = _new_init(graph, names, f"{w_val.name}_quantized", _int_array(q, tq.dtype))
+            wq = new_initializer(graph, f"{w_val.name}_quantized", _int_array(q, tq.dtype), names)
             s_val, z_val = _qparam_values(graph, names, f"{w_val.name}", tq)
             attrs = {"axis": ir.AttrInt64("axis", int(tq.axis))} if tq.granularity == "per_channel" \
                 and len(tq.scale) > 1 else {}
@@ -132,9 +127,9 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
             bs = (np.float64(plan.resolve(x_name).scale[0]) * np.asarray(tq.scale, np.float64)).astype(np.float32)
             bs = np.broadcast_to(bs, bias.shape) if bs.size == 1 else bs
             bq = np.clip(np.rint(bias.astype(np.float64) / bs), -2**31, 2**31 - 1).astype(np.int32)
-            bq_val = _new_init(graph, names, f"{b_name}_quantized", bq)
-            bs_val = _new_init(graph, names, f"{b_name}_scale", bs.astype(np.float32))
-            bz_val = _new_init(graph, names, f"{b_name}_zero_point", np.zeros(bias.shape, np.int32))
+            bq_val = new_initializer(graph, f"{b_name}_quantized", bq, names)
+            bs_val = new_initializer(graph, f"{b_name}_scale", bs.astype(np.float32), names)
+            bz_val = new_initializer(graph, f"{b_name}_zero_point", np.zeros(bias.shape, np.int32), names)
             bdq = _named_node(names, "DequantizeLinear", [bq_val, bs_val, bz_val], f"{lp.node}/bias_dq",
                               [f"{b_name}_dequantized"], {"axis": ir.AttrInt64("axis", 0)})
             graph.insert_before(node, bdq)
@@ -264,11 +259,12 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
         cache[key] = dql
     dql = cache[key]
     w_name = node.inputs[1].name
-    wq = _new_init(graph, names, f"{w_name}_quantized", _int_array(q, dtype))
+    wq = new_initializer(graph, f"{w_name}_quantized", _int_array(q, dtype), names)
     per_channel = tq.granularity == "per_channel" and len(tq.scale) > 1
-    wz = _new_init(graph, names, f"{w_name}_zero_point",
-                   _int_array(np.asarray(tq.zero_point if per_channel else tq.zero_point[0]), dtype))
-    ws = _new_init(graph, names, f"{w_name}_scale", np.asarray(tq.scale if per_channel else tq.scale[0], np.float32))
+    wz = new_initializer(graph, f"{w_name}_zero_point",
+                         _int_array(np.asarray(tq.zero_point if per_channel else tq.zero_point[0]), dtype), names)
+    ws = new_initializer(graph, f"{w_name}_scale", np.asarray(tq.scale if per_channel else tq.scale[0], np.float32),
+                         names)
     mmi = _named_node(names, "MatMulInteger", [dql.outputs[0], wq, dql.outputs[2], wz],
                       f"{node.name}/matmul_integer", [f"{node.name}/dyn_0"])
     cast = _named_node(names, "Cast", mmi.outputs, f"{node.name}/cast", [f"{node.name}/dyn_1"],

@@ -22,7 +22,6 @@ CATASTROPHIC_DB = 10.0   # worst significant output channel's SQNR below this ..
 DROP_DB = 20.0           # ... and this far below the layer's input SQNR ...
 BITS_MARGIN_DB = 20.0    # ... and this far below a uniform grid of the layer's bits (6.02 dB per bit)
 CAP_DB = 80.0            # SQNR of an exact tensor (graph inputs, identical outputs)
-SAMPLES = 8              # samples judged: enough for per-channel energies, bounded memory (all layer I/O is kept)
 SIGNIFICANT = 1e-3       # channels with less energy than this share of the mean channel's are not judged
 
 
@@ -47,8 +46,7 @@ def layer_sqnr(fp_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPl
     q_sess = be.compile(with_outputs(qmodel, names), optimization="basic")
     ref: Dict[str, List[np.ndarray]] = {t: [] for t in names}
     got: Dict[str, List[np.ndarray]] = {t: [] for t in names}
-    for b in batches[:1]:
-        b = {k: v[:SAMPLES] for k, v in b.items()} if static_batch(fp_model) is None else b
+    for b in batches:  # few samples (Pipeline.SANITY_SAMPLES): every layer's input and output is kept
         for t, v in zip(names, be.run(fp_sess, b, names)):
             ref[t].append(v)
         for t, v in zip(names, be.run(q_sess, b, names)):
@@ -61,13 +59,6 @@ def layer_sqnr(fp_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPl
         out[layer] = {"input_db": worst_channel_db(ref[x], got[x], axis),
                       "output_db": worst_channel_db(ref[y], got[y], axis), "bits": bits}
     return out
-
-
-def static_batch(model: onnx.ModelProto):
-    """The fixed batch of the model's inputs, if any (such a model only runs whole batches)."""
-    from ..data import model_input_specs, static_batch_size
-
-    return static_batch_size(model_input_specs(model))
 
 
 def worst_channel_db(ref: List[np.ndarray], got: List[np.ndarray], axis: int) -> float:
