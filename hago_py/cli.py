@@ -25,12 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize an ONNX model for a target")
     q.add_argument("model", help="FP32 .onnx model")
     q.add_argument("--target", "-t", default="x86_avx2", help="built-in target name or path to a spec JSON")
-    q.add_argument("--calib", required=True, help="calibration data: .npz (keys = input names) or folder of .npy")
+    q.add_argument("--calib", required=True, help="calibration data: .npz (keys = input names) or folder of .npy; "
+                   "'synthetic' for data-free calibration (a set synthesized from the model itself)")
     q.add_argument("--out", "-o", required=True, help="output .onnx path")
     q.add_argument("--report", help="folder for report.md / report.html / report.json / plan.json")
     q.add_argument("--weight-bits", type=int, default=8)
     q.add_argument("--activation-bits", type=int, default=8)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
+    q.add_argument("--granularity", default="auto", choices=("auto", "per_channel", "per_tensor", "hybrid"),
+                   help="weight granularity (auto: per-channel unless --per-tensor)")
+    q.add_argument("--hybrid", action="store_true", help="per layer per-tensor or per-channel weights, by the "
+                   "layer's sensitivity and the measured latency gain (same as --granularity hybrid)")
+    q.add_argument("--weight-scheme", default="uniform", choices=("uniform", "nonuniform"),
+                   help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 4-bit + codebook")
+    q.add_argument("--synthetic-samples", type=int, default=256, help="samples synthesized with --calib synthetic")
+    q.add_argument("--synthetic-method", default="retro", choices=("retro", "zeroq", "gaussian"),
+                   help="data-free generator with --calib synthetic (default retro: retro-synthesis)")
     q.add_argument("--clipping", default="auto", help="activation range method: minmax | percentile | mse | entropy | auto")
     q.add_argument("--activation-mode", default="auto", help="static | dynamic | auto")
     q.add_argument("--rounding", default="nearest",
@@ -101,6 +111,8 @@ def _cmd_quantize(a) -> int:
                       checkpoint=a.checkpoint or str(out.with_suffix(".search.json")))
     res = api.quantize(a.model, a.calib, a.target, progress=not a.quiet, measure_latency=not a.no_latency,
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
+                       granularity="hybrid" if a.hybrid else a.granularity, weight_scheme=a.weight_scheme,
+                       synthetic_samples=a.synthetic_samples, synthetic_method=a.synthetic_method,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,
                        bias_correction={"auto": None, "on": True, "off": False}[a.bias_correction],
                        equalize=a.equalize, smooth=not a.no_smooth, smooth_alpha=a.smooth_alpha,

@@ -16,6 +16,14 @@ REMEDIES = ("auto", "none", "reduce_range", "u8u8", "reduce_range@saturating", "
 ROUNDING = ("nearest", "adaround", "adaquant", "flexround", "gptq", "brecq")
 # per-layer overrides (QuantOptions.layers[node] = {...}): what a search or a user may set per layer
 LAYER_REMEDIES = ("none", "reduce_range", "u8u8")
+# weight grids: uniform (one step per tensor / channel) | nonuniform (clustered levels snapped onto the INT8 grid,
+# stored as packed 4-bit indices + an int8 codebook, weight_bits 3-4)
+WEIGHT_SCHEMES = ("uniform", "nonuniform")
+# weight granularity: auto (per_channel decides) | per_channel | per_tensor | hybrid (per layer, by sensitivity
+# to per-tensor quantization and the measured latency gain)
+GRANULARITIES = ("auto", "per_channel", "per_tensor", "hybrid")
+# calibration="synthetic": how the data-free calibration set is made
+SYNTHETIC_METHODS = ("retro", "zeroq", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,8 @@ class QuantOptions:
     weight_bits: int = _opt(8, Rule(int, 2, 16))
     activation_bits: int = _opt(8, Rule(int, 2, 16))
     per_channel: bool = _opt(True, Rule(bool))
+    granularity: str = _opt("auto", Rule(str, choices=GRANULARITIES, hint="auto: per_channel decides"))
+    weight_scheme: str = _opt("uniform", Rule(str, choices=WEIGHT_SCHEMES))
     # activation range method: minmax | percentile | mse | entropy | lapq (auto = mse)
     clipping: str = _opt("auto", Rule(str, choices=CLIPPING))
     percentile: float = _opt(99.999, Rule(float, 50.0, 100.0, lo_open=True, hint="used by clipping='percentile'"))
@@ -124,6 +134,9 @@ class QuantOptions:
     # per-method solver settings, e.g. {"brecq": {"lr": 1e-2, "fisher": False}, "adaround": {"iterations": 500}}
     rounding_params: Dict[str, Dict[str, Any]] = _opt(None, Rule("dict", hint="{method: {setting: value}}"), dict)
     calib_batch_size: int = _opt(16, Rule(int, 1))
+    # data-free calibration (quantize(model, calibration="synthetic")): set size and generator
+    synthetic_samples: int = _opt(256, Rule(int, 1, 100000, hint="used by calibration='synthetic'"))
+    synthetic_method: str = _opt("retro", Rule(str, choices=SYNTHETIC_METHODS, hint="used by calibration='synthetic'"))
     max_calib_samples: Optional[int] = _opt(512, Rule(int, 1, nullable=True, hint="None: all samples"))
     threads: int = _opt(1, Rule(int, 1, 1024))
     seed: int = _opt(0, Rule(int, 0, 2**32 - 1))
@@ -206,4 +219,5 @@ LAYER_KEYS = {
     "weight_dtype": Rule(str, choices=("int8", "uint8", "int4", "uint4")),
     "remedy": Rule(str, choices=LAYER_REMEDIES),
     "clipping": Rule(str, choices=CALIBRATION_METHODS),
+    "weight_scheme": Rule(str, choices=WEIGHT_SCHEMES),
 }
