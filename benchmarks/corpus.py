@@ -311,11 +311,30 @@ class MiniLmStsb(BenchModel):
 MODEL_CLASSES = {c.name: c for c in (Resnet20Cifar10, EfficientNetLite0, MiniLmStsb)}
 
 
+# The same two networks exported with their BatchNormalization nodes kept (data-free methods read the BN
+# statistics): same data, preprocessing and FP32 accuracy as the folded exports. Selected by name only
+# (--models resnet20_bn,lite0_bn); the default model list stays MODEL_CLASSES.
+class Resnet20Cifar10Bn(Resnet20Cifar10):
+    name = "resnet20_bn"
+    title = "ResNet-20 / CIFAR-10 (BN kept)"
+    model_file = "resnet20_cifar10_bn.onnx"
+
+
+class EfficientNetLite0Bn(EfficientNetLite0):
+    name = "lite0_bn"
+    title = "EfficientNet-Lite0 / ImageNet (BN kept)"
+    model_file = "efficientnet_lite0_bn.onnx"
+
+
+EXTRA_MODEL_CLASSES = {c.name: c for c in (Resnet20Cifar10Bn, EfficientNetLite0Bn)}
+ALL_MODEL_CLASSES = {**MODEL_CLASSES, **EXTRA_MODEL_CLASSES}
+
+
 def get_model(name: str, root: Union[str, os.PathLike, None] = None) -> BenchModel:
     r, why = locate(root)
     if r is None:
         raise FileNotFoundError(why)
-    return MODEL_CLASSES[name](r)
+    return ALL_MODEL_CLASSES[name](r)
 
 
 def get_models(names=None, root=None) -> Tuple[Dict[str, BenchModel], str]:
@@ -325,10 +344,10 @@ def get_models(names=None, root=None) -> Tuple[Dict[str, BenchModel], str]:
         return {}, why
     out, reasons = {}, []
     for n in (names or list(MODEL_CLASSES)):
-        if n not in MODEL_CLASSES:
-            reasons.append(f"unknown model {n!r} (known: {', '.join(MODEL_CLASSES)})")
+        if n not in ALL_MODEL_CLASSES:
+            reasons.append(f"unknown model {n!r} (known: {', '.join(ALL_MODEL_CLASSES)})")
             continue
-        m = MODEL_CLASSES[n](r)
+        m = ALL_MODEL_CLASSES[n](r)
         ok, why_m = m.available()
         if ok:
             out[n] = m

@@ -223,6 +223,90 @@ for _method in ("nearest", "gptq", "adaround", "flexround"):
                          measure_latency=False))
 
 
+# Data-free table (issue 14): calibration="synthetic" rows never see an image; the runner's calibration arrays
+# are ignored (not even activation ranges come from them). Lite0's set is 64 samples (its synthesis budget is
+# 10 min on 2 cores); the synthesis seconds go into the row notes. ZeroQ needs BN: the *_bn corpus models only.
+DATAFREE_SAMPLES = {"lite0": 64, "lite0_bn": 64}
+
+
+def hago_datafree_recipe(name: str, description: str, models=None, **options) -> Recipe:
+    opts = {"target": "x86_avx2", "calibration": "synthetic", **options}
+
+    def fn(model: BenchModel, out: Path, calib, notes):
+        import onnx
+        import hago_py
+
+        del calib  # data-free: the real calibration images are never used
+        kw = {k: v for k, v in opts.items() if k != "calibration"}
+        kw.setdefault("synthetic_samples", DATAFREE_SAMPLES.get(model.name, 256))
+        kw.setdefault("threads", os.cpu_count() or 1)
+        res = hago_py.quantize(str(model.model_path), calibration="synthetic", **kw)
+        onnx.save(res.model, str(out))
+        syn = res.report.get("synthetic") or {}
+        det = syn.get("details", {})
+        notes.append(f"synthesis {syn.get('method')} {syn.get('samples')} samples {syn.get('seconds', 0):.1f} s "
+                     f"({syn.get('torch_threads')} torch threads; statistics: {det.get('statistics', '-')}, "
+                     f"classes covered {det.get('classes_covered', '-')})")
+        return {"synthesis_s": syn.get("seconds"), "synthetic": {k: v for k, v in syn.items() if k != "details"}}
+
+    return Recipe(name, "hago", description, fn, models=models, imports=("hago_py",), options=opts,
+                  suite="datafree")
+
+
+_BN_MODELS = ("resnet20_bn", "lite0_bn")
+_R20 = ("resnet20", "resnet20_bn")
+register(hago_recipe("hago_df_real_w8a8", "W8A8 defaults, real calibration data", suite="datafree",
+                     measure_latency=False))
+for _m in ("retro", "zeroq", "gaussian"):
+    register(hago_datafree_recipe(f"hago_df_{_m}_w8a8", f"W8A8 defaults, data-free: synthetic_method={_m}",
+                                  models=_BN_MODELS if _m == "zeroq" else None, synthetic_method=_m,
+                                  measure_latency=False))
+register(hago_recipe("hago_df_real_w4a8_flexround", "W4A8 FlexRound (simulated), real calibration data",
+                     models=_R20, suite="datafree", weight_bits=4, simulate=True, rounding="flexround",
+                     measure_latency=False))
+register(hago_datafree_recipe("hago_df_retro_w4a8_flexround", "W4A8 FlexRound (simulated), data-free: retro",
+                              models=_R20, synthetic_method="retro", weight_bits=4, simulate=True,
+                              rounding="flexround", measure_latency=False))
+
+
+# Hybrid table (issue 14): per-layer weight granularity (quant/hybrid.py) against both uniform granularities, with
+# ORT's per-channel / per-tensor MinMax peers in the same run (recipe_names adds them to this suite). The hybrid row
+# measures the per-tensor gain end to end on this host while it chooses (that timing is part of its wall time).
+def hago_hybrid_recipe(name: str, description: str, **options) -> Recipe:
+    opts = {"target": "x86_avx2", "granularity": "hybrid", **options}
+
+    def fn(model: BenchModel, out: Path, calib, notes):
+        import time as _time
+
+        import onnx
+        import hago_py
+
+        t0 = _time.perf_counter()
+        res = hago_py.quantize(str(model.model_path), calibration=calib, **opts)
+        wall = _time.perf_counter() - t0
+        onnx.save(res.model, str(out))
+        h = res.report.get("hybrid") or {}
+        lat = h.get("latency") or {}
+        notes.append(f"hybrid: {h.get('per_tensor')} per-tensor / {h.get('per_channel')} per-channel layers, chosen "
+                     f"in {h.get('seconds', 0):.1f} s, quantize() {wall:.1f} s in all; latency gain {lat.get('source')}"
+                     + (f" {100 * lat['gain']:.2f} % (p10-p90 {100 * lat['gain_p10']:.2f}-{100 * lat['gain_p90']:.2f} %)"
+                        if lat.get("source") == "measured" else ""))
+        return {"hybrid_s": h.get("seconds"), "hybrid_quantize_s": wall,
+                "hybrid": {k: v for k, v in h.items() if k not in ("layers", "latency")},
+                "hybrid_choices": {r["node"]: r["choice"] for r in h.get("layers", [])}}
+
+    return Recipe(name, "hago", description, fn, imports=("hago_py",), options=opts, suite="hybrid")
+
+
+register(hago_recipe("hago_hy_per_channel", "W8A8 defaults, all weights per-channel (granularity=per_channel)",
+                     suite="hybrid", granularity="per_channel"))
+register(hago_recipe("hago_hy_per_tensor", "W8A8 defaults, all weights per-tensor (granularity=per_tensor)",
+                     suite="hybrid", granularity="per_tensor"))
+register(hago_hybrid_recipe("hago_hy_hybrid", "W8A8 defaults, granularity=hybrid (per layer: sensitivity + "
+                                              "measured per-tensor gain)"))
+SUITE_PEERS = {"hybrid": ("ort_minmax_pc", "ort_minmax_pt")}  # default-suite rows that also run in these suites
+
+
 # Search table (issue 4): hago_py's hardware-aware search, scored by the benchmark's own metric.
 # The search's ``evaluate`` is the model's metric on the *same* eval split the table reports (as Intel Neural
 # Compressor's accuracy-aware tuning does with its eval_func): the chosen point is a selection on that split,
@@ -431,7 +515,7 @@ def _rmtree_quiet(path: Path):
 def recipe_names(model_name: str, selected: Optional[List[str]] = None, suite: str = "default") -> List[str]:
     # the search table carries the foundation rows too: the peers are measured in the same run
     suites = ("default", "search") if suite == "search" else (suite,)
-    names = selected or [n for n, r in RECIPES.items() if r.suite in suites]
+    names = selected or [n for n, r in RECIPES.items() if r.suite in suites or n in SUITE_PEERS.get(suite, ())]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise KeyError(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")

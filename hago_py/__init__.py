@@ -10,6 +10,10 @@ def __getattr__(name):  # lazy: keep `import hago_py` cheap
         from . import api
 
         return getattr(api, name)
+    if name == "synthesize":
+        from .data.synthetic import synthesize
+
+        return synthesize
     if name in ("load_spec", "list_specs"):
         from . import hw
 
@@ -21,6 +25,6 @@ def __getattr__(name):  # lazy: keep `import hago_py` cheap
     raise AttributeError(name)
 
 
-__all__ = ["quantize", "evaluate", "benchmark", "Result", "load_spec", "list_specs", "QuantPlan",
+__all__ = ["quantize", "synthesize", "evaluate", "benchmark", "Result", "load_spec", "list_specs", "QuantPlan",
            "QuantOptions", "HagoError", "ModelError", "SpecError", "DataError", "BackendError", "OptionError",
            "OutputError", "SearchError", "InternalError", "__version__"]

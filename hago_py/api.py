@@ -82,7 +82,8 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
     t0 = time.perf_counter()
     opts = QuantOptions.from_kwargs(**options)
     _check_call(search, search_options, measure_latency, progress, evaluate)
-    if not search and (any(x is not None for x in (evaluate, accuracy_budget, latency_budget, time_budget,
+    own_eval = None if opts.granularity == "hybrid" else evaluate  # hybrid judges sensitivity with evaluate too
+    if not search and (any(x is not None for x in (own_eval, accuracy_budget, latency_budget, time_budget,
                                                      checkpoint, search_options)) or resume):
         raise OptionError("evaluate / accuracy_budget / latency_budget / time_budget / checkpoint / resume / "
                           "search_options only apply to a search: pass search=True")
@@ -94,7 +95,13 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
             return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget,
                               latency_budget=latency_budget, time_budget=time_budget, checkpoint=checkpoint,
                               resume=resume, measure_latency=measure_latency, **dict(search_options or {}))
-        result = finish(pipe, pipe.build(), measure_latency=measure_latency)
+        if opts.granularity == "hybrid":  # per-layer granularity by sensitivity and latency gain (quant/hybrid.py)
+            from .quant.hybrid import build_hybrid
+
+            built = build_hybrid(pipe, evaluate=evaluate, measure_latency=measure_latency)
+        else:
+            built = pipe.build()
+        result = finish(pipe, built, measure_latency=measure_latency)
     result.report["timings_s"]["total"] = time.perf_counter() - t0
     return result
 
@@ -176,11 +183,12 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
         "smoothing": list(pipe.smoothed),
         "calibration_samples": pipe.calib.num_samples,
         "calibration_notes": list(getattr(pipe.calib, "notes", [])),
+        "synthetic": getattr(pipe, "synthetic", None),
         "remedy": built.info.get("remedy", {}),
         "layers": layer_rows(plan),
         "timings_s": dict(pipe.timings),
     }
-    for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback", "ort_fallback"):
+    for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback", "ort_fallback", "hybrid"):
         if k in built.info:
             report[k] = built.info[k]
     if opts.check_artifact:

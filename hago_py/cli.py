@@ -73,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--peers", help="benchmark result JSON (benchmarks/results/<model>.json) whose recipes are "
                    "drawn on the report's Pareto plot")
 
+    sy = sub.add_parser("synthesize", help="synthesize a data-free calibration set (.npz) from the model itself")
+    sy.add_argument("model", help="FP32 .onnx model (with its BatchNormalization nodes, if it has any)")
+    sy.add_argument("--out", "-o", required=True, help="output .npz (keys = input names); reuse it as --calib")
+    sy.add_argument("--samples", type=int, default=256)
+    sy.add_argument("--method", default="retro", choices=("retro", "zeroq", "gaussian"))
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    sy.add_argument("--quiet", "-q", action="store_true")
+
     sub.add_parser("targets", help="list the built-in hardware targets")
 
     d = sub.add_parser("demo", help="quantize the embedded ResNet-20 CIFAR-10 demo and report accuracy and speed")
@@ -136,6 +145,28 @@ def _cmd_quantize(a) -> int:
     return 0
 
 
+def _cmd_synthesize(a) -> int:
+    import io
+
+    import numpy as np
+
+    from .data.synthetic import synthesize_set
+    from .ir import load_model
+    from .ir.io import atomic_write_bytes, check_writable
+
+    out = Path(a.out)
+    check_writable(out)
+    say = None if a.quiet else (lambda m: print(f"[hago] {m}", flush=True))
+    arrays, info = synthesize_set(load_model(a.model), samples=a.samples, method=a.method, seed=a.seed,
+                                  threads=a.threads, progress=say)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"wrote {out} ({a.samples} samples, method {a.method}, {info['seconds']:.1f} s, "
+          f"{info['torch_threads']} torch thread(s)); use it with --calib {out}")
+    return 0
+
+
 def _cmd_targets(a) -> int:
     from .hw import list_specs
 
@@ -157,7 +188,8 @@ def _cmd_demo(a) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"quantize": _cmd_quantize, "targets": _cmd_targets, "demo": _cmd_demo}[args.cmd](args)
+        return {"quantize": _cmd_quantize, "synthesize": _cmd_synthesize, "targets": _cmd_targets,
+                "demo": _cmd_demo}[args.cmd](args)
     except HagoError as e:
         import os
 

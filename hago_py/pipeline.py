@@ -57,6 +57,10 @@ class Pipeline:
         self.reference = without_value_info(self.proto)
         self.digest = model_digest(self.proto)
         self.inputs = model_input_specs(self.proto)
+        self.synthetic: Optional[Dict[str, Any]] = None  # report["synthetic"] when calibration="synthetic"
+        self.hybrid_per_channel: Dict[str, bool] = {}  # granularity="hybrid": per-layer defaults (quant/hybrid.py)
+        if isinstance(calibration, str) and calibration == "synthetic":
+            calibration = self._synthesize()
         self.calib = load_calibration(calibration, self.inputs, batch_size=self.opts.calib_batch_size,
                                       max_samples=self.opts.max_calib_samples)
         if self.calib.num_samples < FEW_SAMPLES:
@@ -79,6 +83,29 @@ class Pipeline:
         self._observers: Dict[tuple, object] = {}
         self._node_names = {n.name for n in self.prepared.graph.node}
         self.timings: Dict[str, float] = {"prepare": time.perf_counter() - t0}
+        if self.synthetic is not None:  # its own line, not counted in prepare
+            self.timings["synthesize"] = self.synthetic["seconds"]
+            self.timings["prepare"] -= self.synthetic["seconds"]
+
+    def _synthesize(self) -> Dict[str, np.ndarray]:
+        """calibration="synthetic": a data-free set made from the graph as loaded (self.proto, before prepare()
+        folds BatchNormalization, whose statistics retro / zeroq match). Torch threads: opts.threads when set
+        above 1, else all cores."""
+        import os
+
+        from .data.synthetic import synthesize_set
+
+        o = self.opts
+        threads = o.threads if o.threads > 1 else (os.cpu_count() or 1)
+        _progress(self.progress, f"synthesizing {o.synthetic_samples} calibration samples "
+                                 f"(synthetic_method={o.synthetic_method!r}, {threads} torch thread(s))")
+        arrays, info = synthesize_set(self.proto, samples=o.synthetic_samples, method=o.synthetic_method,
+                                      seed=o.seed, threads=threads,
+                                      progress=(lambda m: _progress(True, m)) if self.progress else None)
+        self.synthetic = {k: info[k] for k in ("method", "samples", "seconds", "final_loss", "torch_threads")}
+        self.synthetic["details"] = {k: v for k, v in info.items() if k not in self.synthetic}
+        _progress(self.progress, f"synthesized {o.synthetic_samples} samples in {info['seconds']:.1f} s")
+        return arrays
 
     def timing_feed(self) -> Dict[str, np.ndarray]:
         """One input for latency timing: batch 1, or the model's fixed batch when its inputs declare one."""
@@ -118,6 +145,8 @@ class Pipeline:
         merged = {k: dict(v) for k, v in self.opts.layers.items()}
         for node, ov in (layers or {}).items():
             merged.setdefault(node, {}).update(ov)
+        for node, pc in self.hybrid_per_channel.items():  # granularity="hybrid" (quant/hybrid.py)
+            merged.setdefault(node, {}).setdefault("per_channel", pc)
         edge = changes.get("edge_weight_bits", self.opts.edge_weight_bits)
         if edge is not None:  # the first and last weighted layers, unless a per-layer setting names them
             for node in self.edge_layers():

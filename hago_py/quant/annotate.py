@@ -175,7 +175,10 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                             "weight_dtype": scheme.weight_dtype, "activation_dtype": scheme.activation_dtype,
                             "kernel": scheme.kernel, "native": scheme.native}
             gran_allowed = list(scheme.granularity) if scheme is not None else ["per_channel", "per_tensor"]
-            per_channel = options.layer(node.name, "per_channel", options.per_channel)
+            # granularity: per_channel / per_tensor force the global default, auto and hybrid keep the per_channel
+            # flag (hybrid's choices arrive as per-layer overrides, quant/hybrid.py); a per-layer setting wins
+            g_default = {"per_channel": True, "per_tensor": False}.get(options.granularity, options.per_channel)
+            per_channel = options.layer(node.name, "per_channel", g_default)
             gran = "per_channel" if per_channel and "per_channel" in gran_allowed else "per_tensor"
             if gran not in gran_allowed:
                 gran = gran_allowed[0]

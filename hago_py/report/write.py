@@ -84,6 +84,8 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
             lines.append(f"  - note: {note}")
     if r.get("search"):
         lines += [""] + render_search_markdown(r["search"], pareto_image)
+    if r.get("hybrid"):
+        lines += [""] + render_hybrid_markdown(r["hybrid"])
     lines += ["", "## Per-layer decisions", "",
               "| node | op | quantized | kernel | weights | activations | remedy | why |",
               "|---|---|---|---|---|---|---|---|"]
@@ -94,6 +96,30 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
     if r.get("search"):
         lines += render_search_log(r["search"])
     return "\n".join(lines) + "\n"
+
+
+def render_hybrid_markdown(h: Dict[str, Any]) -> List[str]:
+    """granularity="hybrid" (quant/hybrid.py): each layer's sensitivity to per-tensor weights, latency gain, choice."""
+    lines = ["## Hybrid weight granularity", ""]
+    if not h.get("layers"):
+        return lines + [f"- {h.get('note', 'no layer could take either granularity')}"]
+    sn, lat = h["sensitivity"], h["latency"]
+    lines.append(f"- {h['per_tensor']} layer(s) per-tensor, {h['per_channel']} per-channel, of {h['candidates']} "
+                 f"that allow both; chosen in {h['seconds']:.1f} s")
+    lines.append(f"- sensitivity: {sn['definition']}; background (all per-channel) {_g(sn['background'])}; "
+                 f"budget {_g(sn['budget'])}, used {_g(h['budget_used'])}")
+    extra = ""
+    if lat["source"] == "measured":
+        extra = (f"; per-tensor saved {100 * lat['gain']:.2f} % end to end (p10–p90 {100 * lat['gain_p10']:.2f}–"
+                 f"{100 * lat['gain_p90']:.2f} %; per-channel {lat['per_channel_ms']:.3f} ms, per-tensor "
+                 f"{lat['per_tensor_ms']:.3f} ms)")
+    lines.append(f"- latency gain: **{lat['source']}** — {lat['label']}{extra}")
+    lines += ["", "| node | op | sensitivity | requant elements | latency gain | choice | why |",
+              "|---|---|---|---|---|---|---|"]
+    for row in h["layers"]:
+        lines.append(f"| `{row['node']}` | {row['op']} | {_g(row['sensitivity'])} | {row['requant_elements']:.0f} | "
+                     f"{100 * row['latency_gain']:.3f} % | {row['choice']} | {_cell(row['why'])} |")
+    return lines
 
 
 def render_search_markdown(s: Dict[str, Any], pareto_image: Optional[str] = None) -> List[str]:

@@ -335,6 +335,14 @@ class _Search:
             self.objective = "speed" if self.acc_b is not None else "metric"
             try:
                 self.ref_point = self.eval_plan(self.ref_assign, "reference", "all layers at the reference config")
+                if self.opts.granularity == "hybrid":   # issue 14: the hybrid plan is one measured end-to-end point
+                    from ..quant.hybrid import hybrid_assign
+
+                    h_assign, self.hybrid_info = hybrid_assign(self.pipe, self.space, self.ref_assign,
+                                                               evaluate=self.user.fn if self.user else None,
+                                                               measure_latency=self.lat_kind == "measured")
+                    self.eval_plan(h_assign, "hybrid", f"hybrid granularity ({self.hybrid_info.get('per_tensor', 0)}"
+                                                       " layers per-tensor, quant/hybrid.py)")
                 self._plan_table_deadline()
                 self.layer_table()
                 self.context_pass()
@@ -1037,6 +1045,8 @@ class _Search:
         result.chosen = chosen
         result.report["search"] = self.search_report(chosen, front, built.plan)
         result.report["timings_s"]["search"] = self.elapsed()
+        if getattr(self, "hybrid_info", None):   # the hybrid selection that gave the stage "hybrid" point
+            result.report["hybrid"] = self.hybrid_info
         self.ckpt.save({"done": True, "chosen": chosen["id"]})
         self.log("done", f"chosen plan {chosen['id'][:8]}: {self.metric_name} {chosen['metric']:.6g} (drop "
                          f"{chosen['drop']:+.4g}) at {chosen['speedup']:.3f}x ({chosen['latency']}); "
