@@ -76,7 +76,10 @@ def _targets(model):
     return [(inits["mu1"], np.sqrt(inits["var1"])), (inits["mu2"], np.sqrt(inits["var2"]))]
 
 
-@pytest.mark.parametrize("method,extra", [("zeroq", {}), ("retro", {"ce_weight": 0.1})])
+PAPER = {"tv_weight": 0.0, "in_weight": 0.0}  # retro's loss as the paper states it (no image priors)
+
+
+@pytest.mark.parametrize("method,extra", [("zeroq", {}), ("retro", {"ce_weight": 0.1, **PAPER})])
 def test_bn_statistics_are_matched(method, extra):
     """Tolerance: per-channel mean within 0.1 x the target's std (plus 0.02) and std within 10 % (plus 0.02), at
     every BN input, over the whole synthesized set; Gaussian noise misses that band at both layers. Retro runs
@@ -113,12 +116,30 @@ def test_same_seed_same_bytes_other_seed_differs():
 def test_class_targeting_covers_the_classes():
     """Noise lands in few classes; the class-targeted set is classified as every class, as assigned."""
     m = two_bn_cnn(classes=5)
-    x, info = synthesize_set(m, samples=20, method="retro", seed=0, threads=1, iterations=150, lr=0.1)
+    x, info = synthesize_set(m, samples=20, method="retro", seed=0, threads=1, iterations=150, lr=0.1, **PAPER)
     assert info["class_target"] and info["classes"] == 5 and info["classes_covered"] == 5
     pred = run_numpy(m, x)[0].argmax(1)
     assert set(pred.tolist()) == set(range(5))
     assert np.bincount(pred, minlength=5).min() >= 3  # 20 samples round-robin: 4 per class, allow one miss
     assert info["final_loss"]["target_hit"] >= 0.9
+
+
+def test_image_priors_smooth_the_set_and_hold_the_input_statistics():
+    """The default priors (TV + input statistics): neighbouring pixels differ far less than in the paper-loss set
+    (white-noise-like; ~25x here), while the per-channel std stays in the band of normalised images (0.5-1.5)
+    instead of the smoothing flattening the images."""
+    m = small_cnn()
+    kw = dict(samples=16, method="retro", seed=0, threads=1, iterations=60, lr=0.1)
+    paper = synthesize_set(m, **kw, **PAPER)[0]["input"]
+    prior, info = synthesize_set(m, **kw)
+    prior = prior["input"]
+
+    def tv(a):
+        return float(np.mean(np.diff(a, axis=2) ** 2) + np.mean(np.diff(a, axis=3) ** 2))
+
+    assert tv(prior) < 0.5 * tv(paper)
+    assert "tv" in info["final_loss"] and "input" in info["final_loss"]
+    assert np.all(np.abs(prior.std(axis=(0, 2, 3)) - 1.0) < 0.5), prior.std(axis=(0, 2, 3))
 
 
 def test_folded_model_uses_gaussian_activation_statistics_and_quantizes():
