@@ -156,6 +156,10 @@ def test_folded_model_uses_gaussian_activation_statistics_and_quantizes():
     assert rep["torch_threads"] >= 1 and "stats" in rep["final_loss"]
     assert res.report["calibration_samples"] == 16 and "synthesize" in res.report["timings_s"]
     assert any(n.op_type == "QuantizeLinear" for n in res.model.graph.node)
+    from hago_py.report.write import render_markdown
+
+    md = render_markdown(res.report)
+    assert "calibration data: **synthetic** (data-free), `retro`, 16 samples" in md and "4 of 4 classes" in md
 
 
 def test_pipeline_synthesizes_before_bn_folding():

@@ -52,6 +52,14 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
     lines.append(f"- weights W{opts.get('weight_bits')} / activations A{opts.get('activation_bits')}, "
                  f"clipping `{opts.get('clipping')}` on {r.get('calibration_samples')} samples, "
                  f"activation mode `{opts.get('activation_mode')}`")
+    syn = r.get("synthetic")
+    if syn:  # calibration="synthetic": no real sample was used anywhere
+        det = syn.get("details", {})
+        lines.append(f"- calibration data: **synthetic** (data-free), `{syn['method']}`, {syn['samples']} samples made "
+                     f"in {syn['seconds']:.1f} s on {syn.get('torch_threads')} torch thread(s); statistics matched: "
+                     f"{det.get('statistics', '-')}" + (f", {det['classes_covered']} of {det['classes']} classes "
+                                                       "targeted" if det.get("class_target") else "")
+                     + "; final loss " + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in syn.get("final_loss", {}).items()))
     lines.append(f"- prepare passes that changed the graph: {', '.join(r.get('prepare_passes') or []) or 'none'}")
     sm = r.get("smoothing") or []
     if sm:
