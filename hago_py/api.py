@@ -176,6 +176,7 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
     verify_output(qmodel, outputs, built.info.get("deploy_error"))
     report: Dict[str, Any] = {
         "target": spec.name,
+        "target_host": spec.host_match,   # target="host": the CPU flags that chose this spec (hw/host.py)
         "backend": spec.backend,
         "options": opts.to_dict(),
         "prepare_passes": pipe.changed,

@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize an ONNX model for a target")
     q.add_argument("model", help="FP32 .onnx model")
-    q.add_argument("--target", "-t", default="x86_avx2", help="built-in target name or path to a spec JSON")
+    q.add_argument("--target", "-t", default="x86_avx2",
+                   help="built-in target name, `host` (the built-in spec matching this CPU's flags) or a spec .json")
     q.add_argument("--calib", required=True, help="calibration data: .npz (keys = input names) or folder of .npy; "
                    "'synthetic' for data-free calibration (a set synthesized from the model itself)")
     q.add_argument("--out", "-o", required=True, help="output .onnx path")
@@ -175,6 +176,13 @@ def _cmd_targets(a) -> int:
         if isinstance(backend, dict):
             backend = backend.get("name")
         print(f"{s['name']:<18} {backend or '':<10} {s['description']}")
+    from .errors import SpecError
+    from .hw.host import match_host
+
+    try:
+        print(f"host               -> {match_host()[1]}")
+    except SpecError as e:
+        print(f"host               -> none: {e}")
     return 0
 
 

@@ -51,6 +51,8 @@ class Pipeline:
         self.opts.validate()
         self.progress = progress
         self.spec = load_spec(target)
+        if self.spec.host_match:
+            _progress(progress, f"target host: {self.spec.host_match}")
         self.load_notes: List[str] = []  # what canonicalization changed in the user's graph (for the report)
         self.proto = load_model(model, base_dir=base_dir, notes=self.load_notes)
         # the FP32 model as it is deployed and timed (no inferred value_info, like every artifact we write)

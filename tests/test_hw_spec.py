@@ -19,7 +19,7 @@ from hago_py.hw import (
     predict_speedup,
 )
 
-BUILTINS = ["arm_cortex_a72", "arm_cortex_a76", "cuda_t4", "x86_avx2", "x86_avx512_vnni"]
+BUILTINS = ["arm_cortex_a72", "arm_cortex_a76", "cuda_t4", "x86_amx", "x86_avx2", "x86_avx512_vnni"]
 REQUIRED_OPS = ["Conv", "MatMul", "Gemm", "Add", "GlobalAveragePool"]
 
 
@@ -62,7 +62,7 @@ def test_builtin_loads_and_validates(name):
     hash(spec)  # frozen and hashable despite dict fields
 
 
-def test_list_specs_returns_the_five():
+def test_list_specs_returns_the_builtins():
     specs = list_specs()
     assert [s["name"] for s in specs] == BUILTINS
     for s in specs:

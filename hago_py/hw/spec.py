@@ -12,6 +12,7 @@ the field (as a JSON path like ``ops.Conv.schemes[0].weight_bits``) and what to 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import os
@@ -171,6 +172,7 @@ class HardwareSpec:
     cost_model: Optional[CostModel] = None
     source_path: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
+    host_match: Optional[str] = field(default=None, compare=False, repr=False)  # target="host": why this spec
 
     # -- queries --------------------------------------------------------------------------------------
 
@@ -691,6 +693,11 @@ def load_spec(source: SpecSource) -> HardwareSpec:
                         f"({', '.join(_safe_builtin_names())}) or a path to a .json file")
     if "\x00" in s:
         raise SpecError(f"hardware spec name {s[:80]!r} contains a NUL character; pass a built-in name or a path")
+    if s.lower() == "host":  # the built-in spec that matches this CPU's flags (hw/host.py), and why
+        from .host import match_host
+
+        name, why = match_host()
+        return dataclasses.replace(load_spec(name), host_match=why)
     if _looks_like_path(s):
         path = Path(s).expanduser()
         if path.name == s and s.endswith(".json") and _is_file(_builtin_dir() / s) and not _is_file(path):

@@ -48,6 +48,8 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
                     pareto_image: Optional[str] = None) -> str:
     r = report
     lines = [f"# hago_py quantization report — target `{r['target']}`", ""]
+    if r.get("target_host"):
+        lines.append(f"- target `host`: {r['target_host']}")
     opts = r.get("options", {})
     lines.append(f"- weights W{opts.get('weight_bits')} / activations A{opts.get('activation_bits')}, "
                  f"clipping `{opts.get('clipping')}` on {r.get('calibration_samples')} samples, "
