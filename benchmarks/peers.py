@@ -269,6 +269,16 @@ register(hago_datafree_recipe("hago_df_retro_w4a8_flexround", "W4A8 FlexRound (s
                               rounding="flexround", measure_latency=False))
 
 
+# Embedding table (issue 15): the W8A8 default plus 4-bit embedding tables (quant/embedding.py), timed in the same
+# run as FP32 and the plain W8A8 model (hago_default rides along: SUITE_PEERS). MiniLM only (the CNNs have no Gather).
+register(hago_recipe("hago_emb_rowwise4", "W8A8 defaults + embedding_scheme=rowwise 4-bit (greedy row ranges; "
+                     "tables <= 1024 rows 8-bit)", models=("minilm",), suite="embeddings", embedding_scheme="rowwise"))
+register(hago_recipe("hago_emb_rowwise4_all", "W8A8 defaults + every embedding table rowwise 4-bit",
+                     models=("minilm",), suite="embeddings", embedding_scheme="rowwise", embedding_small_rows=0))
+register(hago_recipe("hago_emb_codebook4", "W8A8 defaults + embedding_scheme=codebook (16 centroids per row)",
+                     models=("minilm",), suite="embeddings", embedding_scheme="codebook"))
+
+
 # Hybrid table (issue 14): per-layer weight granularity (quant/hybrid.py) against both uniform granularities, with
 # ORT's per-channel / per-tensor MinMax peers in the same run (recipe_names adds them to this suite). The hybrid row
 # measures the per-tensor gain end to end on this host while it chooses (that timing is part of its wall time).
@@ -304,7 +314,26 @@ register(hago_recipe("hago_hy_per_tensor", "W8A8 defaults, all weights per-tenso
                      suite="hybrid", granularity="per_tensor"))
 register(hago_hybrid_recipe("hago_hy_hybrid", "W8A8 defaults, granularity=hybrid (per layer: sensitivity + "
                                               "measured per-tensor gain)"))
-SUITE_PEERS = {"hybrid": ("ort_minmax_pc", "ort_minmax_pt")}  # default-suite rows that also run in these suites
+# default-suite rows that also run in these suites (ORT's static recipes, with real calibration data)
+SUITE_PEERS = {"hybrid": ("ort_minmax_pc", "ort_minmax_pt"), "datafree": ("ort_minmax_pc", "ort_minmax_pt"),
+               "embeddings": ("hago_default", "ort_dynamic")}
+
+
+# Non-uniform table (issue 14): weight_scheme="nonuniform" (quant/nonuniform.py) — 3-4 bit non-uniform levels
+# snapped onto the per-channel int8 grid, stored as packed 4-bit indices + an int8 codebook (quant/codebook.py)
+# and run on the int8 kernels — against W8A8 and uniform W4A8 nearest (simulated: no W4 kernel on ORT CPU).
+# The runner records each artifact's file size (row["model_bytes"]).
+register(hago_recipe("hago_nu_w8a8", "W8A8 defaults", suite="nonuniform", measure_latency=False))
+register(hago_recipe("hago_nu_w4a8_uniform", "W4A8 uniform, rounding=nearest (simulated)", suite="nonuniform",
+                     weight_bits=4, simulate=True, rounding="nearest", measure_latency=False))
+for _bits in (4, 3):
+    register(hago_recipe(f"hago_nu_w{_bits}a8", f"W{_bits}A8 non-uniform levels on the int8 kernel (codebook storage)",
+                         suite="nonuniform", weight_scheme="nonuniform", weight_bits=_bits, measure_latency=False))
+    # labelled extra row: + the mean-shift bias correction of the non-uniform layers (one E[x] pass, cheap)
+    register(hago_recipe(f"hago_nu_w{_bits}a8_bc", f"W{_bits}A8 non-uniform + mean-shift bias correction",
+                         suite="nonuniform", weight_scheme="nonuniform", weight_bits=_bits, bias_correction=True,
+                         measure_latency=False))
+# end of the non-uniform table
 
 
 # Search table (issue 4): hago_py's hardware-aware search, scored by the benchmark's own metric.

@@ -160,7 +160,8 @@ def bench_model(model: BenchModel, recipes: List[str], args) -> Dict[str, Any]:
 
     t0 = time.perf_counter()
     fp32 = model.evaluate(model.model_path, limit=limit, threads=args.eval_threads)
-    result["fp32"] = {"metric": fp32, "eval_s": time.perf_counter() - t0}
+    result["fp32"] = {"metric": fp32, "eval_s": time.perf_counter() - t0,
+                      "model_bytes": Path(model.model_path).stat().st_size}
     print(f"  fp32            {model.format_metric(fp32)}  (eval {result['fp32']['eval_s']:.1f} s)")
 
     rows: List[Dict[str, Any]] = []
@@ -168,6 +169,7 @@ def bench_model(model: BenchModel, recipes: List[str], args) -> Dict[str, Any]:
         row = run_recipe(name, model, out_dir, calib_n=calib_n, timeout_s=args.timeout,
                          mem_reserve_mb=args.mem_reserve)
         if not row.get("error"):
+            row["model_bytes"] = Path(row["model_path"]).stat().st_size  # the artifact's file size
             t0 = time.perf_counter()
             try:
                 row["metric"] = model.evaluate(row["model_path"], limit=limit, threads=args.eval_threads)
@@ -395,7 +397,8 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per recipe before it is killed")
     ap.add_argument("--mem-reserve", type=float, default=1500,
                     help="kill a recipe when the machine's MemAvailable falls below this many MB")
-    ap.add_argument("--suite", default="default", choices=("default", "rounding", "search", "datafree", "hybrid", "nonuniform"),
+    ap.add_argument("--suite", default="default", choices=("default", "rounding", "search", "datafree", "hybrid", "nonuniform",
+                                                          "embeddings"),
                     help="which registered rows run when --recipes is not given (default: the foundation table)")
     ap.add_argument("--quick", action="store_true", help="subset of eval data, fewer timing rounds (smoke run)")
     ap.add_argument("--no-timing", action="store_true")

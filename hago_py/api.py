@@ -189,6 +189,8 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
         "layers": layer_rows(plan),
         "timings_s": dict(pipe.timings),
     }
+    if plan.embeddings:
+        report["embeddings"] = plan.embeddings
     for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback", "ort_fallback", "hybrid"):
         if k in built.info:
             report[k] = built.info[k]
@@ -209,6 +211,14 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
     return Result(model=qmodel, plan=plan, report=report, fp32_model=pipe.prepared)
 
 
+def _nonuniform_cell(w) -> str:
+    """', non-uniform W4 (codebook4, 12-16 levels/ch)': the weight_scheme="nonuniform" part of a weight cell."""
+    lv = w.levels or {}
+    used = (f", {lv['levels_per_channel_min']}-{lv['levels_per_channel_max']} levels/ch"
+            if "levels_per_channel_min" in lv else "")
+    return f", non-uniform W{w.levels_bits} ({w.storage or 'not realized'}{used})"
+
+
 def layer_rows(plan: QuantPlan) -> List[Dict[str, Any]]:
     rows = []
     for lp in plan.layers.values():
@@ -216,7 +226,8 @@ def layer_rows(plan: QuantPlan) -> List[Dict[str, Any]]:
         rows.append({
             "node": lp.node, "op": lp.op_type, "quantized": lp.quantize, "reason": lp.reason,
             "kernel": (lp.scheme or {}).get("kernel"), "fused": lp.fused,
-            "weight": None if w is None else f"{w.dtype} {w.bits}b {'sym' if w.symmetric else 'asym'} {w.granularity}",
+            "weight": None if w is None else f"{w.dtype} {w.bits}b {'sym' if w.symmetric else 'asym'} {w.granularity}"
+            + (_nonuniform_cell(w) if w.scheme == "nonuniform" else ""),
             "activation": None if not lp.inputs else ",".join(
                 sorted({plan.activations[i].mode for i in lp.inputs if i in plan.activations})),
             "remedy": lp.remedy, "simulated": lp.simulated,

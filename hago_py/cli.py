@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                    "layer's sensitivity and the measured latency gain (same as --granularity hybrid)")
     q.add_argument("--weight-scheme", default="uniform", choices=("uniform", "nonuniform"),
                    help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 4-bit + codebook")
+    q.add_argument("--embedding-scheme", default="none", choices=("none", "rowwise", "codebook"),
+                   help="embedding tables (Gather from a constant table): 4-bit row-wise (greedy ranges) or codebook")
+    q.add_argument("--embedding-bits", type=int, default=4, choices=(4, 8), help="bits of --embedding-scheme rowwise")
     q.add_argument("--synthetic-samples", type=int, default=256, help="samples synthesized with --calib synthetic")
     q.add_argument("--synthetic-method", default="retro", choices=("retro", "zeroq", "gaussian"),
                    help="data-free generator with --calib synthetic (default retro: retro-synthesis)")
@@ -123,6 +126,7 @@ def _cmd_quantize(a) -> int:
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
                        granularity="hybrid" if a.hybrid else a.granularity, weight_scheme=a.weight_scheme,
                        synthetic_samples=a.synthetic_samples, synthetic_method=a.synthetic_method,
+                       embedding_scheme=a.embedding_scheme, embedding_bits=a.embedding_bits,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,
                        bias_correction={"auto": None, "on": True, "off": False}[a.bias_correction],
                        equalize=a.equalize, smooth=not a.no_smooth, smooth_alpha=a.smooth_alpha,

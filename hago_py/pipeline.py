@@ -187,6 +187,8 @@ class Pipeline:
             return
         ops = sorted({n.op_type for n in self.prepared.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")})
         wb, ab = opts.weight_bits, opts.activation_bits
+        if opts.weight_scheme == "nonuniform":  # 3-4 bit levels on the int8 grid: the W8 kernel (quant/nonuniform.py)
+            wb = 8
         if not ops or any(self.spec.find_scheme(op, wb, ab) is not None for op in ops):
             return
         pairs = sorted({f"W{s.weight_bits}A{s.activation_bits}" for op in ops for s in self.spec.schemes(op)
@@ -256,6 +258,7 @@ class Pipeline:
             info["lapq"] = lapq(self.prepared, plan, self.check_batches, threads=opts.threads, seed=opts.seed)
             self.timings["lapq"] = time.perf_counter() - t
         weights, biases, model = None, {}, self.prepared
+        nu_layers = [lp for lp in plan.quantized_layers() if lp.weight is not None and lp.weight.scheme == "nonuniform"]
         from .quant.reconstruct import apply_biases, needs_reconstruction, reconstruct
 
         if any(lp.weight is not None and lp.weight.method == "brecq" for lp in plan.quantized_layers()):
@@ -271,19 +274,87 @@ class Pipeline:
                                            threads=opts.threads, progress=self.progress,
                                            **prm)
             self.timings["brecq"] = time.perf_counter() - t
-        elif needs_reconstruction(plan, opts):
+        elif needs_reconstruction(plan, dataclasses.replace(opts, bias_correction=None) if nu_layers else opts):
+            # non-uniform layers: bias_correction=True is their mean-shift correction (below), not reconstruction
             t = time.perf_counter()
             weights, biases, info["rounding"] = reconstruct(self.prepared, plan, self.recon_batches(opts), opts,
                                                             progress=self.progress)
             self.timings["rounding"] = time.perf_counter() - t
             _progress(self.progress, f"rounded {len(weights)} layers in {self.timings['rounding']:.1f} s")
             model = apply_biases(self.prepared, biases)
+        if nu_layers:
+            weights, nu_biases = self._nonuniform_weights(plan, weights, bias_correction=bool(opts.bias_correction))
+            if nu_biases:
+                model = apply_biases(model, nu_biases)
+                info["nonuniform_bias_correction"] = sorted(nu_biases)
         rinfo: Dict[str, Any] = {}
         qmodel = realize(model, plan, weights=weights, info=rinfo)
+        if opts.embedding_scheme != "none":  # embedding tables: row-wise / codebook (quant/embedding.py)
+            from .quant.embedding import quantize_embeddings
+
+            t = time.perf_counter()
+            qmodel, plan.embeddings = quantize_embeddings(qmodel, opts.embedding_scheme, opts.embedding_bits,
+                                                          opts.embedding_codebook,
+                                                          small_rows=opts.embedding_small_rows)
+            self.timings["embeddings"] = self.timings.get("embeddings", 0.0) + time.perf_counter() - t
         if rinfo.get("bias_adjusted"):
             info["bias_adjusted"] = rinfo["bias_adjusted"]
         plan.history.append("realize")
         return Built(plan=plan, model=qmodel, info=info)
+
+    def _nonuniform_weights(self, plan: QuantPlan, weights, bias_correction: bool = False):
+        """weight_scheme="nonuniform": the integer weights of those layers, their levels weighted by the energy of
+        the inputs they multiply (quant/nonuniform.py; one E[x^2], E[x] pass on the FP32 model, cached); and with
+        ``bias_correction`` the mean-shift corrected biases {node: bias} of the layers that have a Conv / Gemm
+        bias (labelled in the layer's notes)."""
+        from .quant.reconstruct import _bias_source
+        from onnx import numpy_helper
+
+        from .quant import nonuniform as nu
+        from .quant.weights import quantize_weight
+
+        inits = {i.name: i for i in self.prepared.graph.initializer}
+        nodes = {n.name: n for n in self.prepared.graph.node}
+        layers = {lp.node: lp for lp in plan.quantized_layers()
+                  if lp.weight is not None and lp.weight.scheme == "nonuniform" and lp.node in nodes}
+        if not hasattr(self, "_nu_importance"):
+            self._nu_importance: Dict[str, np.ndarray] = {}
+            self._nu_means: Dict[str, np.ndarray] = {}
+            self._nu_cache: Dict[tuple, tuple] = {}  # (node, grid) -> (q, scale, zero point, levels): sanity rebuilds
+        todo = {n: (lp.op_type, list(inits[lp.weight.tensor].dims),
+                    next((a.i for a in nodes[n].attribute if a.name == "group"), 1))
+                for n, lp in layers.items() if n not in self._nu_importance}
+        if todo:
+            t = time.perf_counter()
+            self._nu_importance.update(nu.input_importance(self.prepared, todo, self.first_batches(
+                nu.IMPORTANCE_SAMPLES, exact=True), threads=self.opts.threads, means=self._nu_means))
+            self.timings["nonuniform_importance"] = time.perf_counter() - t
+        out, biases = dict(weights or {}), {}
+        consumers: Dict[str, list] = {}
+        for nd in self.prepared.graph.node:
+            for i in nd.input:
+                consumers.setdefault(i, []).append(nd)
+        for n, lp in layers.items():
+            tq = lp.weight
+            w = numpy_helper.to_array(inits[tq.tensor]).astype(np.float32)
+            key = (n, tq.dtype, tq.bits, tq.narrow, tq.symmetric, tq.granularity, tq.axis, tq.levels_bits)
+            if key not in self._nu_cache:
+                t = time.perf_counter()
+                q = quantize_weight(w, tq, importance=self._nu_importance.get(n))
+                self._nu_cache[key] = (q, list(tq.scale), list(tq.zero_point), dict(tq.levels))
+                self.timings["nonuniform_levels"] = self.timings.get("nonuniform_levels", 0.0) + time.perf_counter() - t
+            q, sc, zp, lv = self._nu_cache[key]
+            out[n] = np.array(q)  # realize may adjust it (bias fit): never the cached array
+            tq.scale, tq.zero_point, tq.levels = list(sc), list(zp), dict(lv)
+            kind, b_init = _bias_source(self.prepared, nodes[n], consumers)
+            if bias_correction and kind == "input" and n in self._nu_means and tq.axis is not None:
+                b = numpy_helper.to_array(inits[b_init]).astype(np.float64).reshape(-1)
+                corr = nu.mean_shift(w, out[n], tq.scale, tq.zero_point, tq.axis, self._nu_means[n])
+                if b.size in (1, corr.size):
+                    biases[n] = (b + corr).astype(np.float32)
+                    lp.notes.append("bias_correction: mean-shift of the non-uniform weights (sum_j (w_j - w_q,j) "
+                                    f"E[x_j]) added to the bias, max |shift| {np.abs(corr).max():.3g}")
+        return out, biases
 
     def recon_batches(self, opts: QuantOptions) -> List[Dict[str, np.ndarray]]:
         return self.first_batches(opts.recon_samples, exact=True)

@@ -19,6 +19,7 @@ from onnx import TensorProto
 
 from ..errors import OptionError
 from ..ir.fusion import find_fusion_groups
+from .nonuniform import layer_levels_bits
 from .options import QuantOptions
 from .plan import LayerPlan, QuantPlan, TensorQuant
 
@@ -154,6 +155,10 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                 keep_fp(node, f"MatMul weight of rank {len(w_shape)} (batched weights): kept FP32")
                 continue
             w_bits = options.layer(node.name, "weight_bits", options.weight_bits)
+            # weight_scheme="nonuniform": 3-4 bit levels on the 8-bit grid, so the 8-bit kernel (quant/nonuniform.py)
+            nu_bits = layer_levels_bits(options, node.name)
+            if nu_bits is not None:
+                w_bits = 8
             want_dtype = options.layer(node.name, "weight_dtype")
             scheme = spec.find_scheme(op, w_bits, a_bits, weight_dtype=want_dtype)
             simulated = False
@@ -179,6 +184,8 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
             # flag (hybrid's choices arrive as per-layer overrides, quant/hybrid.py); a per-layer setting wins
             g_default = {"per_channel": True, "per_tensor": False}.get(options.granularity, options.per_channel)
             per_channel = options.layer(node.name, "per_channel", g_default)
+            if nu_bits is not None:  # the levels are per output channel
+                per_channel = True
             gran = "per_channel" if per_channel and "per_channel" in gran_allowed else "per_tensor"
             if gran not in gran_allowed:
                 gran = gran_allowed[0]
@@ -188,6 +195,8 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                                  symmetric=w_sym, narrow=w_sym and w_dtype.startswith("int"), granularity=gran,
                                  axis=axis if gran == "per_channel" else None, mode="constant",
                                  method=options.layer(node.name, "rounding", options.rounding))
+            if nu_bits is not None:
+                weight.scheme, weight.levels_bits = "nonuniform", nu_bits
             # activation mode
             mode = options.layer(node.name, "activation_mode", options.activation_mode)
             dyn_ok = op in ("MatMul", "Gemm") and spec.supports_dynamic(op) and (
@@ -216,6 +225,9 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                 lp.output = out_name
                 lp.reason = (f"{op} -> {scheme_d['kernel'] or 'fake-quant (simulated)'} W{weight.bits}A{a_bits} "
                              f"{gran} weights" + (f", fused {'+'.join(group.ops)}" if group and len(group.nodes) > 1 else ""))
+            if nu_bits is not None:
+                lp.reason += (f"; non-uniform W{nu_bits}: at most {2 ** nu_bits} levels of the int8 grid per output "
+                              "channel (weight_scheme nonuniform)")
             if simulated:
                 lp.reason += "; no integer kernel on the target: simulated"
             plan.layers[node.name] = lp

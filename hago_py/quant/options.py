@@ -100,6 +100,11 @@ class QuantOptions:
     per_channel: bool = _opt(True, Rule(bool))
     granularity: str = _opt("auto", Rule(str, choices=GRANULARITIES, hint="auto: per_channel decides"))
     weight_scheme: str = _opt("uniform", Rule(str, choices=WEIGHT_SCHEMES))
+    # embedding tables (Gather from a constant [rows, dim] table; quant/embedding.py): none | rowwise | codebook
+    embedding_scheme: str = _opt("none", Rule(str, choices=("none", "rowwise", "codebook")))
+    embedding_bits: int = _opt(4, Rule(int, 4, 8, hint="4 (rowwise or codebook) or 8 (rowwise)"))
+    embedding_codebook: str = _opt("row", Rule(str, choices=("row", "table"), hint="one codebook per row or per table"))
+    embedding_small_rows: int = _opt(1024, Rule(int, 0, hint="tables with at most this many rows stay 8-bit; 0: none"))
     # activation range method: minmax | percentile | mse | entropy | lapq (auto = mse)
     clipping: str = _opt("auto", Rule(str, choices=CLIPPING))
     percentile: float = _opt(99.999, Rule(float, 50.0, 100.0, lo_open=True, hint="used by clipping='percentile'"))
@@ -177,6 +182,7 @@ class QuantOptions:
                 if not LAYER_KEYS[k].accepts(v):
                     raise OptionError(f"option layers[{node!r}][{k!r}]={_show(v)} is invalid; use "
                                       f"{LAYER_KEYS[k].describe()}")
+        self._validate_nonuniform()
         for m, prm in self.rounding_params.items():
             if m not in ROUNDING or m == "nearest":
                 raise OptionError(f"option rounding_params key={m!r} is invalid; use one of: "
@@ -184,6 +190,34 @@ class QuantOptions:
             if not isinstance(prm, dict):
                 raise OptionError(f"option rounding_params[{m!r}]={_show(prm)} must be a dict of that method's "
                                   "settings, e.g. {'lr': 0.01}")
+
+    def _validate_nonuniform(self) -> None:
+        """weight_scheme="nonuniform" (quant/nonuniform.py): 3-4 level bits on the int8 kernel, nearest rounding
+        only, no BN re-estimation (it assumes the uniform grid); bias_correction=True gives the non-uniform layers
+        the cheap mean-shift correction (Pipeline._nonuniform_weights), not the reconstruction one."""
+        fix = "or use weight_scheme='uniform'"
+        if self.weight_scheme == "nonuniform" and self.weight_bits not in (3, 4):
+            raise OptionError(f"option weight_bits={_show(self.weight_bits)} is invalid with weight_scheme='nonuniform'"
+                              f"; use weight_bits=3 or 4 (non-uniform levels run on the int8 kernel), {fix}")
+        nu_layers = [n for n, ov in self.layers.items() if ov.get("weight_scheme") == "nonuniform"]
+        for node in nu_layers:
+            b = self.layers[node].get("weight_bits")
+            if b is not None and b not in (3, 4):
+                raise OptionError(f"option layers[{node!r}]['weight_bits']={_show(b)} is invalid with weight_scheme "
+                                  f"'nonuniform'; use 3 or 4, {fix} for that layer")
+        if self.weight_scheme != "nonuniform" and not nu_layers:
+            return
+        for node, ov in self.layers.items():
+            r = ov.get("rounding")
+            if r not in (None, "nearest") and ov.get("weight_scheme", self.weight_scheme) == "nonuniform":
+                raise OptionError(f"option layers[{node!r}]['rounding']={r!r} is not supported with weight_scheme "
+                                  f"'nonuniform'; use rounding='nearest' (the levels are assigned by nearest), {fix}")
+        if self.rounding != "nearest":  # data-driven solvers round every layer on the uniform grid
+            raise OptionError(f"option rounding={self.rounding!r} is not supported with weight_scheme 'nonuniform'; "
+                              f"use rounding='nearest' (weights are assigned to the nearest non-uniform level), {fix}")
+        if self.bn_reestimate:  # bias_correction=True: the non-uniform layers get the mean-shift correction
+            raise OptionError("option bn_reestimate=True is not supported with weight_scheme 'nonuniform' (it is "
+                              f"computed for the uniform grid); leave bn_reestimate unset, {fix}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

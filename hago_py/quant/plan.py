@@ -30,6 +30,13 @@ class TensorQuant:
     zero_point: Optional[List[int]] = None
     shared_with: Optional[str] = None   # passthrough tensors reuse the qparams of another tensor
     stats: Dict[str, Any] = field(default_factory=dict)
+    # weight grid (weights only): "uniform", or "nonuniform" (at most 2**levels_bits values of the int8 grid per
+    # output channel, quant/nonuniform.py); storage: how realize wrote it ("int8" initializer, or "codebook4":
+    # packed 4-bit indices + an int8 codebook, quant/codebook.py); levels: per-channel levels-used summary
+    scheme: str = "uniform"
+    levels_bits: Optional[int] = None
+    storage: Optional[str] = None
+    levels: Optional[Dict[str, Any]] = None
 
     @property
     def calibrated(self) -> bool:
@@ -61,6 +68,7 @@ class QuantPlan:
     activations: Dict[str, TensorQuant] = field(default_factory=dict)
     version: int = PLAN_VERSION
     history: List[str] = field(default_factory=list)    # stages that produced / changed the plan
+    embeddings: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # Gather node -> table record (embedding.py)
 
     # -- queries ----------------------------------------------------------------------------
     def quantized_layers(self) -> List[LayerPlan]:
@@ -101,6 +109,7 @@ class QuantPlan:
             "history": list(self.history),
             "layers": [asdict(lp) for lp in self.layers.values()],
             "activations": [asdict(t) for t in self.activations.values()],
+            "embeddings": self.embeddings,
         }
 
     def to_json(self) -> str:
@@ -124,7 +133,8 @@ class QuantPlan:
             layers[x["node"]] = LayerPlan(**_known(LayerPlan, x))
         acts = {x["tensor"]: tq(x) for x in d.get("activations", [])}
         return cls(target=d["target"], model_digest=d["model_digest"], options=d.get("options", {}),
-                   layers=layers, activations=acts, version=d["version"], history=d.get("history", []))
+                   layers=layers, activations=acts, version=d["version"], history=d.get("history", []),
+                   embeddings=d.get("embeddings", {}))
 
     @classmethod
     def from_json(cls, text: str) -> "QuantPlan":

@@ -21,6 +21,7 @@ from ..errors import ModelError
 from ..ir.io import to_ir, to_proto, without_value_info
 from ..ir.names import NameAllocator
 from ..ir.passes._util import const_array, new_initializer
+from .codebook import MIN_OPSET, CodebookWriter
 from .plan import QuantPlan, TensorQuant
 from .weights import quantize_weight
 
@@ -56,7 +57,10 @@ def _opset_needed(plan: QuantPlan) -> int:
     """DequantizeLinear / QuantizeLinear with int4 / uint4 need opset 21, and so do int16 / uint16."""
     dtypes = {lp.weight.dtype for lp in plan.quantized_layers() if lp.weight is not None}
     dtypes |= {tq.dtype for tq in plan.activations.values() if tq.mode == "static"}
-    return 21 if dtypes & {"int4", "uint4", "int16", "uint16"} else 0
+    if dtypes & {"int4", "uint4", "int16", "uint16"}:
+        return 21
+    nonuniform = any(lp.weight is not None and lp.weight.scheme == "nonuniform" for lp in plan.quantized_layers())
+    return MIN_OPSET if nonuniform else 0  # the codebook expansion (BitShift, GatherElements)
 
 
 def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[str, np.ndarray]] = None,
@@ -69,7 +73,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
     if need:
         from ..ir.io import upgrade_opset
 
-        model = upgrade_opset(model, need, "the model (int4 / int16 Q/DQ need opset 21)")
+        model = upgrade_opset(model, need, f"the model (int4 / int16 Q/DQ need opset 21, non-uniform weights {MIN_OPSET})")
     m = to_ir(model)
     graph = m.graph
     names = NameAllocator.for_graph(graph)
@@ -78,6 +82,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
     wcache: Dict = {}  # shared (tied) weights with identical quantization: one initializer, one DQ
     weights = weights or {}
     adjusted = []
+    books = CodebookWriter(graph, names)  # weight_scheme="nonuniform": packed indices + codebook (quant/codebook.py)
 
     # 1. weights (+ bias) of static and dynamic weighted layers
     for lp in plan.quantized_layers():
@@ -99,7 +104,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         x_name = lp.inputs[0] if lp.inputs else None
         x_tq = plan.activations.get(x_name) if x_name else None
         if x_tq is not None and x_tq.mode == "dynamic":
-            _realize_dynamic(graph, names, node, lp, q, x_tq, dql_cache)
+            _realize_dynamic(graph, names, node, lp, q, x_tq, dql_cache, books)
             continue
         bias = _bias(node, lp)
         if bias is not None and x_tq is not None:
@@ -112,7 +117,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         key = (w_val.name, tq.dtype, tq.granularity, tq.axis, tuple(tq.scale), tuple(tq.zero_point),
                q.shape, hash(np.ascontiguousarray(q).tobytes()))
         if key not in wcache:
-            wq = new_initializer(graph, f"{w_val.name}_quantized", _int_array(q, tq.dtype), names)
+            wq = _weight_value(graph, names, books, w_val.name, _int_array(q, tq.dtype), tq, tq.axis, node)
             s_val, z_val = _qparam_values(graph, names, f"{w_val.name}", tq)
             attrs = {"axis": ir.AttrInt64("axis", int(tq.axis))} if tq.granularity == "per_channel" \
                 and len(tq.scale) > 1 else {}
@@ -241,11 +246,25 @@ def _values_by_name(graph: ir.Graph) -> Dict[str, ir.Value]:
     return vals
 
 
+def _weight_value(graph: ir.Graph, names: NameAllocator, books: CodebookWriter, base: str, q: np.ndarray,
+                  tq: TensorQuant, axis: Optional[int], before: ir.Node) -> ir.Value:
+    """The integer weight as a graph value: a plain initializer, or for a non-uniform weight (per channel on
+    ``axis``) the codebook expansion when that is smaller (tq.storage records which)."""
+    if tq.scheme != "nonuniform":
+        return new_initializer(graph, f"{base}_quantized", q, names)
+    if axis is None or q.ndim < 2:
+        val, tq.storage = new_initializer(graph, f"{base}_quantized", q, names), "int8"
+        return val
+    val, tq.storage = books.weight(q, axis, tq.levels_bits, base, before)
+    return val
+
+
 def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q: np.ndarray,
-                     x_tq: TensorQuant, cache: Dict) -> None:
+                     x_tq: TensorQuant, cache: Dict, books: Optional[CodebookWriter] = None) -> None:
     """MatMul / Gemm with dynamic activations -> DynamicQuantizeLinear + MatMulInteger + rescale.
     MatMulInteger takes 8-bit weights only: narrower weights (W2-W4, simulated) sit in an int8 container."""
     tq = lp.weight
+    books = books or CodebookWriter(graph, names)
     x = node.inputs[0]
     if node.op_type == "Gemm" and any(a.name == "transB" and a.value for a in node.attributes.values()):
         q = q.T  # MatMulInteger wants [K, N]
@@ -259,7 +278,7 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
         cache[key] = dql
     dql = cache[key]
     w_name = node.inputs[1].name
-    wq = new_initializer(graph, f"{w_name}_quantized", _int_array(q, dtype), names)
+    wq = _weight_value(graph, names, books, w_name, _int_array(q, dtype), tq, 1 if tq.axis is not None else None, node)
     per_channel = tq.granularity == "per_channel" and len(tq.scale) > 1
     wz = new_initializer(graph, f"{w_name}_zero_point",
                          _int_array(np.asarray(tq.zero_point if per_channel else tq.zero_point[0]), dtype), names)

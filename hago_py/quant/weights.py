@@ -50,6 +50,14 @@ def quantize_weight(w: np.ndarray, tq: TensorQuant, **ctx) -> np.ndarray:
                           "realize), not by realize alone")
     scale, zp = weight_qparams(w, tq)
     qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
+    if tq.scheme == "nonuniform":  # at most 2**levels_bits values of this grid per channel (quant/nonuniform.py)
+        from .nonuniform import quantize_nonuniform
+
+        q, tq.levels = quantize_nonuniform(w, scale, zp, qmin, qmax, tq.axis if tq.granularity == "per_channel"
+                                           else None, tq.levels_bits, importance=ctx.get("importance"))
+        tq.scale = [float(s) for s in scale]
+        tq.zero_point = [int(z) for z in zp]
+        return q
     q = get_rounder(tq.method)(w, scale, zp, qmin, qmax, tq.axis if tq.granularity == "per_channel" else None, **ctx)
     tq.scale = [float(s) for s in scale]
     tq.zero_point = [int(z) for z in zp]

@@ -51,7 +51,8 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
     if r.get("target_host"):
         lines.append(f"- target `host`: {r['target_host']}")
     opts = r.get("options", {})
-    lines.append(f"- weights W{opts.get('weight_bits')} / activations A{opts.get('activation_bits')}, "
+    nu = " non-uniform (levels on the int8 kernel)" if opts.get("weight_scheme") == "nonuniform" else ""
+    lines.append(f"- weights W{opts.get('weight_bits')}{nu} / activations A{opts.get('activation_bits')}, "
                  f"clipping `{opts.get('clipping')}` on {r.get('calibration_samples')} samples, "
                  f"activation mode `{opts.get('activation_mode')}`")
     syn = r.get("synthetic")
@@ -96,6 +97,8 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
         lines += [""] + render_search_markdown(r["search"], pareto_image)
     if r.get("hybrid"):
         lines += [""] + render_hybrid_markdown(r["hybrid"])
+    if r.get("embeddings"):
+        lines += [""] + render_embeddings_markdown(r["embeddings"])
     lines += ["", "## Per-layer decisions", "",
               "| node | op | quantized | kernel | weights | activations | remedy | why |",
               "|---|---|---|---|---|---|---|---|"]
@@ -106,6 +109,22 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
     if r.get("search"):
         lines += render_search_log(r["search"])
     return "\n".join(lines) + "\n"
+
+
+def render_embeddings_markdown(emb: Dict[str, Any]) -> List[str]:
+    """embedding_scheme (quant/embedding.py): per table, scheme, size before / after, relative error."""
+    lines = ["## Embedding tables", "", "| node | table | scheme | rows x dim | MB before | MB after | rel. error | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for node, e in emb.items():
+        if e.get("scheme") == "none":
+            lines.append(f"| `{node}` | `{e['table']}` | kept | | | | | {_cell(e.get('why', ''))} |")
+            continue
+        how = "; ".join(x for x in (e.get("range_search") or f"{e.get('centroids')} centroids per {e.get('codebook')}",
+                                    e.get("why")) if x)
+        lines.append(f"| `{node}` | `{e['table']}` | {e['scheme']} {e['bits']}-bit | {e['rows']} x {e['dim']} | "
+                     f"{e['bytes_before'] / 1e6:.2f} | {e['bytes_after'] / 1e6:.2f} | {e['relative_error']:.4f} | "
+                     f"{_cell(how)} |")
+    return lines
 
 
 def render_hybrid_markdown(h: Dict[str, Any]) -> List[str]:

@@ -1,0 +1,189 @@
+"""Embedding tables: row-wise uniform (greedy range search) and codebook quantization of Gather tables
+(hago_py/quant/embedding.py), realized so that ORT gathers packed rows without expanding the table."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import hago_py
+from hago_py.errors import OptionError
+from hago_py.quant.embedding import (codebook_quantize, greedy_ranges, pack4, quantize_embeddings,
+                                     rowwise_dequantize, rowwise_quantize, unpack4)
+
+RNG = np.random.default_rng(0)
+
+
+def table(v=60, d=37):
+    w = RNG.standard_normal((v, d)).astype(np.float32) * RNG.uniform(0.05, 2.0, (v, 1)).astype(np.float32)
+    w[3, 5] = 25.0  # an outlier row: the greedy search should clip it
+    return w
+
+
+def emb_model(w, extra_consumer=False, const_ids=False, opset=17):
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["e"], name="emb"),
+             helper.make_node("MatMul", ["e", "P"], ["y"], name="proj")]
+    inits = [numpy_helper.from_array(w, "W"),
+             numpy_helper.from_array(RNG.standard_normal((w.shape[1], 8)).astype(np.float32), "P")]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])]
+    if const_ids:
+        inits.append(numpy_helper.from_array(np.array([[0, 1, 2]], np.int64), "ids"))
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])]
+        nodes.append(helper.make_node("Add", ["y", "x"], ["y2"], name="add"))
+    outputs = [helper.make_tensor_value_info("y2" if const_ids else "y", TensorProto.FLOAT,
+                                             ["B", 8] if const_ids else ["B", "S", 8])]
+    if extra_consumer:
+        nodes.append(helper.make_node("ReduceSum", ["W", "axes0"], ["wsum"], name="tied", keepdims=0))
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "axes0"))
+        outputs.append(helper.make_tensor_value_info("wsum", TensorProto.FLOAT, [w.shape[1]]))
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def run_gather(model, ids):
+    """The embedding rows the rewritten graph produces for ``ids`` (the Gather's output)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, ["B", "S", "D"]))
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(["e"], {"ids": ids})[0]
+
+
+def test_pack_unpack_roundtrip_odd_dim():
+    q = RNG.integers(0, 16, (5, 7)).astype(np.uint8)
+    p = pack4(q)
+    assert p.shape == (5, 4) and p.dtype == np.uint8
+    assert np.array_equal(unpack4(p, 7), q)
+    assert p[0, 0] == q[0, 0] | (q[0, 1] << 4)  # element 0 in the low nibble
+
+
+def _sse(w, lo, hi, bits):
+    lv = 2 ** bits - 1
+    s = np.maximum(hi - lo, 1e-12) / lv
+    return float(np.sum((np.clip(np.rint((w - lo) / s), 0, lv) * s + lo - w) ** 2))
+
+
+def test_greedy_range_is_the_greedy_optimum_on_a_brute_forced_row():
+    """The chosen range is the best range on the greedy path (replayed step by step here), never worse than
+    min-max, and among the best quarter of all ranges reachable by as many shrinks (brute force)."""
+    w = np.array([[-3.0, -0.4, -0.1, 0.0, 0.05, 0.2, 0.3, 0.5, 4.0]], np.float32)
+    bins, ratio, bits = 10, 0.5, 2
+    lo, hi = greedy_ranges(w, bits, num_bins=bins, ratio=ratio)
+    step = (w.max() - w.min()) / bins
+    # replay the greedy path by hand
+    l, h, best, best_r = float(w.min()), float(w.max()), _sse(w, w.min(), w.max(), bits), (w.min(), w.max())
+    for _ in range(int(round(bins * (1 - ratio)))):
+        el, er = _sse(w, l + step, h, bits), _sse(w, l, h - step, bits)
+        l, h = (l + step, h) if el < er else (l, h - step)
+        if min(el, er) < best:
+            best, best_r = min(el, er), (l, h)
+    assert np.allclose([lo[0, 0], hi[0, 0]], best_r, atol=1e-5)
+    # every range reachable by 5 shrinks, brute force: greedy is within the best of them or better than min-max
+    reach = [_sse(w, w.min() + a * step, w.max() - b * step, bits) for a, b in itertools.product(range(6), range(6))
+             if a + b <= 5]
+    assert _sse(w, lo, hi, bits) <= _sse(w, w.min(), w.max(), bits)
+    assert _sse(w, lo, hi, bits) <= np.percentile(reach, 25)
+
+
+def test_greedy_search_beats_minmax_on_outlier_rows():
+    w = table()
+    e = {}
+    for search in (True, False):
+        q, s, lo = rowwise_quantize(w, 4, search=search)
+        e[search] = float(np.sum((rowwise_dequantize(q, s, lo) - w) ** 2))
+    assert e[True] < 0.9 * e[False]
+
+
+@pytest.mark.parametrize("scheme,bits,per", [("rowwise", 4, "row"), ("rowwise", 8, "row"), ("codebook", 4, "row"),
+                                             ("codebook", 4, "table")])
+def test_realization_is_exact_and_smaller(scheme, bits, per):
+    w = table()
+    m = emb_model(w)
+    q, rec = quantize_embeddings(m, scheme, bits, per)
+    onnx.checker.check_model(q)
+    r = rec["emb"]
+    assert r["scheme"] == scheme and r["bits"] == bits
+    assert "W" not in {t.name for t in q.graph.initializer}  # the FP32 table is gone
+    ids = RNG.integers(0, w.shape[0], (2, 9)).astype(np.int64)
+    got = run_gather(q, ids)
+    if scheme == "rowwise":
+        qq, s, lo = rowwise_quantize(w, bits)
+        want = rowwise_dequantize(qq, s, lo)[ids]
+    else:
+        idx, cb = codebook_quantize(w, bits, per)
+        want = (cb[np.arange(w.shape[0])[:, None], idx] if per == "row" else cb[idx])[ids]
+    np.testing.assert_array_equal(got, want)  # bit-exact: the ONNX unpacking is the numpy reconstruction
+    assert r["bytes_after"] < (0.5 if bits == 8 else 0.6) * r["bytes_before"]
+    assert r["relative_error"] < (0.01 if bits == 8 else 0.2)
+    size_q = sum(numpy_helper.to_array(t).nbytes for t in q.graph.initializer if t.name != "P")
+    assert size_q <= r["bytes_after"] + 64
+
+
+def test_codebook_is_exact_when_a_row_has_at_most_16_values():
+    w = RNG.choice(np.linspace(-1, 1, 16).astype(np.float32), size=(20, 33))
+    idx, cb = codebook_quantize(w, 4, "row")
+    np.testing.assert_array_equal(cb[np.arange(20)[:, None], idx], w)
+
+
+def test_ort_keeps_the_table_packed():
+    """ORT's optimized graph still gathers the packed uint8 table: nothing expands it to float at load."""
+    w = table(v=300, d=64)
+    q, _ = quantize_embeddings(emb_model(w), "rowwise", 4)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
+        ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(so.optimized_model_filepath)
+    floats = [t for t in opt.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 300 * 64]
+    assert not floats
+    assert any(t.data_type == TensorProto.UINT8 and list(t.dims) == [300, 32] for t in opt.graph.initializer)
+
+
+def test_shared_and_constant_index_tables_are_left_alone():
+    q, rec = quantize_embeddings(emb_model(table(), extra_consumer=True), "rowwise", 4)
+    assert rec["emb"]["scheme"] == "none" and "shared with tied" in rec["emb"]["why"]
+    q, rec = quantize_embeddings(emb_model(table(), const_ids=True), "rowwise", 4)
+    assert rec["emb"]["scheme"] == "none" and "constant indices" in rec["emb"]["why"]
+
+
+def test_pipeline_option_plan_and_report():
+    w = table(v=200, d=32)
+    m = emb_model(w)
+    calib = {"ids": RNG.integers(0, 200, (16, 5)).astype(np.int64)}
+    res = hago_py.quantize(m, calib, embedding_scheme="rowwise", embedding_bits=4, measure_latency=False)
+    assert res.plan.embeddings["emb"]["scheme"] == "rowwise" and res.plan.embeddings["emb"]["bits"] == 8
+    assert "embedding_small_rows=1024" in res.plan.embeddings["emb"]["why"]  # 200 rows: a small table stays 8-bit
+    res = hago_py.quantize(m, calib, embedding_scheme="rowwise", embedding_small_rows=0, measure_latency=False)
+    assert res.plan.embeddings["emb"]["bits"] == 4 and "why" not in res.plan.embeddings["emb"]
+    assert res.report["embeddings"]["emb"]["bytes_after"] < res.report["embeddings"]["emb"]["bytes_before"]
+    from hago_py.quant.plan import QuantPlan
+    from hago_py.report.write import render_markdown
+
+    assert QuantPlan.from_json(res.plan.to_json()).embeddings == res.plan.embeddings
+    assert "## Embedding tables" in render_markdown(res.report)
+    base = hago_py.quantize(m, calib, measure_latency=False)
+    assert not base.plan.embeddings and "W" in {t.name for t in base.model.graph.initializer}
+    with pytest.raises(OptionError, match="embedding_scheme"):
+        hago_py.quantize(m, calib, embedding_scheme="kmeans", measure_latency=False)
+    with pytest.raises(OptionError, match="embedding_bits"):
+        quantize_embeddings(m, "codebook", 8)
+
+
+def test_cli_embedding_flags(tmp_path):
+    from hago_py.cli import main
+
+    w = table(v=1500, d=16)
+    mp, cp, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    onnx.save(emb_model(w), str(mp))
+    np.savez(cp, ids=RNG.integers(0, 1500, (8, 4)).astype(np.int64))
+    assert main(["quantize", str(mp), "--calib", str(cp), "--out", str(out), "--embedding-scheme", "rowwise",
+                 "--no-latency", "-q"]) == 0
+    q = onnx.load(str(out))
+    assert "W" not in {t.name for t in q.graph.initializer}
+    assert any(t.data_type == TensorProto.UINT8 and list(t.dims) == [1500, 8] for t in q.graph.initializer)

@@ -1,0 +1,277 @@
+"""weight_scheme="nonuniform": 3-4 bit non-uniform levels on the per-channel INT8 grid, stored as packed 4-bit
+indices + an int8 codebook, expanded by constant-foldable ONNX ops that ORT folds and fuses into int8 kernels."""
+import copy
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import hago_py
+from hago_py.errors import OptionError
+from hago_py.pipeline import Pipeline
+from hago_py.quant import codebook
+from hago_py.quant.artifact import optimized_graph
+from hago_py.quant.codebook import CodebookWriter, pack, unpack
+from hago_py.quant.nonuniform import allocate_steps, channel_levels, quantize_nonuniform, uniform_nearest
+from hago_py.quant.options import QuantOptions
+from hago_py.quant.plan import QuantPlan, TensorQuant
+from hago_py.quant.weights import quantize_weight
+
+from models import run
+
+FAST = dict(measure_latency=False)
+
+
+def _i(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def nu_cnn(seed: int = 0) -> onnx.ModelProto:
+    """input [N,16,8,8] -> convA 3x3 16->64 (K=144) + Relu -> dw 3x3 depthwise (K=9) + Relu
+    -> GlobalAveragePool -> Flatten -> fc Gemm 64->48 (transB, K=64)."""
+    rng = np.random.default_rng(seed)
+    wa = rng.normal(0, 0.1, (64, 16, 3, 3)).astype(np.float32)
+    wd = rng.normal(0, 0.3, (64, 1, 3, 3)).astype(np.float32)
+    wf = rng.laplace(0, 0.1, (48, 64)).astype(np.float32)
+    N = helper.make_node
+    nodes = [N("Conv", ["input", "wa", "ba"], ["ca"], name="convA", pads=[1, 1, 1, 1]),
+             N("Relu", ["ca"], ["ra"], name="reluA"),
+             N("Conv", ["ra", "wd", "bd"], ["cd"], name="dw", pads=[1, 1, 1, 1], group=64),
+             N("Relu", ["cd"], ["rd"], name="reluD"),
+             N("GlobalAveragePool", ["rd"], ["g"], name="gap"),
+             N("Flatten", ["g"], ["f"], name="flat"),
+             N("Gemm", ["f", "wf", "bf"], ["output"], name="fc", transB=1)]
+    inits = [_i("wa", wa), _i("ba", rng.normal(0, 0.1, 64).astype(np.float32)), _i("wd", wd),
+             _i("bd", rng.normal(0, 0.1, 64).astype(np.float32)), _i("wf", wf),
+             _i("bf", rng.normal(0, 0.1, 48).astype(np.float32))]
+    g = helper.make_graph(nodes, "nu_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16, 8, 8])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 48])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def nu_mlp(seed: int = 0) -> onnx.ModelProto:
+    """input [B,S,64] -> MatMul 64x64 (+Add): a dynamic-activation MatMul with a [K, N] weight."""
+    rng = np.random.default_rng(seed)
+    N = helper.make_node
+    nodes = [N("MatMul", ["input", "w"], ["m"], name="mm"), N("Add", ["m", "b"], ["output"], name="add")]
+    g = helper.make_graph(nodes, "nu_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", 64])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", 64])],
+                          [_i("w", rng.normal(0, 0.2, (64, 64)).astype(np.float32)),
+                           _i("b", rng.normal(0, 0.1, 64).astype(np.float32))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def calib(n=32, shape=(16, 8, 8), seed=1):
+    return {"input": np.random.default_rng(seed).normal(0, 1, (n,) + shape).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def cnn_runs():
+    m = nu_cnn()
+    return {"w8": hago_py.quantize(m, calib(), "x86_avx2", **FAST),
+            "w4": hago_py.quantize(m, calib(), "x86_avx2", weight_scheme="nonuniform", weight_bits=4, **FAST)}
+
+
+# -- the math ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 3])
+def test_levels_on_int8_grid(bits):
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.1, (16, 8, 3, 3)).astype(np.float32)
+    for qbits, qmax in ((8, 127), (7, 63)):  # plain int8 and reduce_range
+        tq = TensorQuant("w", role="weight", dtype="int8", bits=qbits, symmetric=True, narrow=True,
+                         granularity="per_channel", axis=0, mode="constant", method="nearest",
+                         scheme="nonuniform", levels_bits=bits)
+        q = quantize_weight(w, tq)
+        s = np.asarray(tq.scale)
+        np.testing.assert_allclose(s, np.abs(w).reshape(16, -1).max(1) / qmax, rtol=1e-6)  # the int8 grid's scale
+        assert q.dtype == np.int64 and q.shape == w.shape and np.abs(q).max() <= qmax
+        per_ch = [np.unique(q[c]).size for c in range(16)]
+        assert max(per_ch) <= 2 ** bits and min(per_ch) >= 2 ** bits - 3  # uses (nearly) all its levels
+        assert tq.levels["levels_per_channel_max"] == max(per_ch)
+
+
+def test_allocation_follows_population_and_range():
+    # same range, more weights -> more steps; same population, wider range -> more steps
+    s = allocate_steps([1000, 10, 10], [1.0, 1.0, 1.0], 16)
+    assert s.sum() == 16 and s[0] > s[1] and s.min() >= 1
+    s = allocate_steps([50, 50], [1.0, 8.0], 16)
+    assert s.sum() == 16 and s[1] > s[0]
+    assert list(allocate_steps([8, 1, 1], [1.0, 0.0, 0.0], 8)) == [6, 1, 1]  # at least one level each
+    # constructed channel: a dense centre (1000 weights in [-10, 10]) and two sparse tails (20 in [60, 120]):
+    # the centre gets most of the 16 levels; without Lloyd the levels are uniform inside each cluster
+    rng = np.random.default_rng(0)
+    u = np.concatenate([rng.uniform(-10, 10, 1000), rng.uniform(60, 120, 20), -rng.uniform(60, 120, 20)])
+    lv, refined, k = channel_levels(u, 4, -127, 127, clusters=3, lloyd_iters=0)
+    assert k == 3
+    assert not refined and lv.size <= 16
+    centre = np.sum(np.abs(lv) <= 10)
+    assert centre > np.sum(lv > 10) and centre > np.sum(lv < -10) and np.sum(lv > 10) >= 1
+
+
+@pytest.mark.parametrize("dist", ["normal", "laplace"])
+def test_nonuniform_error_below_uniform_w4(dist):
+    rng = np.random.default_rng(3)
+    w = getattr(rng, dist)(0, 0.1, (32, 288)).astype(np.float32)
+    s = np.abs(w).max(1) / 127
+    for bits in (4, 3):
+        q, info = quantize_nonuniform(w, s, np.zeros(32, np.int64), -127, 127, 0, bits)
+        nu = np.mean((q * s[:, None] - w) ** 2)
+        uni = np.mean((uniform_nearest(w, bits, 0) - w) ** 2)
+        assert nu < 0.7 * uni, (dist, bits, nu, uni)
+        q0, _ = quantize_nonuniform(w, s, np.zeros(32, np.int64), -127, 127, 0, bits, lloyd_iters=0)
+        assert nu <= np.mean((q0 * s[:, None] - w) ** 2)  # Lloyd is kept only where it helps
+
+
+# -- the ONNX expansion --------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,axis,bits", [((8, 5, 3, 3), 0, 4), ((64, 24), 1, 4), ((12, 7), 0, 3)])
+def test_codebook_expansion_bit_exact_in_ort(shape, axis, bits):
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 1, shape).astype(np.float32)
+    s = np.abs(np.moveaxis(w, axis, 0).reshape(shape[axis], -1)).max(1) / 127
+    q, _ = quantize_nonuniform(w, s, np.zeros(shape[axis], np.int64), -127, 127, axis, bits)
+    q8 = q.astype(np.int8)
+    # numpy reference of the packing
+    moved = np.moveaxis(q8, axis, 0).reshape(shape[axis], -1)
+    packed, book = pack(moved, bits)
+    assert packed.shape == (shape[axis], (moved.shape[1] + 1) // 2) and book.shape == (shape[axis], 2 ** bits)
+    assert np.array_equal(unpack(packed, book, moved.shape[1]), moved)
+    # the ONNX chain, run by ORT with every optimization off
+    x = ir.Value(name="x", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
+    ident = ir.Node("", "Identity", [x], name="id", num_outputs=1)
+    ident.outputs[0].name = "y"
+    graph = ir.Graph([x], [ident.outputs[0]], nodes=[ident], opset_imports={"": 17})
+    from hago_py.ir.names import NameAllocator
+
+    val, storage = CodebookWriter(graph, NameAllocator.for_graph(graph)).weight(q8, axis, bits, "w", ident,
+                                                                                 force="codebook4")
+    assert storage == "codebook4"
+    val.shape, val.type = ir.Shape(list(shape)), ir.TensorType(ir.DataType.INT8)
+    graph.outputs.append(val)
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=8))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"BitShift", "GatherElements", "Cast", "Concat"} <= ops
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out = sess.run([val.name], {"x": np.zeros(1, np.float32)})[0]
+    assert out.dtype == np.int8 and np.array_equal(out, q8)
+
+
+def _dq_weight_inputs(model):
+    return [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+            and any(n.output[0] == c.input[1] for c in model.graph.node if c.op_type in ("Conv", "Gemm"))]
+
+
+def test_realized_weights_exact_and_equal_to_plain_int8(monkeypatch):
+    pipe = Pipeline(nu_cnn(), calib(), "x86_avx2", QuantOptions.from_kwargs(weight_scheme="nonuniform", weight_bits=4))
+    built = pipe.build()
+    assert built.plan.layers["convA"].weight.storage == "codebook4"
+    assert "GatherElements" in {n.op_type for n in built.model.graph.node}
+    # the same plan with plain int8 storage (the codebook never pays off): the reference snapped weights
+    monkeypatch.setattr(codebook, "CHAIN_OVERHEAD", 10 ** 9)
+    plain = pipe.build().model
+    assert "GatherElements" not in {n.op_type for n in plain.graph.node}
+    ref = {i.name: numpy_helper.to_array(i) for i in plain.graph.initializer}
+    # the expansion output (what DequantizeLinear reads), ORT with every optimization off: bit for bit
+    names = _dq_weight_inputs(built.model)
+    probe = copy.deepcopy(built.model)
+    for n in names:
+        probe.graph.output.append(helper.make_tensor_value_info(n, TensorProto.INT8, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outs = dict(zip(names, ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                    .run(names, calib(n=1))))
+    for w in ("wa", "wf"):
+        got = next(v for k, v in outs.items() if k.startswith(w))
+        assert got.dtype == np.int8 and np.array_equal(got, ref[f"{w}_quantized"])
+        assert all(np.unique(got[c]).size <= 16 for c in range(got.shape[0]))
+    # and the two models compute exactly the same outputs, fused and simulated
+    x = calib(n=8, seed=5)
+    for opt in ("all", "basic"):
+        for a, b in zip(run(built.model, x, opt), run(plain, x, opt)):
+            assert np.array_equal(a, b)
+
+
+def test_fused_int8_kernels_no_gather_left(cnn_runs):
+    res = cnn_runs["w4"]
+    assert res.report["artifact_check"]["ok"], res.report["artifact_check"]["fallbacks"]
+    ops = Counter(n.op_type for n in optimized_graph(res.model).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1
+    assert not {"GatherElements", "BitShift", "Conv", "Gemm", "FusedConv"} & set(ops)
+    assert res.plan.layers["fc"].weight.storage == "codebook4"
+    for lp in res.plan.quantized_layers():  # the kernel is the spec's int8 scheme, not simulated
+        if lp.weight is not None:
+            assert not lp.simulated and lp.weight.dtype == "int8" and lp.weight.bits in (7, 8)
+            assert lp.weight.scheme == "nonuniform" and lp.weight.levels_bits == 4
+
+
+def test_dynamic_matmul_codebook_fuses():
+    res = hago_py.quantize(nu_mlp(), {"input": np.random.default_rng(0).normal(0, 1, (8, 4, 64)).astype(np.float32)},
+                           "x86_avx2", weight_scheme="nonuniform", weight_bits=4, activation_mode="dynamic", **FAST)
+    assert res.plan.layers["mm"].weight.storage == "codebook4"
+    assert "GatherElements" in {n.op_type for n in res.model.graph.node}
+    ops = Counter(n.op_type for n in optimized_graph(res.model).graph.node)
+    assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == 1 and "GatherElements" not in ops
+    assert res.report["artifact_check"]["ok"]
+
+
+def test_file_smaller_than_w8(cnn_runs):
+    w8 = len(cnn_runs["w8"].model.SerializeToString())
+    w4 = len(cnn_runs["w4"].model.SerializeToString())
+    assert w4 < 0.85 * w8, (w4, w8)  # scales, zero points and int32 biases weigh a lot in a model this small
+    inits = {i.name: i.ByteSize() for i in cnn_runs["w4"].model.graph.initializer}
+    w8_inits = {i.name: i.ByteSize() for i in cnn_runs["w8"].model.graph.initializer}
+    assert inits["wa_nu_index"] + inits["wa_nu_codebook"] < 0.65 * w8_inits["wa_quantized"]  # K=144: 88 vs 144 B
+
+
+def test_per_layer_nonuniform_and_depthwise_int8_storage(cnn_runs):
+    res = hago_py.quantize(nu_cnn(), calib(), "x86_avx2", layers={"convA": {"weight_scheme": "nonuniform"}}, **FAST)
+    schemes = {lp.node: lp.weight.scheme for lp in res.plan.quantized_layers() if lp.weight is not None}
+    assert schemes == {"convA": "nonuniform", "dw": "uniform", "fc": "uniform"}
+    assert res.plan.layers["convA"].weight.levels_bits == 4
+    rows = {r["node"]: r for r in hago_py.api.layer_rows(res.plan)}
+    assert "non-uniform W4 (codebook4" in rows["convA"]["weight"] and "non-uniform" not in rows["fc"]["weight"]
+    assert "non-uniform W4" in rows["convA"]["reason"]
+    # depthwise 3x3 (K=9): the codebook is not smaller, plain int8 storage of the non-uniform levels
+    dw = cnn_runs["w4"].plan.layers["dw"].weight
+    assert dw.scheme == "nonuniform" and dw.storage == "int8"
+    # the plan records it and still loads without the new fields
+    plan = QuantPlan.from_json(cnn_runs["w4"].plan.to_json())
+    assert plan.layers["convA"].weight.storage == "codebook4" and plan.layers["convA"].weight.levels
+    d = cnn_runs["w8"].plan.to_dict()
+    for lp in d["layers"]:
+        for k in ("scheme", "levels_bits", "storage", "levels"):
+            (lp.get("weight") or {}).pop(k, None)
+    assert QuantPlan.from_dict(d).layers["convA"].weight.scheme == "uniform"
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(weight_scheme="nonuniform", weight_bits=5), "weight_bits"),
+    (dict(weight_scheme="nonuniform", weight_bits=4, rounding="adaround"), "rounding"),
+    (dict(weight_scheme="nonuniform", weight_bits=4, bn_reestimate=True), "bn_reestimate"),
+    (dict(layers={"convA": {"weight_scheme": "nonuniform", "weight_bits": 8}}), "weight_bits"),
+    (dict(layers={"convA": {"weight_scheme": "nonuniform", "rounding": "gptq"}}), "rounding"),
+])
+def test_option_errors(kw, name):
+    with pytest.raises(OptionError, match=name) as e:
+        QuantOptions.from_kwargs(**kw)
+    assert "nonuniform" in str(e.value)
+
+
+def test_bias_correction_is_mean_shift_and_labelled():
+    res = hago_py.quantize(nu_cnn(), calib(), "x86_avx2", weight_scheme="nonuniform", weight_bits=4,
+                           bias_correction=True, **FAST)
+    notes = res.plan.layers["convA"].notes
+    assert any("mean-shift" in n for n in notes), notes
+    assert "rounding" not in res.report  # no reconstruction ran
+    lv = res.plan.layers["convA"].weight.levels
+    assert lv["importance"] == "input E[x^2]" and sum(lv["clusters_used"].values()) == 64
