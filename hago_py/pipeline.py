@@ -61,6 +61,11 @@ class Pipeline:
         self.inputs = model_input_specs(self.proto)
         self.synthetic: Optional[Dict[str, Any]] = None  # report["synthetic"] when calibration="synthetic"
         self.hybrid_per_channel: Dict[str, bool] = {}  # granularity="hybrid": per-layer defaults (quant/hybrid.py)
+        # weight_scheme="nonuniform" (_nonuniform_weights): input energy / mean per layer, and the levels per
+        # (node, grid), kept across the remedy trials and sanity rebuilds of one run
+        self._nu_importance: Dict[str, np.ndarray] = {}
+        self._nu_means: Dict[str, np.ndarray] = {}
+        self._nu_cache: Dict[tuple, tuple] = {}
         if isinstance(calibration, str) and calibration == "synthetic":
             calibration = self._synthesize()
         self.calib = load_calibration(calibration, self.inputs, batch_size=self.opts.calib_batch_size,
@@ -317,10 +322,6 @@ class Pipeline:
         nodes = {n.name: n for n in self.prepared.graph.node}
         layers = {lp.node: lp for lp in plan.quantized_layers()
                   if lp.weight is not None and lp.weight.scheme == "nonuniform" and lp.node in nodes}
-        if not hasattr(self, "_nu_importance"):
-            self._nu_importance: Dict[str, np.ndarray] = {}
-            self._nu_means: Dict[str, np.ndarray] = {}
-            self._nu_cache: Dict[tuple, tuple] = {}  # (node, grid) -> (q, scale, zero point, levels): sanity rebuilds
         todo = {n: (lp.op_type, list(inits[lp.weight.tensor].dims),
                     next((a.i for a in nodes[n].attribute if a.name == "group"), 1))
                 for n, lp in layers.items() if n not in self._nu_importance}
