@@ -214,6 +214,8 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
 def _nonuniform_cell(w) -> str:
     """', non-uniform W4 (codebook4, 12-16 levels/ch)': the weight_scheme="nonuniform" part of a weight cell."""
     lv = w.levels or {}
+    if lv.get("full_int8"):
+        return f", non-uniform W{w.levels_bits} requested: full INT8 grid (a codebook would not shrink this layer)"
     used = (f", {lv['levels_per_channel_min']}-{lv['levels_per_channel_max']} levels/ch"
             if "levels_per_channel_min" in lv else "")
     return f", non-uniform W{w.levels_bits} ({w.storage or 'not realized'}{used})"

@@ -85,7 +85,7 @@ def cnn_runs():
 @pytest.mark.parametrize("bits", [4, 3])
 def test_levels_on_int8_grid(bits):
     rng = np.random.default_rng(0)
-    w = rng.normal(0, 0.1, (16, 8, 3, 3)).astype(np.float32)
+    w = rng.normal(0, 0.1, (16, 32, 3, 3)).astype(np.float32)
     for qbits, qmax in ((8, 127), (7, 63)):  # plain int8 and reduce_range
         tq = TensorQuant("w", role="weight", dtype="int8", bits=qbits, symmetric=True, narrow=True,
                          granularity="per_channel", axis=0, mode="constant", method="nearest",
@@ -241,9 +241,14 @@ def test_per_layer_nonuniform_and_depthwise_int8_storage(cnn_runs):
     rows = {r["node"]: r for r in hago_py.api.layer_rows(res.plan)}
     assert "non-uniform W4 (codebook4" in rows["convA"]["weight"] and "non-uniform" not in rows["fc"]["weight"]
     assert "non-uniform W4" in rows["convA"]["reason"]
-    # depthwise 3x3 (K=9): the codebook is not smaller, plain int8 storage of the non-uniform levels
+    # depthwise 3x3 (K=9): the codebook is not smaller, so plain int8 storage and the full INT8 grid (restricted
+    # levels would cost accuracy and save no byte)
     dw = cnn_runs["w4"].plan.layers["dw"].weight
-    assert dw.scheme == "nonuniform" and dw.storage == "int8"
+    assert dw.scheme == "nonuniform" and dw.storage == "int8" and dw.levels == {"full_int8": True}
+    rows4 = {r["node"]: r for r in hago_py.api.layer_rows(cnn_runs["w4"].plan)}
+    assert "full INT8 grid" in rows4["dw"]["weight"]
+    w8 = {lp.node: lp for lp in cnn_runs["w8"].plan.layers.values()}
+    assert w8["dw"].weight.scale == dw.scale  # same grid as the uniform W8 layer
     # the plan records it and still loads without the new fields
     plan = QuantPlan.from_json(cnn_runs["w4"].plan.to_json())
     assert plan.layers["convA"].weight.storage == "codebook4" and plan.layers["convA"].weight.levels

@@ -40,6 +40,17 @@ def weight_qparams(w: np.ndarray, tq: TensorQuant) -> Tuple[np.ndarray, np.ndarr
     return scale, zp
 
 
+def _codebook_pays(shape, axis, bits) -> bool:
+    """Whether the packed-index + codebook storage of a non-uniform weight is smaller than plain int8
+    (the test realize's CodebookWriter applies too)."""
+    if axis is None or len(shape) < 2:
+        return False
+    from .codebook import CHAIN_OVERHEAD, codebook_bytes
+
+    cb, plain = codebook_bytes(shape, axis, bits)
+    return cb + CHAIN_OVERHEAD < plain
+
+
 def quantize_weight(w: np.ndarray, tq: TensorQuant, **ctx) -> np.ndarray:
     """Fill tq.scale / tq.zero_point and return the integer weight (int64 array, within the dtype range)."""
     if tq.method != "nearest" and tq.method in _DATA_DRIVEN:
@@ -50,6 +61,14 @@ def quantize_weight(w: np.ndarray, tq: TensorQuant, **ctx) -> np.ndarray:
                           "realize), not by realize alone")
     scale, zp = weight_qparams(w, tq)
     qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
+    axis = tq.axis if tq.granularity == "per_channel" else None
+    if tq.scheme == "nonuniform" and not _codebook_pays(w.shape, axis, tq.levels_bits):
+        # the codebook would not make this layer's file smaller (depthwise 3x3, K <~ 32): restricting its
+        # levels would cost accuracy for nothing, so it keeps the full INT8 grid (plain int8 storage)
+        q = get_rounder("nearest")(w, scale, zp, qmin, qmax, axis)
+        tq.scale, tq.zero_point = [float(x) for x in scale], [int(z) for z in zp]
+        tq.levels = {"full_int8": True}
+        return q
     if tq.scheme == "nonuniform":  # at most 2**levels_bits values of this grid per channel (quant/nonuniform.py)
         from .nonuniform import quantize_nonuniform
 
