@@ -107,6 +107,19 @@ def calibrate(model, plan, data, **kw) -> QuantPlan:
     return apply_observers(plan, collect(model, plan, data, **kw))
 
 
+def tensor_pass(model: onnx.ModelProto, names, data: Iterable[Mapping[str, np.ndarray]], *, threads: int = 1):
+    """One ORT pass over ``data`` with the tensors ``names`` exposed: yields (batch, {name: array}) per batch
+    (feeds the model does not take are dropped)."""
+    names = list(names)
+    backend = OrtBackend(threads=threads)
+    sess = backend.compile(with_outputs(model, names), optimization="basic")
+    out_names = [o.name for o in sess.get_outputs()]
+    in_names = {i.name for i in sess.get_inputs()}
+    for batch in data:
+        outs = backend.run(sess, {k: v for k, v in batch.items() if k in in_names})
+        yield batch, {n: outs[out_names.index(n)] for n in names}
+
+
 def channel_absmax(model: onnx.ModelProto, names, data: Iterable[Mapping[str, np.ndarray]], *,
                    mask_input: str | None = None, threads: int = 1) -> Dict[str, np.ndarray]:
     """Per-channel (last axis) max|x| of each tensor in ``names`` over ``data``, one pass. With
@@ -115,16 +128,11 @@ def channel_absmax(model: onnx.ModelProto, names, data: Iterable[Mapping[str, np
     names = list(names)
     if not names:
         return {}
-    backend = OrtBackend(threads=threads)
-    sess = backend.compile(with_outputs(model, names), optimization="basic")
-    out_names = [o.name for o in sess.get_outputs()]
-    in_names = {i.name for i in sess.get_inputs()}
     amax: Dict[str, np.ndarray] = {}
-    for batch in data:
-        outs = backend.run(sess, {k: v for k, v in batch.items() if k in in_names})
+    for batch, outs in tensor_pass(model, names, data, threads=threads):
         mask = batch.get(mask_input) if mask_input else None
         for n in names:
-            x = np.abs(np.asarray(outs[out_names.index(n)], dtype=np.float32))
+            x = np.abs(np.asarray(outs[n], dtype=np.float32))
             sel = token_rows(x, mask)
             x = x.reshape(-1, x.shape[-1]) if sel is None else x.reshape(-1, x.shape[-1])[sel]
             m = x.max(axis=0) if x.size else np.zeros(x.shape[-1], np.float32)

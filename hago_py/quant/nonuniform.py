@@ -300,24 +300,18 @@ def input_importance(model, layers, batches, *, threads: int = 1,
     The levels chosen with it minimize sum_j E[x_j^2] (w_j - q_j)^2: the layer's output error when the inputs
     are uncorrelated, instead of the plain weight error. ``means`` (a dict) receives E[x_j] in the same layout
     (for the mean-shift bias correction, ``mean_shift``)."""
-    from ..backends.ort import OrtBackend
-    from .calibrate import with_outputs
+    from .calibrate import tensor_pass
 
     inputs = {n.name: n.input[0] for n in model.graph.node if n.name in layers}
     names = sorted(set(inputs.values()))
     if not names:
         return {}
-    backend = OrtBackend(threads=threads)
-    sess = backend.compile(with_outputs(model, names), optimization="basic")
-    out_names = [o.name for o in sess.get_outputs()]
-    in_names = {i.name for i in sess.get_inputs()}
     acc: Dict[str, np.ndarray] = {}
     acc1: Dict[str, np.ndarray] = {}
     cnt: Dict[str, int] = {}
-    for batch in batches:
-        outs = backend.run(sess, {k: v for k, v in batch.items() if k in in_names})
+    for _, outs in tensor_pass(model, names, batches, threads=threads):
         for n in names:
-            x = np.asarray(outs[out_names.index(n)], np.float64)
+            x = np.asarray(outs[n], np.float64)
             if x.ndim == 4 and any(layers[nd][0] == "Conv" for nd, i in inputs.items() if i == n):
                 e, e1 = np.einsum("nchw,nchw->c", x, x), x.sum(axis=(0, 2, 3))
                 k = x.shape[0] * x.shape[2] * x.shape[3]
