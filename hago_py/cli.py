@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight granularity (auto: per-channel unless --per-tensor)")
     q.add_argument("--hybrid", action="store_true", help="per layer per-tensor or per-channel weights, by the "
                    "layer's sensitivity and the measured latency gain (same as --granularity hybrid)")
+    q.add_argument("--hybrid-budget", type=float, default=None,
+                   help="with --hybrid: summed sensitivity the per-tensor layers may use (default 2e-3 nats of KL)")
     q.add_argument("--weight-scheme", default="uniform", choices=("uniform", "nonuniform"),
                    help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 4-bit + codebook")
     q.add_argument("--embedding-scheme", default="none", choices=("none", "rowwise", "codebook"),
@@ -125,6 +127,7 @@ def _cmd_quantize(a) -> int:
     res = api.quantize(a.model, a.calib, a.target, progress=not a.quiet, measure_latency=not a.no_latency,
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
                        granularity="hybrid" if a.hybrid else a.granularity, weight_scheme=a.weight_scheme,
+                       hybrid_budget=a.hybrid_budget,
                        synthetic_samples=a.synthetic_samples, synthetic_method=a.synthetic_method,
                        embedding_scheme=a.embedding_scheme, embedding_bits=a.embedding_bits,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,

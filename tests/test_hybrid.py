@@ -199,3 +199,18 @@ def test_measured_gain_attribution(monkeypatch, pt_ms, expect):
     else:
         assert not lat["conclusive"] and "inconclusive" in lat["label"]
         assert rows["conv_flat"]["choice"] == "per_tensor"
+
+
+def test_hybrid_budget_option():
+    """hybrid_budget replaces the default KL budget: a budget large enough admits the 100x-range layer too (the
+    budget is the user's call; the numeric sanity check still guards the result); a negative one is an option
+    error naming it."""
+    res = hago_py.quantize(two_conv(), calib(n=64), "x86_avx2", granularity="hybrid", hybrid_budget=1e6, **FAST)
+    h = res.report["hybrid"]
+    assert h["sensitivity"]["budget"] == 1e6
+    assert {r["node"]: r["choice"] for r in h["layers"]}["conv_wide"] == "per_tensor"
+    lp = res.plan.layers["conv_wide"]  # per-tensor, unless the numeric sanity check then keeps it FP32 (100x range)
+    assert (lp.weight is not None and lp.weight.granularity == "per_tensor") or "conv_wide" in res.report.get(
+        "sanity_fallback", {})
+    with pytest.raises(OptionError, match="hybrid_budget"):
+        hago_py.quantize(two_conv(), calib(n=64), "x86_avx2", granularity="hybrid", hybrid_budget=-1.0, **FAST)

@@ -135,7 +135,8 @@ def sensitivities(pipe, plan_pc: QuantPlan, plan_pt: QuantPlan, cands: List[str]
         scale = max(abs(ref), 1e-12)
         return {"metric": "evaluate", "definition": "drop of the user's evaluate(model) when only this layer is "
                 "per-tensor (weights only, over an all-per-channel background)", "reference": ref,
-                "background": ref - s_base, "sensitivity": sens, "budget": METRIC_BUDGET * scale, "samples": None}
+                "background": ref - s_base, "sensitivity": sens, "samples": None,
+                "budget": _budget(pipe, METRIC_BUDGET) * scale}
     per_sample = sum(int(np.prod(v.shape[1:])) for v in pipe.calib.first_batch().values()) or 1
     batches = pipe.first_batches(int(max(32, min(samples, PROXY_INPUT_ELEMS // per_sample))), exact=True)
     model = _weights_as_inputs(pipe.prepared, list(wq))
@@ -155,7 +156,13 @@ def sensitivities(pipe, plan_pc: QuantPlan, plan_pt: QuantPlan, cands: List[str]
     label = "KL(softmax FP32 || softmax quantized), nats" if kind == "kl" else "noise-to-signal ratio of the outputs"
     return {"metric": kind, "definition": f"extra {label} on {n_s} calibration samples when only this layer's "
             "weights are per-tensor (weights only, over an all-per-channel background)", "background": d_base,
-            "sensitivity": sens, "budget": KL_BUDGET if kind == "kl" else NSR_BUDGET, "samples": n_s}
+            "sensitivity": sens, "budget": _budget(pipe, KL_BUDGET if kind == "kl" else NSR_BUDGET), "samples": n_s}
+
+
+def _budget(pipe, default: float) -> float:
+    """QuantOptions.hybrid_budget when set (a relative drop with evaluate=), else the default for the metric."""
+    b = pipe.opts.hybrid_budget
+    return float(default if b is None else b)
 
 
 def requant_work(pipe, plan: QuantPlan, cands: List[str]) -> Dict[str, float]:

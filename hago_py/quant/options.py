@@ -100,6 +100,9 @@ class QuantOptions:
     per_channel: bool = _opt(True, Rule(bool))
     granularity: str = _opt("auto", Rule(str, choices=GRANULARITIES, hint="auto: per_channel decides"))
     weight_scheme: str = _opt("uniform", Rule(str, choices=WEIGHT_SCHEMES))
+    # granularity="hybrid": the summed sensitivity the per-tensor layers may use (None: 2e-3 nats of KL for class
+    # scores, 2e-3 noise-to-signal otherwise, 1e-3 relative metric drop with evaluate=; quant/hybrid.py)
+    hybrid_budget: Optional[float] = _opt(None, Rule(float, 0.0, None, nullable=True, hint="None: the default budget"))
     # embedding tables (Gather from a constant [rows, dim] table; quant/embedding.py): none | rowwise | codebook
     embedding_scheme: str = _opt("none", Rule(str, choices=("none", "rowwise", "codebook")))
     embedding_bits: int = _opt(4, Rule(int, 4, 8, hint="4 (rowwise or codebook) or 8 (rowwise)"))
