@@ -46,13 +46,7 @@ def small_cnn(seed: int = 0, opset: int = 17, with_bn: bool = False, with_pad: b
         helper.make_node("Flatten", ["g1"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wf", "bf"], ["output"], name="fc", transB=1),
     ]
-    g = helper.make_graph(nodes, "small_cnn",
-                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return checked_model(nodes, inits, "small_cnn", ["N", 3, 8, 8], ["N", 4], opset)
 
 
 def small_transformer_mlp(seed: int = 0) -> onnx.ModelProto:
@@ -72,14 +66,19 @@ def small_transformer_mlp(seed: int = 0) -> onnx.ModelProto:
     return token_model(nodes, [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", b2)], "mlp", 16)
 
 
-def token_model(nodes, inits, name: str, d: int) -> onnx.ModelProto:
-    """A checked opset-17 model from ``nodes``: graph input ``input`` and output ``output``, both [B, S, d]."""
-    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", d])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", d])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+def checked_model(nodes, inits, name: str, in_shape, out_shape, opset: int = 17) -> onnx.ModelProto:
+    """A checked model from ``nodes``: float graph input ``input`` and output ``output`` of these shapes."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(in_shape))],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     onnx.checker.check_model(m)
     return m
+
+
+def token_model(nodes, inits, name: str, d: int) -> onnx.ModelProto:
+    """A checked opset-17 model from ``nodes``: graph input ``input`` and output ``output``, both [B, S, d]."""
+    return checked_model(nodes, inits, name, ["B", "S", d], ["B", "S", d])
 
 
 def residual_layernorm(seed: int = 0, d: int = 32) -> onnx.ModelProto:

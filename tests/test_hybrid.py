@@ -2,7 +2,7 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 import hago_py
 from hago_py.errors import OptionError
@@ -10,7 +10,7 @@ from hago_py.quant.hybrid import _divergence, fake_weight
 from hago_py.quant.plan import QuantPlan, TensorQuant
 from hago_py.report.write import render_markdown
 
-from models import _init, calib
+from models import _init, calib, checked_model
 
 
 def two_conv(seed: int = 0) -> onnx.ModelProto:
@@ -33,12 +33,7 @@ def two_conv(seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Gemm", ["f", "wf"], ["output"], name="fc", transB=1)]
     inits = [_init("w1", w1), _init("w2", w2.astype(np.float32)), _init("b2", b2.astype(np.float32)),
              _init("wf", wf.astype(np.float32))]
-    g = helper.make_graph(nodes, "two_conv", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return checked_model(nodes, inits, "two_conv", ["N", 3, 8, 8], ["N", 4])
 
 
 FAST = dict(measure_latency=False)

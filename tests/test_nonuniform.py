@@ -21,7 +21,7 @@ from hago_py.quant.options import QuantOptions
 from hago_py.quant.plan import QuantPlan, TensorQuant
 from hago_py.quant.weights import quantize_weight
 
-from models import run
+from models import checked_model, run
 
 FAST = dict(measure_latency=False)
 
@@ -48,12 +48,7 @@ def nu_cnn(seed: int = 0) -> onnx.ModelProto:
     inits = [_i("wa", wa), _i("ba", rng.normal(0, 0.1, 64).astype(np.float32)), _i("wd", wd),
              _i("bd", rng.normal(0, 0.1, 64).astype(np.float32)), _i("wf", wf),
              _i("bf", rng.normal(0, 0.1, 48).astype(np.float32))]
-    g = helper.make_graph(nodes, "nu_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16, 8, 8])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 48])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return checked_model(nodes, inits, "nu_cnn", ["N", 16, 8, 8], ["N", 48])
 
 
 def nu_mlp(seed: int = 0) -> onnx.ModelProto:
