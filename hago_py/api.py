@@ -184,7 +184,7 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
         "smoothing": list(pipe.smoothed),
         "calibration_samples": pipe.calib.num_samples,
         "calibration_notes": list(getattr(pipe.calib, "notes", [])),
-        "synthetic": getattr(pipe, "synthetic", None),
+        "synthetic": pipe.synthetic,
         "remedy": built.info.get("remedy", {}),
         "layers": layer_rows(plan),
         "timings_s": dict(pipe.timings),

@@ -66,6 +66,7 @@ class Pipeline:
         self._nu_importance: Dict[str, np.ndarray] = {}
         self._nu_means: Dict[str, np.ndarray] = {}
         self._nu_cache: Dict[tuple, tuple] = {}
+        self._emb_cache: Dict[tuple, tuple] = {}  # embedding_scheme: each table's quantization (quant/embedding.py)
         if isinstance(calibration, str) and calibration == "synthetic":
             calibration = self._synthesize()
         self.calib = load_calibration(calibration, self.inputs, batch_size=self.opts.calib_batch_size,
@@ -300,7 +301,8 @@ class Pipeline:
             t = time.perf_counter()
             qmodel, plan.embeddings = quantize_embeddings(qmodel, opts.embedding_scheme, opts.embedding_bits,
                                                           opts.embedding_codebook,
-                                                          small_rows=opts.embedding_small_rows)
+                                                          small_rows=opts.embedding_small_rows,
+                                                          cache=self._emb_cache)
             self.timings["embeddings"] = self.timings.get("embeddings", 0.0) + time.perf_counter() - t
         if rinfo.get("bias_adjusted"):
             info["bias_adjusted"] = rinfo["bias_adjusted"]
@@ -312,6 +314,7 @@ class Pipeline:
         the inputs they multiply (quant/nonuniform.py; one E[x^2], E[x] pass on the FP32 model, cached); and with
         ``bias_correction`` the mean-shift corrected biases {node: bias} of the layers that have a Conv / Gemm
         bias (labelled in the layer's notes)."""
+        from .ir.fusion import _consumers
         from .quant.reconstruct import _bias_source
         from onnx import numpy_helper
 
@@ -331,10 +334,7 @@ class Pipeline:
                 nu.IMPORTANCE_SAMPLES, exact=True), threads=self.opts.threads, means=self._nu_means))
             self.timings["nonuniform_importance"] = time.perf_counter() - t
         out, biases = dict(weights or {}), {}
-        consumers: Dict[str, list] = {}
-        for nd in self.prepared.graph.node:
-            for i in nd.input:
-                consumers.setdefault(i, []).append(nd)
+        consumers = _consumers(self.prepared)
         for n, lp in layers.items():
             tq = lp.weight
             w = numpy_helper.to_array(inits[tq.tensor]).astype(np.float32)

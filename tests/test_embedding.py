@@ -187,3 +187,22 @@ def test_cli_embedding_flags(tmp_path):
     q = onnx.load(str(out))
     assert "W" not in {t.name for t in q.graph.initializer}
     assert any(t.data_type == TensorProto.UINT8 and list(t.dims) == [1500, 8] for t in q.graph.initializer)
+
+
+def test_cache_reuses_the_table_quantization(monkeypatch):
+    """A cache dict (the pipeline keeps one per run) serves rebuilds: same model bytes, no second search."""
+    from hago_py.quant import embedding as E
+
+    m = emb_model(table(v=300, d=32))
+    cache = {}
+    a, _ = quantize_embeddings(m, "rowwise", 4, cache=cache)
+    assert list(cache) == [("W", "rowwise", 4, "row", True)]
+
+    def no_second_search(*args, **kw):
+        raise AssertionError("the table was quantized again")
+
+    monkeypatch.setattr(E, "rowwise_quantize", no_second_search)
+    b, _ = quantize_embeddings(m, "rowwise", 4, cache=cache)
+    assert a.SerializeToString() == b.SerializeToString()
+    with pytest.raises(AssertionError, match="quantized again"):
+        quantize_embeddings(m, "rowwise", 4)

@@ -141,10 +141,9 @@ def embedding_tables(model: onnx.ModelProto) -> List[Dict[str, Any]]:
     Each: {node, table, indices, rows, dim, skip (None or the reason it is left alone)}."""
     inits = {t.name: t for t in model.graph.initializer}
     const = set(inits) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    users: Dict[str, List[str]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n.name)
+    from ..ir.fusion import _consumers
+
+    users = {t: [n.name for n in ns] for t, ns in _consumers(model).items()}
     out = []
     for n in model.graph.node:
         if n.op_type != "Gather" or len(n.input) < 2 or n.input[0] not in inits:
@@ -221,11 +220,13 @@ def _replace(model: onnx.ModelProto, node: onnx.NodeProto, b: _Builder) -> None:
 
 
 def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per: str = "row",
-                        search: bool = True, only=None, small_rows: int = 0) -> Tuple[onnx.ModelProto, Dict]:
+                        search: bool = True, only=None, small_rows: int = 0,
+                        cache: Optional[Dict] = None) -> Tuple[onnx.ModelProto, Dict]:
     """Rewrite every eligible embedding Gather (embedding_tables; ``only``: these node names) of ``model`` (a copy
     is returned) with ``scheme`` in EMBEDDING_SCHEMES. Tables with at most ``small_rows`` rows are quantized
     row-wise at 8 bits instead (their rows are read by every token: MiniLM's token-type row at 4 bits costs
-    ~0.001 Spearman rho for 0.6 KB). Returns (model, {node: record}) with sizes and the table's error."""
+    ~0.001 Spearman rho for 0.6 KB). ``cache`` (a dict kept by the caller) holds each table's quantization across
+    rebuilds of one model (a search builds many plans). Returns (model, {node: record}) with sizes and errors."""
     from ..errors import OptionError
 
     if scheme not in EMBEDDING_SCHEMES:
@@ -257,8 +258,15 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
             t_scheme, t_bits = "rowwise", 8
         else:
             t_scheme, t_bits = scheme, bits
+        key = (e["table"], t_scheme, t_bits, per, search)
+        if cache is None or key not in cache:  # the table's quantization does not depend on the plan
+            got = rowwise_quantize(w, t_bits, search=search) if t_scheme == "rowwise" else \
+                codebook_quantize(w, t_bits, per=per)
+            if cache is not None:
+                cache[key] = got
+        got = cache[key] if cache is not None else got
         if t_scheme == "rowwise":
-            q, scale, lo = rowwise_quantize(w, t_bits, search=search)
+            q, scale, lo = got
             w_hat = rowwise_dequantize(q, scale, lo)
             rows = b.op("Gather", [b.init("table_q", pack4(q) if t_bits == 4 else q), ids], "rows", axis=0)
             vals = _unpack_rows(b, rows, ids, dim, opset) if t_bits == 4 else rows
@@ -270,7 +278,7 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
             extra = scale.nbytes + lo.nbytes
             detail = {"range_search": "greedy (Guan et al. 2019)" if search else "min-max"}
         else:
-            idx, cb = codebook_quantize(w, t_bits, per=per)
+            idx, cb = got
             w_hat = (cb[np.arange(w.shape[0])[:, None], idx] if per == "row" else cb[idx]).astype(np.float32)
             rows = b.op("Gather", [b.init("table_idx", pack4(idx)), ids], "rows", axis=0)
             i64 = b.op("Cast", [_unpack_rows(b, rows, ids, dim, opset)], "idx", to=TensorProto.INT64)

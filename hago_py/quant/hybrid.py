@@ -212,20 +212,19 @@ def latency_gain(pipe, cands: List[str], work: Mapping[str, float], *, measure: 
     bw = cm.memory_bandwidth_bytes_per_s if cm is not None else 1e10
     per = {n: 4.0 * work[n] / bw for n in cands}                      # seconds saved per layer
     info["per_layer_s"] = per
-    info["per_layer"] = {n: per[n] / max(_fp32_seconds(pipe), 1e-9) for n in cands}
+    fp32_s = max(_fp32_seconds(pipe), 1e-9)
+    info["per_layer"] = {n: per[n] / fp32_s for n in cands}
     info.setdefault("gain", sum(info["per_layer"].values()))
     return info
 
 
 def _fp32_seconds(pipe) -> float:
     """The spec's predicted FP32 latency (roofline), to turn saved seconds into a fraction."""
-    if not hasattr(pipe, "_hybrid_fp32_s"):
-        from ..backends.ort import OrtBackend
-        from ..search.evaluators import PredictedLatency
+    from ..backends.ort import OrtBackend
+    from ..search.evaluators import PredictedLatency
 
-        pipe._hybrid_fp32_s = PredictedLatency(pipe.spec, pipe.prepared, pipe.timing_feed(),
-                                               OrtBackend(threads=pipe.opts.threads)).seconds(None)
-    return pipe._hybrid_fp32_s
+    return PredictedLatency(pipe.spec, pipe.prepared, pipe.timing_feed(),
+                            OrtBackend(threads=pipe.opts.threads)).seconds(None)
 
 
 def select_granularity(pipe, *, evaluate: Optional[Callable] = None, measure_latency: bool = True,
