@@ -39,8 +39,14 @@ def _parser() -> argparse.ArgumentParser:
                    "layer's sensitivity and the measured latency gain (same as --granularity hybrid)")
     q.add_argument("--hybrid-budget", type=float, default=None,
                    help="with --hybrid: summed sensitivity the per-tensor layers may use (default 2e-3 nats of KL)")
-    q.add_argument("--weight-scheme", default="uniform", choices=("uniform", "nonuniform"),
-                   help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 4-bit + codebook")
+    q.add_argument("--weight-scheme", default="uniform", choices=("uniform", "nonuniform", "multipoint"),
+                   help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 4-bit + codebook; multipoint: "
+                        "each channel a sum of --weight-bits points, extra points as extra kernel rows")
+    q.add_argument("--multipoint-points", type=float, default=1.25,
+                   help="with --weight-scheme multipoint: average points per channel (default 1.25)")
+    q.add_argument("--complexity-budget", type=float, default=None,
+                   help="with --weight-scheme multipoint: extra MACs as a fraction of the model's (replaces "
+                        "--multipoint-points), e.g. 0.1")
     q.add_argument("--embedding-scheme", default="none", choices=("none", "rowwise", "codebook"),
                    help="embedding tables (Gather from a constant table): 4-bit row-wise (greedy ranges) or codebook")
     q.add_argument("--embedding-bits", type=int, default=4, choices=(4, 8), help="bits of --embedding-scheme rowwise")
@@ -127,7 +133,8 @@ def _cmd_quantize(a) -> int:
     res = api.quantize(a.model, a.calib, a.target, progress=not a.quiet, measure_latency=not a.no_latency,
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
                        granularity="hybrid" if a.hybrid else a.granularity, weight_scheme=a.weight_scheme,
-                       hybrid_budget=a.hybrid_budget,
+                       hybrid_budget=a.hybrid_budget, multipoint_points=a.multipoint_points,
+                       complexity_budget=a.complexity_budget,
                        synthetic_samples=a.synthetic_samples, synthetic_method=a.synthetic_method,
                        embedding_scheme=a.embedding_scheme, embedding_bits=a.embedding_bits,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,

@@ -66,6 +66,7 @@ class Pipeline:
         self._nu_importance: Dict[str, np.ndarray] = {}
         self._nu_means: Dict[str, np.ndarray] = {}
         self._nu_cache: Dict[tuple, tuple] = {}
+        self._mp_cache: Dict[tuple, tuple] = {}  # weight_scheme="multipoint": greedy points per layer (multipoint.py)
         self._emb_cache: Dict[tuple, tuple] = {}  # embedding_scheme: each table's quantization (quant/embedding.py)
         if isinstance(calibration, str) and calibration == "synthetic":
             calibration = self._synthesize()
@@ -193,7 +194,7 @@ class Pipeline:
             return
         ops = sorted({n.op_type for n in self.prepared.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")})
         wb, ab = opts.weight_bits, opts.activation_bits
-        if opts.weight_scheme == "nonuniform":  # 3-4 bit levels on the int8 grid: the W8 kernel (quant/nonuniform.py)
+        if opts.weight_scheme in ("nonuniform", "multipoint"):  # on the int8 grid / kernel: the W8 scheme
             wb = 8
         if not ops or any(self.spec.find_scheme(op, wb, ab) is not None for op in ops):
             return
@@ -293,6 +294,10 @@ class Pipeline:
             if nu_biases:
                 model = apply_biases(model, nu_biases)
                 info["nonuniform_bias_correction"] = sorted(nu_biases)
+        if any(lp.weight is not None and lp.weight.scheme == "multipoint" for lp in plan.quantized_layers()):
+            from .quant.multipoint import choose_points
+
+            weights, info["multipoint"] = choose_points(self, plan, opts, weights)
         rinfo: Dict[str, Any] = {}
         qmodel = realize(model, plan, weights=weights, info=rinfo)
         if opts.embedding_scheme != "none":  # embedding tables: row-wise / codebook (quant/embedding.py)

@@ -19,6 +19,7 @@ from onnx import TensorProto
 
 from ..errors import OptionError
 from ..ir.fusion import find_fusion_groups
+from .multipoint import layer_point_bits
 from .nonuniform import layer_levels_bits
 from .options import QuantOptions
 from .plan import LayerPlan, QuantPlan, TensorQuant
@@ -159,6 +160,10 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
             nu_bits = layer_levels_bits(options, node.name)
             if nu_bits is not None:
                 w_bits = 8
+            # weight_scheme="multipoint": weight_bits points summed by rows of the 8-bit kernel (quant/multipoint.py)
+            mp_bits = layer_point_bits(options, node.name)
+            if mp_bits is not None:
+                w_bits = 8
             want_dtype = options.layer(node.name, "weight_dtype")
             scheme = spec.find_scheme(op, w_bits, a_bits, weight_dtype=want_dtype)
             simulated = False
@@ -184,7 +189,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
             # flag (hybrid's choices arrive as per-layer overrides, quant/hybrid.py); a per-layer setting wins
             g_default = {"per_channel": True, "per_tensor": False}.get(options.granularity, options.per_channel)
             per_channel = options.layer(node.name, "per_channel", g_default)
-            if nu_bits is not None:  # the levels are per output channel
+            if nu_bits is not None or mp_bits is not None:  # levels / point coefficients are per output channel
                 per_channel = True
             gran = "per_channel" if per_channel and "per_channel" in gran_allowed else "per_tensor"
             if gran not in gran_allowed:
@@ -197,6 +202,10 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                                  method=options.layer(node.name, "rounding", options.rounding))
             if nu_bits is not None:
                 weight.scheme, weight.levels_bits = "nonuniform", nu_bits
+            if mp_bits is not None and w_dtype == "int8" and gran == "per_channel":
+                weight.scheme, weight.bits = "multipoint", mp_bits
+            elif mp_bits is not None:
+                mp_bits = None  # the points need signed per-row coefficients: an int8 per-channel kernel
             # activation mode
             mode = options.layer(node.name, "activation_mode", options.activation_mode)
             dyn_ok = op in ("MatMul", "Gemm") and spec.supports_dynamic(op) and (
@@ -228,6 +237,13 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
             if nu_bits is not None:
                 lp.reason += (f"; non-uniform W{nu_bits}: at most {2 ** nu_bits} levels of the int8 grid per output "
                               "channel (weight_scheme nonuniform)")
+            if mp_bits is not None:
+                lp.reason += (f"; multipoint W{mp_bits}: each channel a sum of {mp_bits}-bit points, extra points as "
+                              "extra rows of the int8 kernel (weight_scheme multipoint)")
+                low = spec.find_scheme(op, mp_bits, a_bits) if mp_bits < 8 else None
+                if mp_bits < 8 and (low is None or not low.native):
+                    lp.notes.append(f"multipoint: the {mp_bits}-bit points run on the 8-bit kernel (the target has no "
+                                    f"native W{mp_bits} kernel): low-bit arithmetic simulated in an int8 container")
             if simulated:
                 lp.reason += "; no integer kernel on the target: simulated"
             plan.layers[node.name] = lp

@@ -18,7 +18,9 @@ ROUNDING = ("nearest", "adaround", "adaquant", "flexround", "gptq", "brecq")
 LAYER_REMEDIES = ("none", "reduce_range", "u8u8")
 # weight grids: uniform (one step per tensor / channel) | nonuniform (clustered levels snapped onto the INT8 grid,
 # stored as packed 4-bit indices + an int8 codebook, weight_bits 3-4)
-WEIGHT_SCHEMES = ("uniform", "nonuniform")
+# | multipoint (each channel a sum of weight_bits points, the count per channel by its output error, realized as
+# extra rows of the same integer kernel: quant/multipoint.py)
+WEIGHT_SCHEMES = ("uniform", "nonuniform", "multipoint")
 # weight granularity: auto (per_channel decides) | per_channel | per_tensor | hybrid (per layer, by sensitivity
 # to per-tensor quantization and the measured latency gain)
 GRANULARITIES = ("auto", "per_channel", "per_tensor", "hybrid")
@@ -100,6 +102,15 @@ class QuantOptions:
     per_channel: bool = _opt(True, Rule(bool))
     granularity: str = _opt("auto", Rule(str, choices=GRANULARITIES, hint="auto: per_channel decides"))
     weight_scheme: str = _opt("uniform", Rule(str, choices=WEIGHT_SCHEMES))
+    # weight_scheme="multipoint": the point budget, as an average point count per channel of the multipoint
+    # layers, or (complexity_budget, when set) as extra multiply-accumulates relative to the model's weighted layers
+    multipoint_points: float = _opt(1.25, Rule(float, 1.0, 8.0, hint="average points per channel"))
+    max_points: int = _opt(4, Rule(int, 1, 8, hint="points one channel may get"))
+    # how a widened layer runs: accumulate (ConvInteger / MatMulInteger int32 rows scaled and summed, exact) or
+    # requantize (QLinearConv / QGemm rows re-quantized to 8 bits, then summed; quant/widen.py)
+    multipoint_kernel: str = _opt("accumulate", Rule(str, choices=("accumulate", "requantize")))
+    complexity_budget: Optional[float] = _opt(None, Rule(float, 0.0, 8.0, nullable=True,
+                                                         hint="extra MACs / model MACs; None: multipoint_points decides"))
     # granularity="hybrid": the summed sensitivity the per-tensor layers may use (None: 2e-3 nats of KL for class
     # scores, 2e-3 noise-to-signal otherwise, 1e-3 relative metric drop with evaluate=; quant/hybrid.py)
     hybrid_budget: Optional[float] = _opt(None, Rule(float, 0.0, None, nullable=True, hint="None: the default budget"))
@@ -186,6 +197,7 @@ class QuantOptions:
                     raise OptionError(f"option layers[{node!r}][{k!r}]={_show(v)} is invalid; use "
                                       f"{LAYER_KEYS[k].describe()}")
         self._validate_nonuniform()
+        self._validate_multipoint()
         for m, prm in self.rounding_params.items():
             if m not in ROUNDING or m == "nearest":
                 raise OptionError(f"option rounding_params key={m!r} is invalid; use one of: "
@@ -221,6 +233,23 @@ class QuantOptions:
         if self.bn_reestimate:  # bias_correction=True: the non-uniform layers get the mean-shift correction
             raise OptionError("option bn_reestimate=True is not supported with weight_scheme 'nonuniform' (it is "
                               f"computed for the uniform grid); leave bn_reestimate unset, {fix}")
+
+    def _validate_multipoint(self) -> None:
+        """weight_scheme="multipoint": nearest rounding (the points are the greedy construction) and weight bits
+        2-8 (the points run on the 8-bit kernel)."""
+        mp = [n for n, ov in self.layers.items() if ov.get("weight_scheme") == "multipoint"]
+        if self.weight_scheme != "multipoint" and not mp:
+            return
+        fix = "or use weight_scheme='uniform'"
+        if self.weight_scheme == "multipoint" and self.weight_bits > 8:
+            raise OptionError(f"option weight_bits={_show(self.weight_bits)} is invalid with weight_scheme='multipoint'"
+                              f"; use 2-8 (the points run on the 8-bit integer kernel), {fix}")
+        if self.rounding != "nearest" or any(self.layers[n].get("rounding", "nearest") != "nearest" for n in mp):
+            raise OptionError(f"option rounding={self.rounding!r} is not supported with weight_scheme 'multipoint'; "
+                              f"use rounding='nearest' (each point is the nearest grid value of the residual), {fix}")
+        if self.bn_reestimate:
+            raise OptionError("option bn_reestimate=True is not supported with weight_scheme 'multipoint'; leave it "
+                              f"unset, {fix}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -37,6 +37,10 @@ class TensorQuant:
     levels_bits: Optional[int] = None
     storage: Optional[str] = None
     levels: Optional[Dict[str, Any]] = None
+    # weight_scheme="multipoint" (quant/multipoint.py): scale holds one coefficient per ROW of the widened layer;
+    # {"points": [per channel], "group": int, "out_scale", "out_zero_point", "out_dtype" (the widened output's
+    # qparams, None when no channel has a second point), "extra_macs", "macs", "error": {...}}
+    multipoint: Optional[Dict[str, Any]] = None
 
     @property
     def calibrated(self) -> bool:

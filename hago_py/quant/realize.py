@@ -114,6 +114,12 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
                 adjusted.append(lp.node)
                 lp.notes.append("weight scale raised on some output channels so that the int32 bias "
                                 "(bias / (s_x * s_w)) does not overflow (near-zero weights with a non-zero bias)")
+        mp = tq.multipoint if tq.scheme == "multipoint" else None
+        if mp and x_tq is not None and len(tq.scale) > len(mp["points"]):
+            from .widen import widen  # extra points as extra rows of this integer layer (quant/multipoint.py)
+
+            widen(graph, names, node, lp, q, bias, plan.resolve(x_name))
+            continue
         key = (w_val.name, tq.dtype, tq.granularity, tq.axis, tuple(tq.scale), tuple(tq.zero_point),
                q.shape, hash(np.ascontiguousarray(q).tobytes()))
         if key not in wcache:

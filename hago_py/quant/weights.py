@@ -59,6 +59,10 @@ def quantize_weight(w: np.ndarray, tq: TensorQuant, **ctx) -> np.ndarray:
         raise OptionError(f"weight '{tq.tensor}' uses rounding {tq.method!r}, which needs calibration statistics: "
                           "it is applied by hago_py.quantize / Pipeline.build (pass the weights it returns to "
                           "realize), not by realize alone")
+    if tq.scheme == "multipoint":  # rows of points (quant/multipoint.py)
+        from .multipoint import weight_rows
+
+        return weight_rows(w, tq)
     scale, zp = weight_qparams(w, tq)
     qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
     axis = tq.axis if tq.granularity == "per_channel" else None

@@ -1,0 +1,437 @@
+"""Multipoint weights: each output channel is a sum of low-bit vectors (Liu, Ye, Zhou, Liu, "Post-training
+quantization with multiple points: mixed precision without mixed precision", AAAI 2021).
+
+A channel's weight vector w (length K) is approximated by ``sum_i a_i q_i`` with every ``q_i`` on the same
+low-bit integer grid (``weight_bits``) and a real coefficient ``a_i`` per point. The points are built greedily:
+point i quantizes the residual ``r = w - sum_{j<i} a_j q_j`` to the nearest grid value for the coefficient
+``a_i`` that minimizes the channel's output error ``sum_k E[x_k^2] (r_k - a_i q_ik)^2`` (a 1-D search over
+fractions of ``max|r| / qmax``). Rounding to the nearest grid value never moves an element further from its
+target than 0 would, so the error never grows with a point (tested).
+
+How many points a channel gets is decided by its output error (the paper's adaptive rule, made a budget
+here): every channel starts with one point; extra points go, greedily across all multipoint layers, to the
+channel whose next point removes the most output noise-to-signal per unit of cost, until the budget is spent.
+The budget is an average point count per channel (``multipoint_points``, the paper's complexity measure), or a
+fraction of extra multiply-accumulates (``complexity_budget``: cost of a row = its MACs). Grouped convolutions
+(depthwise) keep one point count for the whole layer (every group must widen alike).
+
+Realization (quant/realize.py, ``widen``): a k-point channel is k rows of the same integer Conv / Gemm / MatMul,
+each row with its own per-channel scale ``a_i`` (zero point 0) and the bias on the first row only; the
+widened output is quantized once (it is what ORT's QLinearConv / QGemm produce) and the rows are summed back to
+the C channels after the kernel (Gather along the channel axis + Add, with a 0/1 mask where only some channels
+have that point). So the points run on the target's 8-bit integer kernel: with ``weight_bits`` < 8 they are
+low-bit values in an int8 container (no CPU here has a 4-bit kernel: labelled simulated in the report).
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+MAX_POINTS = 4
+# fractions of max|r| / qmax tried for a point's coefficient (1.0 = min-max, smaller ones clip outliers)
+SCALE_FRACTIONS = np.linspace(0.2, 1.0, 33)
+# first-point coefficients tried when a channel gets two or more points (fractions of max|w| / qmax)
+FIRST_FRACTIONS = np.linspace(0.3, 1.0, 15)
+_CHUNK = 1 << 22  # elements of the [channels, fractions, K] error tensor computed at once
+
+
+def channel_major(w: np.ndarray, axis: int) -> np.ndarray:
+    """[C, K] view of a weight with its output channels on ``axis`` (float64)."""
+    return np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
+
+
+def from_channel_major(m: np.ndarray, shape: Sequence[int], axis: int) -> np.ndarray:
+    """Inverse of :func:`channel_major` for a [R, K] array whose rows are channels of a tensor of ``shape``
+    with R rows on ``axis``."""
+    moved = [m.shape[0]] + [s for i, s in enumerate(shape) if i != axis]
+    return np.moveaxis(m.reshape(moved), 0, axis)
+
+
+def best_point(r: np.ndarray, imp: np.ndarray, qmin: int, qmax: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One greedy point for every row of ``r`` [C, K]: (coefficient a [C] (float32-exact), integer q [C, K],
+    remaining weighted error [C]). ``imp`` [1 or C, K] weighs each element's error (E[x_k^2])."""
+    c, k = r.shape
+    amax = np.abs(r).max(axis=1)
+    top = float(max(qmax, -qmin))
+    imp = np.broadcast_to(imp, (c, k))
+    a_out = np.ones(c, np.float64)
+    q_out = np.zeros((c, k), np.int64)
+    e_out = (imp * r * r).sum(axis=1)
+    step = max(1, _CHUNK // max(1, len(SCALE_FRACTIONS) * k))
+    for lo in range(0, c, step):
+        sl = slice(lo, min(c, lo + step))
+        cand = (amax[sl, None] * SCALE_FRACTIONS[None, :] / top).astype(np.float32).astype(np.float64)
+        cand = np.where(cand > 0, cand, 1.0)
+        rr = r[sl, None, :]
+        q = np.clip(np.rint(rr / cand[:, :, None]), qmin, qmax)
+        err = (imp[sl, None, :] * (rr - cand[:, :, None] * q) ** 2).sum(axis=2)
+        best = err.argmin(axis=1)
+        idx = np.arange(best.size)
+        better = err[idx, best] < e_out[sl]  # a point that cannot reduce the error stays all-zero
+        a_out[sl] = np.where(better, cand[idx, best], 1.0)
+        q_out[sl] = np.where(better[:, None], q[idx, best], 0).astype(np.int64)
+        e_out[sl] = np.where(better, err[idx, best], e_out[sl])
+    return a_out, q_out, e_out
+
+
+def greedy_points(w: np.ndarray, imp: Optional[np.ndarray], qmin: int, qmax: int,
+                  max_points: int = MAX_POINTS) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
+    """The best k-point approximation of every channel of ``w`` [C, K] for k = 1..max_points: coefficients
+    A[k-1] [C, k], integer points Q[k-1] [C, k, K], and the weighted error E [C, max_points + 1] (E[:, 0]: no
+    point, E[:, k]: with k points; never increasing in k).
+
+    k = 1 is the error-optimal single point. For k >= 2 the later points are greedy on the residual, and the
+    first point's coefficient is searched jointly (``FIRST_FRACTIONS``): a first point that clips less leaves a
+    residual the next points can resolve, which the plain greedy order (best first point, then the rest) misses."""
+    w = np.asarray(w, np.float64)
+    imp = np.ones((1, w.shape[1])) if imp is None else np.asarray(imp, np.float64)
+    c, k = w.shape
+    e0 = (np.broadcast_to(imp, w.shape) * w * w).sum(axis=1)
+    a1, q1, e1 = best_point(w, imp, qmin, qmax)
+    A, Q, E = [a1[:, None]], [q1[:, None, :]], [e0, e1]
+    if max_points < 2:
+        return A, Q, np.stack(E, 1)
+    top = float(max(qmax, -qmin))
+    amax = np.abs(w).max(axis=1)
+    best_e = [np.full(c, np.inf) for _ in range(max_points - 1)]
+    best_a = [np.zeros((c, j + 2)) for j in range(max_points - 1)]
+    best_q = [np.zeros((c, j + 2, k), np.int64) for j in range(max_points - 1)]
+    for t in FIRST_FRACTIONS:
+        a = (amax * t / top).astype(np.float32).astype(np.float64)
+        a = np.where(a > 0, a, 1.0)
+        q = np.clip(np.rint(w / a[:, None]), qmin, qmax).astype(np.int64)
+        r = w - a[:, None] * q
+        aa, qq = [a], [q]
+        for j in range(max_points - 1):
+            an, qn, en = best_point(r, imp, qmin, qmax)
+            r = r - an[:, None] * qn
+            aa.append(an)
+            qq.append(qn)
+            better = en < best_e[j]
+            best_e[j] = np.where(better, en, best_e[j])
+            best_a[j][better] = np.stack(aa, 1)[better]
+            best_q[j][better] = np.stack(qq, 1)[better]
+    for j in range(max_points - 1):  # the plain greedy order is a candidate too (its first point is optimal)
+        an, qn, en = best_point(w - (A[-1][:, :, None] * Q[-1]).sum(axis=1), imp, qmin, qmax)
+        cand_a = np.concatenate([A[-1], an[:, None]], 1)
+        cand_q = np.concatenate([Q[-1], qn[:, None, :]], 1)
+        keep = best_e[j] <= en
+        A.append(np.where(keep[:, None], best_a[j], cand_a))
+        Q.append(np.where(keep[:, None, None], best_q[j], cand_q))
+        E.append(np.minimum(best_e[j], en))
+    return A, Q, np.stack(E, 1)
+
+
+def rows_from_scales(w: np.ndarray, scales: Sequence[float], parent: Sequence[int], qmin: int, qmax: int) -> np.ndarray:
+    """The integer rows [R, K] of a multipoint weight from its per-row coefficients: the rows of channel c
+    (``parent[row] == c``, in row order) quantize the running residual to the nearest grid value, exactly as
+    :func:`greedy_points` did (so a plan's scales reproduce its weights without the calibration statistics)."""
+    w = np.asarray(w, np.float64)
+    s = np.asarray(scales, np.float32).astype(np.float64)
+    parent = np.asarray(parent, np.int64)
+    out = np.zeros((len(parent), w.shape[1]), np.int64)
+    resid = w.copy()
+    for row in range(len(parent)):
+        c = parent[row]
+        q = np.clip(np.rint(resid[c] / s[row]), qmin, qmax).astype(np.int64)
+        out[row] = q
+        resid[c] = resid[c] - s[row] * q
+    return out
+
+
+def row_layout(points: Sequence[int], group: int = 1) -> Tuple[List[int], List[int]]:
+    """Row order of a widened layer with ``points[c]`` points per channel: (parent channel per row, point
+    index per row). Ungrouped: the C first points in channel order, then every second point, and so on (the
+    primary rows stay rows 0..C-1). Grouped (every channel the same k points): each group's rows together,
+    point-major inside the group, so the group structure of the convolution is kept."""
+    points = [int(p) for p in points]
+    c = len(points)
+    if group > 1:
+        k = points[0]
+        m = c // group
+        parent, index = [], []
+        for g in range(group):
+            for i in range(k):
+                for j in range(m):
+                    parent.append(g * m + j)
+                    index.append(i)
+        return parent, index
+    parent, index = list(range(c)), [0] * c
+    for i in range(1, max(points, default=1)):
+        for ch in range(c):
+            if points[ch] > i:
+                parent.append(ch)
+                index.append(i)
+    return parent, index
+
+
+@dataclass
+class LayerCandidate:
+    """What the allocation needs of one layer: its normalized error after p points per channel
+    (err [C, P + 1], in units of the layer's mean output energy), the cost of one extra row (1 or its MACs),
+    and whether the layer is grouped (all channels take a point together)."""
+    node: str
+    err: np.ndarray
+    row_cost: float
+    grouped: bool = False
+
+
+def allocate(cands: Sequence[LayerCandidate], budget: float, max_points: int = MAX_POINTS) -> Dict[str, np.ndarray]:
+    """Points per channel for every layer: one each, then greedily the next point with the largest error
+    reduction per cost, while the summed cost of the extra rows stays within ``budget``."""
+    points = {c.node: np.ones(c.err.shape[0], np.int64) for c in cands}
+    heap: List[Tuple[float, int, str, int]] = []
+    by_node = {c.node: c for c in cands}
+    tie = 0
+
+    def push(c: LayerCandidate, ch: int) -> None:
+        nonlocal tie
+        p = points[c.node]
+        if c.grouped:
+            k = int(p[0])
+            if k >= max_points or k >= c.err.shape[1] - 1:
+                return
+            gain, cost = float((c.err[:, k] - c.err[:, k + 1]).sum()), c.row_cost * c.err.shape[0]
+        else:
+            k = int(p[ch])
+            if k >= max_points or k >= c.err.shape[1] - 1:
+                return
+            gain, cost = float(c.err[ch, k] - c.err[ch, k + 1]), c.row_cost
+        if gain <= 0 or cost <= 0:
+            return
+        tie += 1
+        heapq.heappush(heap, (-gain / cost, tie, c.node, ch))
+
+    for c in cands:
+        for ch in ([0] if c.grouped else range(c.err.shape[0])):
+            push(c, ch)
+    spent = 0.0
+    while heap:
+        _, _, node, ch = heapq.heappop(heap)
+        c = by_node[node]
+        cost = c.row_cost * (c.err.shape[0] if c.grouped else 1)
+        if spent + cost > budget + 1e-9:
+            continue  # too expensive now; a cheaper candidate may still fit
+        spent += cost
+        if c.grouped:
+            points[node] += 1
+        else:
+            points[node][ch] += 1
+        push(c, ch)
+    return points
+
+
+def combine_plan(points: Sequence[int], group: int = 1) -> Dict[str, List]:
+    """For each point index i: the row of channel c's i-th point (``gather[i][c]``; row 0 where c has no such
+    point) and a 0/1 mask (``mask[i]``, None when every channel has it). Used by realize to sum the widened
+    output back to C channels."""
+    parent, index = row_layout(points, group)
+    c = len(points)
+    kmax = max(int(p) for p in points)
+    gather = [[0] * c for _ in range(kmax)]
+    have = [[0] * c for _ in range(kmax)]
+    for row, (ch, i) in enumerate(zip(parent, index)):
+        gather[i][ch] = row
+        have[i][ch] = 1
+    mask = [None if all(h) else h for h in have]
+    return {"gather": gather, "mask": mask}
+
+
+def layer_point_bits(options, node: str) -> Optional[int]:
+    """Bits of the points of layer ``node`` under ``options`` (QuantOptions), or None when the layer is not
+    multipoint (its weight_scheme, per layer else global, decides; its weight_bits, per layer else global)."""
+    if options.layer(node, "weight_scheme", options.weight_scheme) != "multipoint":
+        return None
+    bits = int(options.layer(node, "weight_bits", options.weight_bits))
+    return bits if 2 <= bits <= 8 else None
+
+
+def _out_positions(model, node) -> int:
+    """Output positions per sample a row of ``node`` is computed at (H*W of a Conv, tokens of a MatMul; 1 when
+    unknown), from the prepared model's inferred shapes."""
+    vi = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    v = vi.get(node.output[0])
+    if v is None or not v.type.HasField("tensor_type"):
+        return 1
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+    inner = dims[2:] if node.op_type == "Conv" else dims[1:-1]
+    return int(np.prod([d for d in inner if d > 0])) if inner else 1
+
+
+def model_macs(model) -> Tuple[float, Dict[str, Tuple[int, float]]]:
+    """MACs per sample of every Conv / Gemm / MatMul with a constant weight: (total, {node: (channels, MACs per
+    output channel)})."""
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    out: Dict[str, Tuple[int, float]] = {}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        shape = inits[n.input[1]]
+        if len(shape) < 2:
+            continue
+        if n.op_type == "Conv":
+            c, k = shape[0], int(np.prod(shape[1:]))
+        elif n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute):
+            c, k = shape[0], shape[1]
+        else:
+            c, k = shape[1], shape[0]
+        out[n.name] = (int(c), float(k) * _out_positions(model, n))
+    return float(sum(c * m for c, m in out.values())), out
+
+
+def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dict]:
+    """weight_scheme="multipoint": the points of every multipoint layer of ``plan`` (filled into its weight
+    TensorQuant: per-row scales, ``multipoint``) and their integer rows ({node: array}, merged into
+    ``weights``); the summary for the report. Statistics: E[x^2] of each layer's input (shared with the
+    non-uniform scheme, one FP32 pass), the widened outputs' ranges (the pipeline's observers)."""
+    import time
+
+    from onnx import numpy_helper
+
+    from . import nonuniform as nu
+    from .calibrate import collect_tensors
+    from .observers import qrange
+
+    model = pipe.prepared
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    layers = {lp.node: lp for lp in plan.quantized_layers()
+              if lp.weight is not None and lp.weight.scheme == "multipoint" and lp.node in nodes}
+    if not layers:
+        return dict(weights or {}), {}
+    t0 = time.perf_counter()
+    group = {n: next((a.i for a in nodes[n].attribute if a.name == "group"), 1) for n in layers}
+    todo = {n: (lp.op_type, list(inits[lp.weight.tensor].dims), group[n])
+            for n, lp in layers.items() if n not in pipe._nu_importance}
+    if todo:
+        pipe._nu_importance.update(nu.input_importance(model, todo, pipe.first_batches(nu.IMPORTANCE_SAMPLES, exact=True),
+                                                       threads=pipe.opts.threads, means=pipe._nu_means))
+    total_macs, geo = model_macs(model)
+    static = {n: bool(lp.inputs) and plan.activations.get(lp.inputs[0]) is not None
+              and plan.activations[lp.inputs[0]].mode == "static" for n, lp in layers.items()}
+    by_mac = opts.complexity_budget is not None
+    cands, greedy = [], {}
+    for n, lp in layers.items():
+        tq = lp.weight
+        w = numpy_helper.to_array(inits[tq.tensor]).astype(np.float32)
+        qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
+        kmax = int(opts.max_points) if static[n] else 1
+        key = (n, tq.bits, qmin, qmax, kmax, tq.axis)
+        if key not in pipe._mp_cache:
+            imp = pipe._nu_importance.get(n)
+            pipe._mp_cache[key] = greedy_points(channel_major(w, tq.axis), imp, qmin, qmax, kmax)
+        A, Q, E = pipe._mp_cache[key]
+        greedy[n] = (w.shape, A, Q, E)
+        sig = float(E[:, 0].mean()) or 1.0
+        per_row = geo.get(n, (1, 1.0))[1] if by_mac else 1.0
+        cands.append(LayerCandidate(n, E / sig, per_row, grouped=group[n] > 1))
+    sens = layer_divergence(pipe, {n: (layers[n].weight.tensor, greedy[n]) for n in layers}, layers)
+    for cand in cands:  # error in units of the model-output divergence this layer's one-point weights cause
+        e = greedy[cand.node][3]
+        one = float(e[:, 1].sum()) / (float(e[:, 0].sum()) or 1.0)
+        cand.err = e / (float(e[:, 0].sum()) or 1.0) * (max(sens[cand.node], 0.0) / one if one > 0 else 0.0)
+    chans = sum(E.shape[0] for _, _, _, E in greedy.values())
+    budget = float(opts.complexity_budget) * total_macs if by_mac else (float(opts.multipoint_points) - 1.0) * chans
+    points = allocate(cands, budget, int(opts.max_points))
+    out = dict(weights or {})
+    need_range: Dict[str, str] = {}
+    for n, lp in layers.items():
+        tq = lp.weight
+        shape, A, Q, E = greedy[n]
+        p = points[n]
+        parent, index = row_layout(p, group[n])
+        rows = np.stack([Q[p[ch] - 1][ch, i] for ch, i in zip(parent, index)])
+        out[n] = from_channel_major(rows, shape, tq.axis).astype(np.int64)
+        tq.scale = [float(np.float32(A[p[ch] - 1][ch, i])) for ch, i in zip(parent, index)]
+        tq.zero_point = [0] * len(parent)
+        c = len(p)
+        macs_row = geo.get(n, (c, 0.0))[1]
+        e0 = float(E[:, 0].sum()) or 1.0
+        tq.multipoint = {"points": [int(x) for x in p], "group": int(group[n]), "rows": len(parent),
+                         "macs": c * macs_row, "extra_macs": (len(parent) - c) * macs_row,
+                         "error_one_point": float(E[:, 1].sum() / e0),
+                         "error": float(E[np.arange(c), p].sum() / e0),
+                         "out_scale": None, "out_zero_point": None, "out_dtype": None,
+                         "kernel": opts.multipoint_kernel}
+        if len(parent) > c and opts.multipoint_kernel == "requantize":
+            out_tq = plan.activations.get(lp.output) if lp.output else None
+            need_range[n] = out_tq.method if out_tq is not None and out_tq.method in (
+                "minmax", "percentile", "mse", "entropy") else "mse"
+    missing = {nodes[n].output[0]: m for n, m in need_range.items() if (nodes[n].output[0], m) not in pipe._observers}
+    if missing:
+        obs = collect_tensors(model, missing, pipe.calib, percentile=opts.percentile, threads=opts.threads)
+        for t, o in obs.items():
+            pipe._observers[(t, missing[t])] = o
+    for n, m in need_range.items():
+        lp = layers[n]
+        dtype = plan.resolve(lp.inputs[0]).dtype
+        s, z = pipe._observers[(nodes[n].output[0], m)].compute_qparams(dtype, bits=8, symmetric=False, narrow=False)
+        lp.weight.multipoint.update(out_scale=float(s), out_zero_point=int(z), out_dtype=dtype)
+    rows_total = sum(lp.weight.multipoint["rows"] for lp in layers.values())
+    extra = sum(lp.weight.multipoint["extra_macs"] for lp in layers.values())
+    pipe.timings["multipoint"] = pipe.timings.get("multipoint", 0.0) + time.perf_counter() - t0
+    summary = {"budget": ("complexity_budget" if by_mac else "multipoint_points"),
+               "budget_value": float(opts.complexity_budget if by_mac else opts.multipoint_points),
+               "layers": len(layers), "channels": chans, "rows": rows_total,
+               "points_per_channel": rows_total / max(chans, 1),
+               "extra_macs": extra, "model_macs": total_macs,
+               "extra_macs_fraction": extra / total_macs if total_macs else 0.0,
+               "widened_layers": sorted(need_range)}
+    return out, summary
+
+
+def layer_divergence(pipe, layers: Dict[str, Tuple[str, tuple]], plans) -> Dict[str, float]:
+    """Per multipoint layer: the divergence of the model's outputs (KL of the class scores, else noise-to-signal;
+    quant/hybrid.py) when only that layer's weights are its one-point approximation, all else FP32, over the
+    calibration proxy. Relates a layer's own output error to the model's, so points go where they matter
+    to the output (a first or last layer's noise counts more than its noise-to-signal ratio says)."""
+    from onnx import numpy_helper
+
+    from ..backends.ort import OrtBackend
+    from .hybrid import PROXY_INPUT_ELEMS, PROXY_SAMPLES, _divergence, _weights_as_inputs
+
+    tensors = sorted({t for t, _ in layers.values()})
+    inits = {t.name: t for t in pipe.prepared.graph.initializer}
+    w = {t: numpy_helper.to_array(inits[t]).astype(np.float32) for t in tensors}
+    per_sample = sum(int(np.prod(v.shape[1:])) for v in pipe.calib.first_batch().values()) or 1
+    batches = pipe.first_batches(int(max(32, min(PROXY_SAMPLES, PROXY_INPUT_ELEMS // per_sample))), exact=True)
+    be = OrtBackend(threads=pipe.opts.threads)
+    sess = be.compile(_weights_as_inputs(pipe.prepared, tensors))
+
+    def outs(ws):
+        res = [be.run(sess, {**b, **ws}) for b in batches]
+        return [np.concatenate([r[k] for r in res], 0) for k in range(len(res[0]))]
+
+    ref = outs(w)
+    out = {}
+    for n, (t, (shape, A, Q, E)) in layers.items():
+        one = from_channel_major(A[0][:, :1] * Q[0][:, 0], shape, plans[n].weight.axis).astype(np.float32)
+        out[n], _ = _divergence(ref, outs({**w, t: one}))
+    return out
+
+
+def weight_rows(w: np.ndarray, tq) -> np.ndarray:
+    """The integer rows of a multipoint weight (``tq``: its TensorQuant). With points chosen (tq.multipoint
+    and one scale per row) the rows are rebuilt from the scales; otherwise (realize without the pipeline's
+    statistics) every channel gets one greedy point, unweighted, and ``tq`` records it."""
+    from .observers import qrange
+
+    qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
+    wm = channel_major(w, tq.axis)
+    mp = tq.multipoint
+    if mp and tq.scale and len(tq.scale) == mp.get("rows", -1):
+        parent, _ = row_layout(mp["points"], int(mp.get("group", 1)))
+        rows = rows_from_scales(wm, tq.scale, parent, qmin, qmax)
+    else:
+        A, Q, E = greedy_points(wm, None, qmin, qmax, 1)
+        rows = Q[0][:, 0]
+        c = wm.shape[0]
+        tq.scale, tq.zero_point = [float(np.float32(a)) for a in A[0][:, 0]], [0] * c
+        e0 = float(E[:, 0].sum()) or 1.0
+        tq.multipoint = {"points": [1] * c, "group": 1, "rows": c, "macs": None, "extra_macs": 0.0,
+                         "error_one_point": float(E[:, 1].sum() / e0), "error": float(E[:, 1].sum() / e0),
+                         "out_scale": None, "out_zero_point": None, "out_dtype": None}
+    return from_channel_major(rows, w.shape, tq.axis)
