@@ -314,6 +314,62 @@ register(hago_recipe("hago_hy_per_tensor", "W8A8 defaults, all weights per-tenso
                      suite="hybrid", granularity="per_tensor"))
 register(hago_hybrid_recipe("hago_hy_hybrid", "W8A8 defaults, granularity=hybrid (per layer: sensitivity + "
                                               "measured per-tensor gain)"))
+
+
+# Multipoint table (issue 15): weight_scheme="multipoint" (quant/multipoint.py) — each channel a sum of low-bit
+# points, extra points as extra rows of the integer kernel — against W8A8, uniform W4A8 nearest (simulated) and the
+# single error-optimal point, all in one run; the W8-point row uses multipoint_kernel="requantize" (QLinearConv)
+# so the speed-up sits beside its extra MACs. W4A4 rows: the quality-vs-complexity trade-off by complexity_budget.
+def hago_multipoint_recipe(name: str, description: str, **options) -> Recipe:
+    opts = {"target": "x86_avx2", "measure_latency": False, "weight_scheme": "multipoint", **options}
+
+    def fn(model: BenchModel, out: Path, calib, notes):
+        import onnx
+        import hago_py
+
+        res = hago_py.quantize(str(model.model_path), calibration=calib, **opts)
+        onnx.save(res.model, str(out))
+        mp = res.report.get("multipoint", {})
+        notes.append(f"multipoint: {mp.get('points_per_channel', 0):.3f} points/channel, "
+                     f"+{100 * mp.get('extra_macs_fraction', 0):.1f} % MACs, {len(mp.get('widened_layers', []))} "
+                     f"widened layers; multipoint stage {res.report['timings_s'].get('multipoint', 0):.1f} s")
+        return {"multipoint": {k: v for k, v in mp.items() if k != "widened_layers"}}
+
+    return Recipe(name, "hago", description, fn, imports=("hago_py",), options=opts, suite="multipoint")
+
+
+register(hago_recipe("hago_mp_w8a8", "W8A8 defaults", suite="multipoint", measure_latency=False))
+register(hago_recipe("hago_mp_w4a8_uniform", "W4A8 uniform, rounding=nearest (simulated)", suite="multipoint",
+                     weight_bits=4, simulate=True, rounding="nearest", measure_latency=False))
+register(hago_multipoint_recipe("hago_mp_w4a8_1pt", "W4A8 multipoint, one error-optimal point per channel",
+                                weight_bits=4, max_points=1))
+register(hago_multipoint_recipe("hago_mp_w4a8", "W4A8 multipoint, 1.25 points/channel (accumulate kernel)",
+                                weight_bits=4, multipoint_points=1.25))
+register(hago_multipoint_recipe("hago_mp_w4a8_rq", "W4A8 multipoint, 1.25 points/channel (requantize kernel)",
+                                weight_bits=4, multipoint_points=1.25, multipoint_kernel="requantize"))
+register(hago_multipoint_recipe("hago_mp_w8a8_rq", "W8A8 multipoint, 1.25 points/channel (requantize: QLinearConv)",
+                                weight_bits=8, multipoint_points=1.25, multipoint_kernel="requantize"))
+register(hago_recipe("hago_mp_w4a4_uniform", "W4A4 uniform nearest (simulated)", suite="multipoint",
+                     weight_bits=4, activation_bits=4, simulate=True, measure_latency=False))
+for _c in (0.0, 0.05, 0.10, 0.15, 0.30):
+    register(hago_multipoint_recipe(f"hago_mp_w4a4_c{int(round(_c * 100)):02d}",
+                                    f"W4A4 multipoint, extra MACs <= {int(round(_c * 100))} % (simulated)",
+                                    weight_bits=4, activation_bits=4, simulate=True, complexity_budget=_c))
+# end of the multipoint table
+
+# SPARQ table (issue 15): activation_scheme="sparq" (quant/sparq.py) on top of W8A8 — 4-bit windows with the
+# pair rule, the paper's 5opt / 3opt / 2opt placements, and bSPARQ alone — beside W8A8 and plain A4 (simulated).
+register(hago_recipe("hago_sq_w8a8", "W8A8 defaults", suite="sparq", measure_latency=False))
+register(hago_recipe("hago_sq_a4_uniform", "W8A4 uniform nearest (simulated)", suite="sparq", activation_bits=4,
+                     simulate=True, measure_latency=False))
+for _o in (5, 3, 2):
+    register(hago_recipe(f"hago_sq_{_o}opt", f"W8A8 + SPARQ 4-bit windows, {_o}opt, pairs (simulated)", suite="sparq",
+                         activation_scheme="sparq", sparq_options=_o, measure_latency=False))
+register(hago_recipe("hago_sq_5opt_nopairs", "W8A8 + SPARQ 4-bit windows, 5opt, no pairs (bSPARQ; simulated)",
+                     suite="sparq", activation_scheme="sparq", sparq_pairs=False, measure_latency=False))
+# end of the SPARQ table
+
+
 # default-suite rows that also run in these suites (ORT's static recipes, with real calibration data)
 SUITE_PEERS = {"hybrid": ("ort_minmax_pc", "ort_minmax_pt"), "datafree": ("ort_minmax_pc", "ort_minmax_pt"),
                "embeddings": ("hago_default", "ort_dynamic")}

@@ -397,7 +397,7 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per recipe before it is killed")
     ap.add_argument("--mem-reserve", type=float, default=1500,
                     help="kill a recipe when the machine's MemAvailable falls below this many MB")
-    ap.add_argument("--suite", default="default", choices=("default", "rounding", "search", "datafree", "hybrid", "nonuniform",
+    ap.add_argument("--suite", default="default", choices=("default", "rounding", "search", "datafree", "hybrid", "nonuniform", "multipoint", "sparq",
                                                           "embeddings"),
                     help="which registered rows run when --recipes is not given (default: the foundation table)")
     ap.add_argument("--quick", action="store_true", help="subset of eval data, fewer timing rounds (smoke run)")

@@ -191,7 +191,8 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True) -> Res
     }
     if plan.embeddings:
         report["embeddings"] = plan.embeddings
-    for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback", "ort_fallback", "hybrid", "multipoint"):
+    for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback", "ort_fallback", "hybrid", "multipoint",
+              "sparq"):
         if k in built.info:
             report[k] = built.info[k]
     if opts.check_artifact:

@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-scheme", default="uniform", choices=("uniform", "nonuniform", "multipoint"),
                    help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 4-bit + codebook; multipoint: "
                         "each channel a sum of --weight-bits points, extra points as extra kernel rows")
+    q.add_argument("--sparq", action="store_true", help="SPARQ activations: 8-bit inputs of weighted layers trimmed "
+                   "to 4-bit windows at their leading one, pairs with a zero keep 8 bits (simulated)")
+    q.add_argument("--sparq-options", type=int, default=5, choices=(2, 3, 5), help="SPARQ window placements")
+    q.add_argument("--sparq-no-pairs", action="store_true", help="SPARQ without the pair rule (bSPARQ only)")
     q.add_argument("--multipoint-points", type=float, default=1.25,
                    help="with --weight-scheme multipoint: average points per channel (default 1.25)")
     q.add_argument("--complexity-budget", type=float, default=None,
@@ -135,6 +139,8 @@ def _cmd_quantize(a) -> int:
                        granularity="hybrid" if a.hybrid else a.granularity, weight_scheme=a.weight_scheme,
                        hybrid_budget=a.hybrid_budget, multipoint_points=a.multipoint_points,
                        complexity_budget=a.complexity_budget,
+                       activation_scheme="sparq" if a.sparq else "uniform", sparq_options=a.sparq_options,
+                       sparq_pairs=not a.sparq_no_pairs,
                        synthetic_samples=a.synthetic_samples, synthetic_method=a.synthetic_method,
                        embedding_scheme=a.embedding_scheme, embedding_bits=a.embedding_bits,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,

@@ -309,6 +309,21 @@ class Pipeline:
                                                           small_rows=opts.embedding_small_rows,
                                                           cache=self._emb_cache)
             self.timings["embeddings"] = self.timings.get("embeddings", 0.0) + time.perf_counter() - t
+        if opts.activation_scheme == "sparq":  # SPARQ windows on the weighted layers' 8-bit inputs (quant/sparq.py)
+            from .quant.sparq import insert_sparq
+
+            qmodel, tensors = insert_sparq(qmodel, opts.sparq_window_bits, opts.sparq_options, opts.sparq_pairs,
+                                           opts.sparq_rounding)
+            info["sparq"] = {"window_bits": opts.sparq_window_bits, "options": opts.sparq_options,
+                             "pairs": opts.sparq_pairs, "rounding": opts.sparq_rounding, "simulated": True,
+                             "tensors": tensors}
+            for t in tensors.values():
+                for c in t.get("consumers", []):
+                    if c in plan.layers:
+                        plan.layers[c].notes.append(
+                            f"SPARQ input: {opts.sparq_window_bits}-bit windows ({opts.sparq_options}opt, pairs "
+                            f"{'on' if opts.sparq_pairs else 'off'}), exact integer ONNX subgraph (simulated: no "
+                            "SPARQ MAC array here)")
         if rinfo.get("bias_adjusted"):
             info["bias_adjusted"] = rinfo["bias_adjusted"]
         plan.history.append("realize")

@@ -346,3 +346,68 @@ def test_predict_speedup():
         predict_speedup([], cm)
     with pytest.raises(OptionError, match="macs"):
         predict_speedup([{"quantized": True}], cm)
+
+
+# --- SPARQ (optional, hypothetical hardware) ------------------------------------------------------------------
+
+_SPARQ = {"window_bits": 4, "window_options": [5, 3], "pairs": True, "mac_speedup": 2.0,
+          "source": "Shomron et al., NeurIPS 2021: 4-bit windows with pairs, 2x int8 MAC throughput"}
+
+
+def test_sparq_spec_loads():
+    raw = _raw()
+    raw["sparq"] = copy.deepcopy(_SPARQ)
+    spec = load_spec(raw)
+    assert spec.sparq == _SPARQ and spec.to_dict()["sparq"] == _SPARQ
+    hash(spec)
+    assert load_spec(spec.to_dict()).sparq == _SPARQ
+    for name in BUILTINS:  # no real product has SPARQ hardware
+        assert load_spec(name).sparq is None
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda s: s.__setitem__("window_bits", 8), r"sparq\.window_bits"),
+    (lambda s: s.__setitem__("window_options", [4]), r"sparq\.window_options\[0\]"),
+    (lambda s: s.__setitem__("mac_speedup", 1.0), r"sparq\.mac_speedup"),
+    (lambda s: s.pop("source"), r"sparq: 'source' is a required property"),
+    (lambda s: s.__setitem__("pair", True), r"sparq.*'pair'.*did you mean 'pairs'"),
+    (lambda s: s.update(window_bits=6, window_options=[3, 5]), r"sparq\.window_options\[1\]: 5 window placements"),
+    (lambda s: s.update(window_bits=7, window_options=[2, 3]), r"sparq\.window_options\[1\]: 3 window placements"),
+])
+def test_sparq_spec_refused(tmp_path, mutate, expect):
+    raw = _raw()
+    raw["sparq"] = copy.deepcopy(_SPARQ)
+    mutate(raw["sparq"])
+    p = _write(tmp_path, raw, "sparq.json")
+    with pytest.raises(SpecError, match=expect) as ei:
+        load_spec(p)
+    assert str(p) in str(ei.value)
+
+
+def test_predict_sparq_speedup():
+    from hago_py.hw.cost import predict_layer_latency, predict_sparq_speedup
+
+    cm = CostModel(peak_int8_ops_per_s=4e9, peak_fp32_flops_per_s=1e9, memory_bandwidth_bytes_per_s=1e9,
+                   cores=1, sources=("test",))
+    compute = {"macs": 10**9, "weight_bytes_fp32": 4000, "act_bytes_fp32": 4000, "quantized": True}
+    memory = {"macs": 10, "weight_bytes_fp32": 4 * 10**9, "act_bytes_fp32": 0, "quantized": True}
+    sp = {"mac_speedup": 2.0}
+    assert predict_sparq_speedup([compute], cm, sp) == pytest.approx(8.0)        # MAC bound: 4x -> 8x
+    assert predict_sparq_speedup([compute], cm, sp) > predict_speedup([compute], cm)
+    assert predict_sparq_speedup([memory], cm, sp) == pytest.approx(predict_speedup([memory], cm))
+    # layers opt out, FP32 layers and non-8-bit activations gain nothing
+    assert predict_sparq_speedup([dict(compute, sparq=False)], cm, sp) == pytest.approx(4.0)
+    assert predict_sparq_speedup([dict(compute, quantized=False)], cm, sp) == pytest.approx(1.0)
+    assert predict_layer_latency(dict(compute, activation_bits=16), cm, sparq=sp) == pytest.approx(
+        predict_layer_latency(dict(compute, activation_bits=16), cm))
+    # a spec with a sparq object supplies it; one without is refused
+    raw = _raw()
+    raw["sparq"] = dict(_SPARQ, mac_speedup=3.0)
+    spec = load_spec(raw)
+    assert predict_sparq_speedup([compute], spec) == pytest.approx(predict_speedup([compute], spec) * 3.0)
+    with pytest.raises(OptionError, match="sparq"):
+        predict_sparq_speedup([compute], load_spec("x86_avx2"))
+    with pytest.raises(OptionError, match="mac_speedup"):
+        predict_sparq_speedup([compute], cm, {"mac_speedup": float("nan")})
+    with pytest.raises(OptionError):
+        predict_sparq_speedup([], cm, sp)

@@ -6,7 +6,11 @@ Each layer is modeled independently as ``max(compute time, memory time)``:
   int8 rate (int4 rate when both operands have at most 4 bits and the spec gives one), FP32 layers at the
   FP32 rate;
 * memory time = bytes moved / memory bandwidth, where a quantized layer moves its weights and activations
-  at their quantized widths (FP32 bytes x bits / 32).
+  at their quantized widths (FP32 bytes x bits / 32);
+* SPARQ (:func:`predict_sparq_speedup`, hypothetical hardware): a quantized layer with 8-bit activations
+  whose activations are SPARQ-trimmed runs its compute at the int8 rate x the SPARQ array's ``mac_speedup``;
+  its memory time is unchanged (activations are still stored and moved as 8-bit values), so a memory-bound
+  layer gains nothing.
 
 Layers run one after another, so a model's latency is the sum over its layers. The figures are upper bounds
 (peaks, no launch or requantization overhead, perfect overlap of compute and memory), so treat predicted
@@ -15,12 +19,13 @@ speed-ups as optimistic; reports must label them as predicted, not measured.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from ..errors import OptionError
 from .spec import CostModel, HardwareSpec
 
-__all__ = ["predict_latency", "predict_layer_latency", "predict_model_latency", "predict_speedup"]
+__all__ = ["predict_latency", "predict_layer_latency", "predict_model_latency", "predict_speedup",
+           "predict_sparq_speedup"]
 
 CostLike = Union[CostModel, HardwareSpec]
 
@@ -75,12 +80,31 @@ def _layer_field(layer: Mapping[str, Any], key: str, i: int) -> int:
     return v
 
 
-def predict_layer_latency(layer: Mapping[str, Any], cost: CostLike, *, index: int = 0) -> float:
+def _mac_speedup(sparq: Optional[Mapping[str, Any]]) -> float:
+    if sparq is None:
+        return 1.0
+    if not isinstance(sparq, Mapping) or "mac_speedup" not in sparq:
+        raise OptionError(f"sparq must be a mapping with a 'mac_speedup' (a spec's 'sparq' object), got {sparq!r}")
+    v = sparq["mac_speedup"]
+    try:
+        ok = not isinstance(v, bool) and math.isfinite(float(v)) and float(v) >= 1.0
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise OptionError(f"sparq.mac_speedup is {v!r}; it must be a finite number >= 1")
+    return float(v)
+
+
+def predict_layer_latency(layer: Mapping[str, Any], cost: CostLike, *, index: int = 0,
+                          sparq: Optional[Mapping[str, Any]] = None) -> float:
     """Latency (s) of one layer dict ``{"macs", "weight_bytes_fp32", "act_bytes_fp32", "quantized"}``.
 
-    Optional keys for quantized layers: ``weight_bits`` and ``activation_bits`` (default 8).
-    ``act_bytes_fp32`` counts the layer's input and output activations at FP32 width.
+    Optional keys for quantized layers: ``weight_bits`` and ``activation_bits`` (default 8), and ``sparq``
+    (default True): with a ``sparq`` mapping given (a spec's ``sparq`` object), a quantized layer with 8-bit
+    activations, at most 8-bit weights and ``layer["sparq"]`` true has its compute time divided by
+    ``sparq["mac_speedup"]``. ``act_bytes_fp32`` counts the layer's input and output activations at FP32 width.
     """
+    speed = _mac_speedup(sparq)
     cm = _cost(cost)
     macs = _layer_field(layer, "macs", index)
     wb = _layer_field(layer, "weight_bytes_fp32", index)
@@ -98,6 +122,8 @@ def predict_layer_latency(layer: Mapping[str, Any], cost: CostLike, *, index: in
         peak = cm.peak_int4_ops_per_s
     elif w_bits > 8 or a_bits > 8:
         peak = cm.peak_fp32_flops_per_s  # no wider-integer rate in the spec: assume no compute gain
+    elif speed > 1.0 and a_bits == 8 and layer.get("sparq", True):
+        peak = peak * speed  # SPARQ array: n-bit activation windows at mac_speedup x the int8 MAC rate
     bytes_moved = wb * w_bits / 32.0 + ab * a_bits / 32.0
     return max(flops / peak, bytes_moved / cm.memory_bandwidth_bytes_per_s)
 
@@ -121,4 +147,28 @@ def predict_speedup(layers: Iterable[Mapping[str, Any]], cost: CostLike) -> floa
     quant = predict_model_latency(layers, cost)
     if quant <= 0:
         return 1.0  # nothing to do in either model
+    return fp32 / quant
+
+
+def predict_sparq_speedup(layers: Iterable[Mapping[str, Any]], cost: CostLike,
+                          sparq: Optional[Mapping[str, Any]] = None) -> float:
+    """Predicted FP32 latency / latency on a target with a SPARQ MAC array (hypothetical hardware).
+
+    Like :func:`predict_speedup`, but quantized layers with 8-bit activations (and ``layer.get("sparq",
+    True)``) run their compute ``sparq["mac_speedup"]`` times faster than at the int8 rate. ``sparq``: the
+    spec's ``sparq`` object (``{"mac_speedup": 2.0, ...}``); None takes it from ``cost`` when that is a
+    :class:`HardwareSpec` with one. Memory-bound layers gain nothing over :func:`predict_speedup`.
+    """
+    layers = list(layers)
+    if not layers:
+        raise OptionError("predict_sparq_speedup needs at least one layer")
+    if sparq is None:
+        sparq = cost.sparq if isinstance(cost, HardwareSpec) else None
+        if sparq is None:
+            raise OptionError("predict_sparq_speedup needs a sparq mapping ({'mac_speedup': ...}) or a hardware "
+                              "spec with a 'sparq' object; no built-in spec has one")
+    fp32 = predict_model_latency([{**l, "quantized": False} for l in layers], cost)
+    quant = sum(predict_layer_latency(l, cost, index=i, sparq=sparq) for i, l in enumerate(layers))
+    if quant <= 0:
+        return 1.0
     return fp32 / quant

@@ -3,7 +3,8 @@
 A spec is a JSON file (format: ``hw_specs/schema.json``, reference: ``hw_specs/x86_avx2.json``). It records
 per-op allowed quantization schemes (bits, dtype, symmetry, granularity, static / dynamic activations),
 the accumulator width and the narrow intermediates that can saturate before it, the requantization style,
-the backend and TVM compile target, fusion patterns, and throughput figures for the roofline cost model.
+the backend and TVM compile target, fusion patterns, and throughput figures for the roofline cost model;
+optionally a SPARQ activation MAC array (``sparq``, which no built-in spec has).
 
 ``load_spec`` accepts a built-in name (``"x86_avx2"``), a path to a ``.json`` file or a dict; it checks the
 JSON schema and then semantic rules the schema cannot express, and raises ``SpecError`` naming the file,
@@ -173,6 +174,9 @@ class HardwareSpec:
     source_path: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
     host_match: Optional[str] = field(default=None, compare=False, repr=False)  # target="host": why this spec
+    #: Optional SPARQ MAC array ({"window_bits", "window_options", "pairs", "mac_speedup", "source"}); no
+    #: built-in spec has one (see hago_py.quant.sparq and hago_py.hw.cost.predict_sparq_speedup).
+    sparq: Optional[Dict[str, Any]] = field(default=None, hash=False)
 
     # -- queries --------------------------------------------------------------------------------------
 
@@ -488,6 +492,15 @@ def _semantic_problems(data: Mapping[str, Any]) -> List[str]:
             problems.append(f"{p}.intermediate_bits: {h.get('intermediate_bits')} is not narrower than the "
                             f"{data['accumulator']['bits']}-bit accumulator, so it is not a hazard; remove it")
 
+    sparq = data.get("sparq")
+    if isinstance(sparq, Mapping) and isinstance(sparq.get("window_bits"), int):
+        positions = 9 - sparq["window_bits"]  # window shifts 0..8-n: at most this many placements
+        for i, opt in enumerate(sparq.get("window_options", ())):
+            if isinstance(opt, int) and opt > positions:
+                problems.append(f"sparq.window_options[{i}]: {opt} window placements but a "
+                                f"{sparq['window_bits']}-bit window of an 8-bit value has only {positions} "
+                                f"(shifts 0..{8 - sparq['window_bits']}); drop {opt} or use a narrower window")
+
     req = data.get("requantize", {})
     if req.get("style") == "fixed_point" and "multiplier_bits" not in req:
         problems.append("requantize.multiplier_bits: required when style is fixed_point (e.g. 32)")
@@ -544,6 +557,7 @@ def _build(data: Dict[str, Any], source_path: Optional[str]) -> HardwareSpec:
         cost_model=cost,
         source_path=source_path,
         raw=copy.deepcopy(data),
+        sparq=copy.deepcopy(data["sparq"]) if "sparq" in data else None,
     )
 
 

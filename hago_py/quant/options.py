@@ -111,6 +111,13 @@ class QuantOptions:
     multipoint_kernel: str = _opt("accumulate", Rule(str, choices=("accumulate", "requantize")))
     complexity_budget: Optional[float] = _opt(None, Rule(float, 0.0, 8.0, nullable=True,
                                                          hint="extra MACs / model MACs; None: multipoint_points decides"))
+    # activation_scheme="sparq" (quant/sparq.py): 8-bit activations of weighted layers trimmed to a window of
+    # sparq_window_bits at their leading one (sparq_options placements), pairs with a zero keep 8 bits; simulated
+    activation_scheme: str = _opt("uniform", Rule(str, choices=("uniform", "sparq")))
+    sparq_window_bits: int = _opt(4, Rule(int, 2, 7))
+    sparq_options: int = _opt(5, Rule(int, choices=(2, 3, 5), hint="window placements: 5opt, 3opt, 2opt"))
+    sparq_pairs: bool = _opt(True, Rule(bool))
+    sparq_rounding: str = _opt("round", Rule(str, choices=("round", "truncate")))
     # granularity="hybrid": the summed sensitivity the per-tensor layers may use (None: 2e-3 nats of KL for class
     # scores, 2e-3 noise-to-signal otherwise, 1e-3 relative metric drop with evaluate=; quant/hybrid.py)
     hybrid_budget: Optional[float] = _opt(None, Rule(float, 0.0, None, nullable=True, hint="None: the default budget"))
@@ -198,6 +205,9 @@ class QuantOptions:
                                       f"{LAYER_KEYS[k].describe()}")
         self._validate_nonuniform()
         self._validate_multipoint()
+        if self.activation_scheme == "sparq" and self.activation_bits != 8:
+            raise OptionError(f"option activation_bits={_show(self.activation_bits)} is invalid with activation_scheme="
+                              "'sparq'; use activation_bits=8 (SPARQ trims 8-bit activations to sparq_window_bits)")
         for m, prm in self.rounding_params.items():
             if m not in ROUNDING or m == "nearest":
                 raise OptionError(f"option rounding_params key={m!r} is invalid; use one of: "

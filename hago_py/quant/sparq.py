@@ -37,13 +37,13 @@ stored ``q`` with zero point and dtype clipping, what the ONNX subgraph computes
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ModelError, OptionError
+from ..errors import OptionError
 from ..ir.names import NameAllocator
 
 __all__ = [
@@ -57,7 +57,7 @@ __all__ = [
     "WEIGHTED_OPS",
 ]
 
-#: Opset the inserted subgraph needs (integer Min / Clip / GreaterOrEqual: 12; per-axis-free Slice etc.).
+#: Opset the inserted subgraph needs (integer Min / Clip and GreaterOrEqual need 12; QDQ models are 13+).
 SPARQ_MIN_OPSET = 13
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 _ROUNDING = ("round", "truncate")
