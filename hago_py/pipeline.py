@@ -66,7 +66,8 @@ class Pipeline:
         self._nu_importance: Dict[str, np.ndarray] = {}
         self._nu_means: Dict[str, np.ndarray] = {}
         self._nu_cache: Dict[tuple, tuple] = {}
-        self._mp_cache: Dict[tuple, tuple] = {}  # weight_scheme="multipoint": greedy points per layer (multipoint.py)
+        self._mp_cache: Dict[tuple, tuple] = {}
+        self._mp_cov: Dict[str, np.ndarray] = {}  # multipoint: input covariance per layer (multipoint.py)  # weight_scheme="multipoint": greedy points per layer (multipoint.py)
         self._emb_cache: Dict[tuple, tuple] = {}  # embedding_scheme: each table's quantization (quant/embedding.py)
         if isinstance(calibration, str) and calibration == "synthetic":
             calibration = self._synthesize()
@@ -281,7 +282,8 @@ class Pipeline:
                                            threads=opts.threads, progress=self.progress,
                                            **prm)
             self.timings["brecq"] = time.perf_counter() - t
-        elif needs_reconstruction(plan, dataclasses.replace(opts, bias_correction=None) if nu_layers else opts):
+        elif needs_reconstruction(plan, dataclasses.replace(opts, bias_correction=None) if nu_layers or any(
+                lp.weight is not None and lp.weight.scheme == "multipoint" for lp in plan.quantized_layers()) else opts):
             # non-uniform layers: bias_correction=True is their mean-shift correction (below), not reconstruction
             t = time.perf_counter()
             weights, biases, info["rounding"] = reconstruct(self.prepared, plan, self.recon_batches(opts), opts,
@@ -297,7 +299,9 @@ class Pipeline:
         if any(lp.weight is not None and lp.weight.scheme == "multipoint" for lp in plan.quantized_layers()):
             from .quant.multipoint import choose_points
 
-            weights, info["multipoint"] = choose_points(self, plan, opts, weights)
+            weights, info["multipoint"], mp_biases = choose_points(self, plan, opts, weights)
+            if mp_biases:  # bias_correction=True: the mean-shift correction of the multipoint layers
+                model = apply_biases(model, mp_biases)
         rinfo: Dict[str, Any] = {}
         qmodel = realize(model, plan, weights=weights, info=rinfo)
         if opts.embedding_scheme != "none":  # embedding tables: row-wise / codebook (quant/embedding.py)
@@ -312,10 +316,13 @@ class Pipeline:
         if opts.activation_scheme == "sparq":  # SPARQ windows on the weighted layers' 8-bit inputs (quant/sparq.py)
             from .quant.sparq import insert_sparq
 
+            keep8 = set() if opts.sparq_edges else set(self.edge_layers())  # the paper's first / last layer stay 8-bit
+            trim = [lp.node for lp in plan.quantized_layers() if lp.weight is not None and lp.node not in keep8]
             qmodel, tensors = insert_sparq(qmodel, opts.sparq_window_bits, opts.sparq_options, opts.sparq_pairs,
-                                           opts.sparq_rounding)
+                                           opts.sparq_rounding, layers=trim)
             info["sparq"] = {"window_bits": opts.sparq_window_bits, "options": opts.sparq_options,
                              "pairs": opts.sparq_pairs, "rounding": opts.sparq_rounding, "simulated": True,
+                             "kept_8bit_layers": sorted(keep8),
                              "tensors": tensors}
             for t in tensors.values():
                 for c in t.get("consumers", []):

@@ -251,3 +251,23 @@ def test_op_types_unknown_to_spec_is_an_error():
         hago_py.quantize(small_cnn(), calib(), "x86_avx2", op_types=["Conv", "LSTM"], **FAST)
     res = hago_py.quantize(small_cnn(), calib(), "x86_avx2", op_types=["Conv"], **FAST)
     assert {lp.op_type for lp in res.plan.quantized_layers()} == {"Conv"}
+
+
+def test_simulated_a4_activations_saturate_at_four_bits():
+    """A4 in a uint8 container: values past the calibrated range saturate at code 15, as a 4-bit activation
+    does (QuantizeLinear alone would keep them up to code 255)."""
+    import onnx
+    from models import calib, run, small_cnn
+
+    res = hago_py.quantize(small_cnn(), calib(), activation_bits=4, simulate=True, measure_latency=False)
+    tq = res.plan.resolve("input")
+    assert tq.bits == 4 and tq.dtype == "uint8"
+    s, z = tq.scale[0], tq.zero_point[0]
+    m = onnx.ModelProto()
+    m.CopyFrom(res.model)
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "input_quantized")
+    m.graph.output.append(onnx.helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None))
+    x = calib(n=2)["input"] * 50.0                                   # far past the calibrated range
+    got = run(m, {"input": x}, optimization="basic")[-1]
+    assert got.max() <= (15 - z) * s + 1e-6 and got.min() >= (0 - z) * s - 1e-6
+    assert np.isclose(got.max(), (15 - z) * s, atol=1e-6)

@@ -452,10 +452,13 @@ def test_quantize_with_sparq_option_trims_weighted_inputs_and_reports():
 
     data = _calib()
     base = hago_py.quantize(small_cnn(), data, measure_latency=False)
-    res = hago_py.quantize(small_cnn(), data, activation_scheme="sparq", measure_latency=False)
+    res = hago_py.quantize(small_cnn(), data, activation_scheme="sparq", sparq_edges=True, measure_latency=False)
     info = res.report["sparq"]
     consumers = sorted(c for t in info["tensors"].values() for c in t["consumers"])
     assert consumers == ["conv1", "conv2", "fc"] and info["simulated"]
+    inner = hago_py.quantize(small_cnn(), data, activation_scheme="sparq", measure_latency=False).report["sparq"]
+    assert [c for t in inner["tensors"].values() for c in t["consumers"]] == ["conv2"]  # the paper's edges stay 8-bit
+    assert inner["kept_8bit_layers"] == ["conv1", "fc"]
     assert any("SPARQ input" in n for n in res.plan.layers["conv2"].notes)
     ops = {n.op_type for n in optimized_graph(res.model).graph.node}
     assert "QLinearConv" in ops and "Where" in ops                   # still the int8 kernel, after the trimming

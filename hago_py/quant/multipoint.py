@@ -83,51 +83,76 @@ def best_point(r: np.ndarray, imp: np.ndarray, qmin: int, qmax: int,
     return a_out, q_out, e_out
 
 
-def greedy_points(w: np.ndarray, imp: Optional[np.ndarray], qmin: int, qmax: int,
-                  max_points: int = MAX_POINTS) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
+def greedy_points(w: np.ndarray, imp: Optional[np.ndarray], qmin: int, qmax: int, max_points: int = MAX_POINTS,
+                  H: Optional[np.ndarray] = None) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
     """The best k-point approximation of every channel of ``w`` [C, K] for k = 1..max_points: coefficients
-    A[k-1] [C, k], integer points Q[k-1] [C, k, K], and the weighted error E [C, max_points + 1] (E[:, 0]: no
-    point, E[:, k]: with k points; never increasing in k).
+    A[k-1] [C, k], integer points Q[k-1] [C, k, K], and the output error E [C, max_points + 1] (E[:, 0]: no
+    point, E[:, k]: with k points; never increasing in k with the diagonal error).
 
-    k = 1 is the error-optimal single point. For k >= 2 the later points are greedy on the residual, and the
-    first point's coefficient is searched jointly (``FIRST_FRACTIONS``): a first point that clips less leaves a
-    residual the next points can resolve, which the plain greedy order (best first point, then the rest) misses."""
+    The error of a weight change d is d^T H d with ``H`` the input covariance E[x x^T] when given (correlations
+    included), else sum_k imp_k d_k^2 (the diagonal). Each point's coefficient comes from a search over fractions
+    of max|r| / qmax (the residual points' by the diagonal error, cheap); the lone point (k = 1) and, for k >= 2,
+    the first point are searched by the full error, the later points greedy on the residual: a first point that
+    clips less leaves a residual the next points can resolve, which the plain greedy order misses."""
     w = np.asarray(w, np.float64)
     imp = np.ones((1, w.shape[1])) if imp is None else np.asarray(imp, np.float64)
     c, k = w.shape
-    e0 = (np.broadcast_to(imp, w.shape) * w * w).sum(axis=1)
-    a1, q1, e1 = best_point(w, imp, qmin, qmax, ONE_POINT_FRACTIONS)
+
+    def errf(d):
+        return ((d @ H) * d).sum(axis=1) if H is not None else (imp * d * d).sum(axis=1)
+
+    top = float(max(qmax, -qmin))
+    amax = np.abs(w).max(axis=1)
+
+    def first(t):
+        a = (amax * t / top).astype(np.float32).astype(np.float64)
+        a = np.where(a > 0, a, 1.0)
+        return a, np.clip(np.rint(w / a[:, None]), qmin, qmax).astype(np.int64)
+
+    e0 = errf(w)
+    if H is None:
+        a1, q1, e1 = best_point(w, imp, qmin, qmax, ONE_POINT_FRACTIONS)
+    else:
+        a1, q1, e1 = np.ones(c), np.zeros((c, k), np.int64), e0.copy()
+        for t in ONE_POINT_FRACTIONS:
+            a, q = first(t)
+            e = errf(w - a[:, None] * q)
+            better = e < e1
+            a1, e1 = np.where(better, a, a1), np.where(better, e, e1)
+            q1 = np.where(better[:, None], q, q1)
     A, Q, E = [a1[:, None]], [q1[:, None, :]], [e0, e1]
     if max_points < 2:
         return A, Q, np.stack(E, 1)
-    top = float(max(qmax, -qmin))
-    amax = np.abs(w).max(axis=1)
     best_e = [np.full(c, np.inf) for _ in range(max_points - 1)]
     best_a = [np.zeros((c, j + 2)) for j in range(max_points - 1)]
     best_q = [np.zeros((c, j + 2, k), np.int64) for j in range(max_points - 1)]
     for t in FIRST_FRACTIONS:
-        a = (amax * t / top).astype(np.float32).astype(np.float64)
-        a = np.where(a > 0, a, 1.0)
-        q = np.clip(np.rint(w / a[:, None]), qmin, qmax).astype(np.int64)
+        a, q = first(t)
         r = w - a[:, None] * q
         aa, qq = [a], [q]
         for j in range(max_points - 1):
-            an, qn, en = best_point(r, imp, qmin, qmax)
+            an, qn, _ = best_point(r, imp, qmin, qmax)
             r = r - an[:, None] * qn
             aa.append(an)
             qq.append(qn)
+            en = errf(r)
             better = en < best_e[j]
             best_e[j] = np.where(better, en, best_e[j])
             best_a[j][better] = np.stack(aa, 1)[better]
             best_q[j][better] = np.stack(qq, 1)[better]
     for j in range(max_points - 1):  # the plain greedy order is a candidate too (its first point is optimal)
-        an, qn, en = best_point(w - (A[-1][:, :, None] * Q[-1]).sum(axis=1), imp, qmin, qmax)
+        resid = w - (A[-1][:, :, None] * Q[-1]).sum(axis=1)
+        an, qn, _ = best_point(resid, imp, qmin, qmax)
+        en = errf(resid - an[:, None] * qn)
         cand_a = np.concatenate([A[-1], an[:, None]], 1)
         cand_q = np.concatenate([Q[-1], qn[:, None, :]], 1)
         keep = best_e[j] <= en
-        A.append(np.where(keep[:, None], best_a[j], cand_a))
-        Q.append(np.where(keep[:, None, None], best_q[j], cand_q))
-        E.append(np.minimum(best_e[j], en))
+        a_k = np.where(keep[:, None], best_a[j], cand_a)
+        q_k = np.where(keep[:, None, None], best_q[j], cand_q)
+        e_k = np.minimum(best_e[j], en)
+        A.append(a_k)
+        Q.append(q_k)
+        E.append(e_k)  # with H a point may not lower d^T H d: the allocation then skips it
     return A, Q, np.stack(E, 1)
 
 
@@ -307,7 +332,7 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
     layers = {lp.node: lp for lp in plan.quantized_layers()
               if lp.weight is not None and lp.weight.scheme == "multipoint" and lp.node in nodes}
     if not layers:
-        return dict(weights or {}), {}
+        return dict(weights or {}), {}, {}
     t0 = time.perf_counter()
     group = {n: next((a.i for a in nodes[n].attribute if a.name == "group"), 1) for n in layers}
     todo = {n: (lp.op_type, list(inits[lp.weight.tensor].dims), group[n])
@@ -319,22 +344,29 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
     static = {n: bool(lp.inputs) and plan.activations.get(lp.inputs[0]) is not None
               and plan.activations[lp.inputs[0]].mode == "static" for n, lp in layers.items()}
     by_mac = opts.complexity_budget is not None
+    if FULL_COVARIANCE:
+        missing = [n for n in layers if n not in pipe._mp_cov]
+        if missing:
+            pipe._mp_cov.update(input_covariance(model, missing, pipe.first_batches(COV_SAMPLES, exact=True),
+                                                 threads=pipe.opts.threads))
     cands, greedy = [], {}
     for n, lp in layers.items():
         tq = lp.weight
         w = numpy_helper.to_array(inits[tq.tensor]).astype(np.float32)
         qmin, qmax = qrange(tq.dtype, tq.bits, tq.narrow)
         kmax = int(opts.max_points) if static[n] else 1
-        key = (n, tq.bits, qmin, qmax, kmax, tq.axis)
+        H = pipe._mp_cov.get(n)
+        wm = channel_major(w, tq.axis)
+        H = H if H is not None and H.shape[0] == wm.shape[1] else None
+        key = (n, tq.bits, qmin, qmax, kmax, tq.axis, H is not None)
         if key not in pipe._mp_cache:
-            imp = pipe._nu_importance.get(n)
-            pipe._mp_cache[key] = greedy_points(channel_major(w, tq.axis), imp, qmin, qmax, kmax)
+            pipe._mp_cache[key] = greedy_points(wm, pipe._nu_importance.get(n), qmin, qmax, kmax, H=H)
         A, Q, E = pipe._mp_cache[key]
         greedy[n] = (w.shape, A, Q, E)
         sig = float(E[:, 0].mean()) or 1.0
         per_row = geo.get(n, (1, 1.0))[1] if by_mac else 1.0
         cands.append(LayerCandidate(n, E / sig, per_row, grouped=group[n] > 1))
-    sens = layer_divergence(pipe, {n: (layers[n].weight.tensor, greedy[n]) for n in layers}, layers)
+    sens = {n: 1.0 for n in layers} if not SCALE_BY_DIVERGENCE else layer_divergence(pipe, {n: (layers[n].weight.tensor, greedy[n]) for n in layers}, layers)
     for cand in cands:  # error in units of the model-output divergence this layer's one-point weights cause
         e = greedy[cand.node][3]
         one = float(e[:, 1].sum()) / (float(e[:, 0].sum()) or 1.0)
@@ -343,6 +375,7 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
     budget = float(opts.complexity_budget) * total_macs if by_mac else (float(opts.multipoint_points) - 1.0) * chans
     points = allocate(cands, budget, int(opts.max_points))
     out = dict(weights or {})
+    biases: Dict[str, np.ndarray] = {}
     need_range: Dict[str, str] = {}
     for n, lp in layers.items():
         tq = lp.weight
@@ -353,6 +386,12 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
         out[n] = from_channel_major(rows, shape, tq.axis).astype(np.int64)
         tq.scale = [float(np.float32(A[p[ch] - 1][ch, i])) for ch, i in zip(parent, index)]
         tq.zero_point = [0] * len(parent)
+        if opts.bias_correction:  # mean-shift: the expected output error sum_j (w_j - w^_j) E[x_j] moves to the bias
+            b = _mean_shift_bias(pipe, nodes[n], inits, tq, rows, parent, n)
+            if b is not None:
+                biases[n] = b
+                lp.notes.append("bias_correction: mean-shift of the multipoint weights added to the bias, max |shift| "
+                                f"{np.abs(b - _bias_of(nodes[n], inits, pipe)).max():.3g}")
         c = len(p)
         macs_row = geo.get(n, (c, 0.0))[1]
         e0 = float(E[:, 0].sum()) or 1.0
@@ -386,7 +425,94 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
                "extra_macs": extra, "model_macs": total_macs,
                "extra_macs_fraction": extra / total_macs if total_macs else 0.0,
                "widened_layers": sorted(need_range)}
-    return out, summary
+    if biases:
+        summary["bias_correction"] = sorted(biases)
+    return out, summary, biases
+
+
+def _bias_of(node, inits, pipe) -> np.ndarray:
+    from onnx import numpy_helper
+
+    from ..ir.fusion import _consumers
+    from .reconstruct import _bias_source
+
+    kind, name = _bias_source(pipe.prepared, node, _consumers(pipe.prepared))
+    return None if name is None else numpy_helper.to_array(inits[name]).astype(np.float64).reshape(-1)
+
+
+def _mean_shift_bias(pipe, node, inits, tq, rows, parent, n) -> Optional[np.ndarray]:
+    """The layer's bias plus the mean shift of its multipoint weights (None: no constant bias to correct, or no
+    input mean)."""
+    from onnx import numpy_helper
+
+    b = _bias_of(node, inits, pipe)
+    mean = pipe._nu_means.get(n)
+    if b is None or mean is None:
+        return None
+    wm = channel_major(numpy_helper.to_array(inits[tq.tensor]).astype(np.float64), tq.axis)
+    approx = np.zeros_like(wm)
+    np.add.at(approx, np.asarray(parent), np.asarray(tq.scale, np.float32).astype(np.float64)[:, None] * rows)
+    corr = ((wm - approx) * np.broadcast_to(mean, wm.shape)).sum(axis=1)
+    if b.size not in (1, corr.size):
+        return None
+    return (b + corr).astype(np.float32)
+
+
+SCALE_BY_DIVERGENCE = True  # layer errors scaled by the model-output KL their one-point weights cause
+FULL_COVARIANCE = True    # allocation by d^T H d (full input covariance) where available, else the diagonal
+COV_SAMPLES = 64          # calibration samples of the input-covariance pass
+COV_ROWS = 16384          # rows (output positions) per batch kept for a layer's covariance (strided subsample)
+
+
+def _im2col(x: np.ndarray, node) -> np.ndarray:
+    """[rows, Cin * kh * kw] patches of a Conv input (the weight's K order), for an ungrouped 2-D Conv."""
+    at = {a.name: a for a in node.attribute}
+    kh, kw = list(at["kernel_shape"].ints) if "kernel_shape" in at else (None, None)
+    pads = list(at["pads"].ints) if "pads" in at else [0, 0, 0, 0]
+    st = list(at["strides"].ints) if "strides" in at else [1, 1]
+    dil = list(at["dilations"].ints) if "dilations" in at else [1, 1]
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    ekh, ekw = (kh - 1) * dil[0] + 1, (kw - 1) * dil[1] + 1
+    win = np.lib.stride_tricks.sliding_window_view(xp, (ekh, ekw), axis=(2, 3))[:, :, ::st[0], ::st[1], ::dil[0], ::dil[1]]
+    n, c, ho, wo = win.shape[:4]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+
+
+def input_covariance(model, nodes: Sequence[str], batches, *, threads: int = 1) -> Dict[str, np.ndarray]:
+    """E[x x^T] over each layer's input rows (im2col patches for a Conv), in the weight's K order: the output
+    error of a weight change d is d^T H d, correlations included (the diagonal is nonuniform.input_importance).
+    Ungrouped 2-D Conv, Gemm and MatMul; other layers are left out (their error stays diagonal)."""
+    from .calibrate import tensor_pass
+
+    by = {n.name: n for n in model.graph.node if n.name in set(nodes)}
+    ok = {}
+    for name, n in by.items():
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if n.op_type == "Conv" and (group != 1 or not any(a.name == "kernel_shape" for a in n.attribute)):
+            continue
+        if n.op_type == "Gemm" and any(a.name == "transA" and a.i for a in n.attribute):
+            continue
+        ok[name] = n
+    if not ok:
+        return {}
+    acc: Dict[str, np.ndarray] = {}
+    cnt: Dict[str, int] = {}
+    names = sorted({n.input[0] for n in ok.values()})
+    for _, outs in tensor_pass(model, names, batches, threads=threads):
+        for name, n in ok.items():
+            x = np.asarray(outs[n.input[0]], np.float32)
+            if n.op_type == "Conv":
+                if x.ndim != 4:
+                    continue
+                rows = _im2col(x, n)
+            else:
+                rows = x.reshape(-1, x.shape[-1])
+            if rows.shape[0] > COV_ROWS:
+                rows = rows[:: -(-rows.shape[0] // COV_ROWS)]
+            r = rows.astype(np.float64)
+            acc[name] = r.T @ r + acc.get(name, 0.0)
+            cnt[name] = cnt.get(name, 0) + r.shape[0]
+    return {n: acc[n] / max(cnt[n], 1) for n in acc}
 
 
 def layer_divergence(pipe, layers: Dict[str, Tuple[str, tuple]], plans) -> Dict[str, float]:

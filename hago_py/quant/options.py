@@ -118,6 +118,8 @@ class QuantOptions:
     sparq_options: int = _opt(5, Rule(int, choices=(2, 3, 5), hint="window placements: 5opt, 3opt, 2opt"))
     sparq_pairs: bool = _opt(True, Rule(bool))
     sparq_rounding: str = _opt("round", Rule(str, choices=("round", "truncate")))
+    # the first and last weighted layers too (the paper keeps them at plain 8 bits: its code never trims them)
+    sparq_edges: bool = _opt(False, Rule(bool))
     # granularity="hybrid": the summed sensitivity the per-tensor layers may use (None: 2e-3 nats of KL for class
     # scores, 2e-3 noise-to-signal otherwise, 1e-3 relative metric drop with evaluate=; quant/hybrid.py)
     hybrid_budget: Optional[float] = _opt(None, Rule(float, 0.0, None, nullable=True, hint="None: the default budget"))
