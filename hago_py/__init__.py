@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: keep `import hago_py` cheap
-    if name in ("quantize", "evaluate", "benchmark", "Result"):
+    if name in ("quantize", "evaluate", "benchmark", "Result", "multipoint_front"):
         from . import api
 
         return getattr(api, name)
@@ -25,6 +25,6 @@ def __getattr__(name):  # lazy: keep `import hago_py` cheap
     raise AttributeError(name)
 
 
-__all__ = ["quantize", "synthesize", "evaluate", "benchmark", "Result", "load_spec", "list_specs", "QuantPlan",
+__all__ = ["quantize", "multipoint_front", "synthesize", "evaluate", "benchmark", "Result", "load_spec", "list_specs", "QuantPlan",
            "QuantOptions", "HagoError", "ModelError", "SpecError", "DataError", "BackendError", "OptionError",
            "OutputError", "SearchError", "InternalError", "__version__"]

@@ -261,3 +261,24 @@ def benchmark(models: Mapping[str, Any], feed: Mapping[str, np.ndarray], *, thre
               repeats: int = 50, warmup: int = 5) -> Dict[str, Any]:
     """Time models interleaved in one process; the first is the baseline. Returns medians, spreads, ratios."""
     return OrtBackend(threads=threads).time(dict(models), feed, repeats=repeats, warmup=warmup).to_dict()
+
+
+def multipoint_front(model, calibration, target: str | Mapping | Path = "x86_avx2", *, budgets=None,
+                     evaluate: Optional[Callable] = None, plot=None, progress: bool = False, base_dir=None,
+                     **options) -> Dict[str, Any]:
+    """The quality-vs-complexity front of multipoint quantization (quant/tradeoff.py): one plan per extra-MAC
+    budget in ``budgets`` (default 0, 5, 10, 15, 30 %), scored by ``evaluate(model)`` (higher is better) or the
+    calibration proxy. ``plot``: a .png path for the front. Returns {"points", "front", "metric", "models"}."""
+    from .quant.tradeoff import DEFAULT_BUDGETS, front_png
+
+    options.setdefault("weight_scheme", "multipoint")
+    opts = QuantOptions.from_kwargs(**options)
+    with internal_errors("multipoint_front"):
+        pipe = Pipeline(model, calibration, target, opts, progress=progress, base_dir=base_dir)
+        from .quant.tradeoff import multipoint_front as front
+
+        res = front(pipe, budgets if budgets is not None else DEFAULT_BUDGETS, evaluate=evaluate, keep_models=True)
+    if plot is not None:
+        write_all({Path(plot): front_png(res, metric_label="evaluate(model)" if evaluate else
+                                         "- output divergence from FP32 (proxy)")})
+    return res

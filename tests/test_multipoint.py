@@ -12,7 +12,7 @@ from hago_py.quant.artifact import optimized_graph
 from hago_py.quant.multipoint import (LayerCandidate, allocate, channel_major, combine_plan, from_channel_major,
                                       greedy_points, row_layout, rows_from_scales)
 
-from models import calib, checked_model, run, small_cnn
+from models import calib, checked_model, run, small_cnn, sqnr
 
 FAST = dict(measure_latency=False)
 
@@ -150,3 +150,46 @@ def test_multipoint_option_errors():
         hago_py.quantize(small_cnn(), calib(), weight_scheme="multipoint", weight_bits=16, **FAST)
     with pytest.raises(OptionError, match="multipoint_kernel"):
         hago_py.quantize(small_cnn(), calib(), weight_scheme="multipoint", multipoint_kernel="fast", **FAST)
+
+
+def test_greedy_with_covariance_reports_the_true_output_error():
+    rng = np.random.default_rng(3)
+    w = rng.laplace(0, 0.2, (6, 20))
+    x = rng.normal(0, 1, (500, 20)) @ rng.normal(0, 0.5, (20, 20))   # correlated inputs
+    H = x.T @ x / len(x)
+    A, Q, E = greedy_points(w, np.diag(H)[None], -7, 7, 3, H=H)
+    for k in range(1, 4):
+        d = w - (A[k - 1][:, :, None] * Q[k - 1]).sum(axis=1)
+        assert np.allclose(np.einsum("ck,kl,cl->c", d, H, d), E[:, k])
+    assert np.all(E[:, 2] < E[:, 1]) and np.all(E[:, 1] < E[:, 0])
+
+
+def test_activation_points_spend_the_mac_budget_and_help():
+    data = calib()
+    ref = run(small_cnn(), data)[0]
+    kw = dict(weight_scheme="multipoint", weight_bits=4, activation_bits=4, simulate=True, **FAST)
+    none = hago_py.quantize(small_cnn(), data, complexity_budget=0.0, **kw)
+    big = hago_py.quantize(small_cnn(), data, complexity_budget=2.0, **kw)
+    acts = [lp.weight.multipoint.get("act_points") for lp in big.plan.quantized_layers() if lp.weight is not None]
+    assert any(a and max(a) == 2 for a in acts)
+    assert not any(lp.weight.multipoint.get("act_points") for lp in none.plan.quantized_layers() if lp.weight)
+    assert big.report["multipoint"]["extra_macs_fraction"] <= 2.0 + 1e-9
+    assert sqnr(ref, run(big.model, data)[0]) > sqnr(ref, run(none.model, data)[0]) + 3.0
+    lp = next(lp for lp in big.plan.quantized_layers() if lp.weight is not None and lp.weight.multipoint.get("act_points"))
+    assert lp.simulated and any("multipoint activations" in n for n in lp.notes)
+
+
+def test_front_is_non_dominated_and_plotted(tmp_path):
+    data = calib()
+    res = hago_py.multipoint_front(small_cnn(), data, budgets=[0.0, 0.5, 2.0], weight_bits=4, activation_bits=4,
+                                   simulate=True, plot=tmp_path / "front.png")
+    pts = res["points"]
+    assert [p["complexity_budget"] for p in pts] == [0.0, 0.5, 2.0] and len(res["models"]) == 3
+    assert all(p["extra_macs_fraction"] <= p["complexity_budget"] + 1e-9 for p in pts)
+    front = [pts[i] for i in res["front"]]
+    for p in pts:  # nothing on the front is beaten on both axes by another point
+        for f in front:
+            assert not (p["extra_macs_fraction"] < f["extra_macs_fraction"] - 1e-12 and p["metric"] > f["metric"] + 1e-12)
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(OptionError, match="budgets"):
+        hago_py.multipoint_front(small_cnn(), data, budgets=[-1.0])

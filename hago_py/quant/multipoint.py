@@ -371,6 +371,8 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
         e = greedy[cand.node][3]
         one = float(e[:, 1].sum()) / (float(e[:, 0].sum()) or 1.0)
         cand.err = e / (float(e[:, 0].sum()) or 1.0) * (max(sens[cand.node], 0.0) / one if one > 0 else 0.0)
+    act = _activation_candidates(pipe, plan, layers, nodes, inits, greedy, sens, geo) if by_mac else {}
+    cands += [c for c, _ in act.values()]
     chans = sum(E.shape[0] for _, _, _, E in greedy.values())
     budget = float(opts.complexity_budget) * total_macs if by_mac else (float(opts.multipoint_points) - 1.0) * chans
     points = allocate(cands, budget, int(opts.max_points))
@@ -401,7 +403,17 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
                          "error": float(E[np.arange(c), p].sum() / e0),
                          "out_scale": None, "out_zero_point": None, "out_dtype": None,
                          "kernel": opts.multipoint_kernel}
-        if len(parent) > c and opts.multipoint_kernel == "requantize":
+        a_pts = points.get(n + ACT_SUFFIX)
+        if a_pts is not None and a_pts.max() > 1:  # activation points: second grid on these input channels
+            cand, (s2, z2, lo2, hi2, per_in) = act[n + ACT_SUFFIX]
+            tq.multipoint.update(act_points=[int(x) for x in a_pts], act_scale2=s2, act_zero_point2=z2,
+                                 act_range2=[lo2, hi2], kernel="float")
+            tq.multipoint["extra_macs"] += float((a_pts > 1).sum()) * per_in
+            lp.simulated = True
+            lp.notes.append(f"multipoint activations: {int((a_pts > 1).sum())} of {a_pts.size} input channels get a "
+                            f"second {plan.resolve(lp.inputs[0]).bits}-bit point (residual grid s/2^bits); simulated "
+                            "(float layer on the two-point input)")
+        elif len(parent) > c and opts.multipoint_kernel == "requantize":
             out_tq = plan.activations.get(lp.output) if lp.output else None
             need_range[n] = out_tq.method if out_tq is not None and out_tq.method in (
                 "minmax", "percentile", "mse", "entropy") else "mse"
@@ -428,6 +440,78 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
     if biases:
         summary["bias_correction"] = sorted(biases)
     return out, summary, biases
+
+
+ACT_SUFFIX = "#activation"
+
+
+def _activation_candidates(pipe, plan, layers, nodes, inits, greedy, sens, geo) -> Dict[str, Tuple]:
+    """complexity_budget with activations narrower than 8 bits: each input channel of an ungrouped multipoint
+    layer may get a second activation point (the residual x - DQ(Q(x)) on the grid s / 2^bits, clipped to the
+    same bits), which costs the layer's MACs per input channel. Its gain: E[(x_c - x1_c)^2] - E[(x_c - x1_c -
+    x2_c)^2] times sum_o |W[o, c, :]|^2 (the output energy of an input error), in the weight candidates' units
+    (layer output energy, times the layer's divergence factor). {node#activation: (LayerCandidate, grid)}."""
+    from onnx import numpy_helper
+
+    from .calibrate import tensor_pass
+    from .observers import qrange
+
+    todo = {}
+    for n, lp in layers.items():
+        x_tq = plan.resolve(lp.inputs[0]) if lp.inputs and lp.inputs[0] in plan.activations else None
+        if x_tq is None or x_tq.mode != "static" or x_tq.scale is None or x_tq.bits >= 8 or not _plain(nodes[n]):
+            continue
+        todo[n] = x_tq
+    if not todo:
+        return {}
+    stats: Dict[str, list] = {n: [0.0, 0.0, 0] for n in todo}
+    grids = {}
+    for n, x_tq in todo.items():
+        qmin, qmax = qrange(x_tq.dtype, x_tq.bits, x_tq.narrow)
+        s1, z1 = float(x_tq.scale[0]), int(x_tq.zero_point[0])
+        s2 = s1 / float(2 ** x_tq.bits)
+        z2 = (qmin + qmax + 1) // 2
+        grids[n] = (s1, z1, qmin, qmax, s2, z2)
+    names = sorted({nodes[n].input[0] for n in todo})
+    for _, outs in tensor_pass(pipe.prepared, names, pipe.first_batches(COV_SAMPLES, exact=True),
+                               threads=pipe.opts.threads):
+        for n in todo:
+            x = np.asarray(outs[nodes[n].input[0]], np.float64)
+            s1, z1, qmin, qmax, s2, z2 = grids[n]
+            x1 = (np.clip(np.rint(x / s1) + z1, qmin, qmax) - z1) * s1
+            r = x - x1
+            x2 = (np.clip(np.rint(r / s2) + z2, qmin, qmax) - z2) * s2
+            ax = 1 if nodes[n].op_type in ("Conv", "Gemm") else x.ndim - 1
+            red = tuple(i for i in range(x.ndim) if i != ax)
+            stats[n][0] = stats[n][0] + (r * r).sum(axis=red)
+            stats[n][1] = stats[n][1] + ((r - x2) ** 2).sum(axis=red)
+            stats[n][2] += int(np.prod([x.shape[i] for i in red]))
+    out = {}
+    for n, (e1, e2, cnt) in stats.items():
+        if not cnt:
+            continue
+        tq = layers[n].weight
+        w = numpy_helper.to_array(inits[tq.tensor]).astype(np.float64)
+        node = nodes[n]
+        if node.op_type == "Conv":
+            g = (w ** 2).sum(axis=tuple(i for i in range(w.ndim) if i != 1))
+        elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            g = (w ** 2).sum(axis=0)
+        else:
+            g = (w ** 2).sum(axis=1)
+        e1, e2 = np.asarray(e1) / cnt * g, np.asarray(e2) / cnt * g
+        if e1.shape != g.shape:
+            continue
+        E = greedy[n][3]
+        one = float(E[:, 1].sum()) / (float(E[:, 0].sum()) or 1.0)
+        factor = (max(sens[n], 0.0) / one if one > 0 else 0.0) / (float(E[:, 0].sum()) or 1.0)
+        err = np.stack([e1, e1, e2], 1) * factor
+        total = geo.get(n, (1, 0.0))
+        per_in = total[0] * total[1] / max(g.size, 1)  # MACs per input channel
+        s1, z1, qmin, qmax, s2, z2 = grids[n]
+        out[n + ACT_SUFFIX] = (LayerCandidate(n + ACT_SUFFIX, err, per_in),
+                               (s2, z2, (qmin - z2) * s2, (qmax - z2) * s2, per_in))
+    return out
 
 
 def _bias_of(node, inits, pipe) -> np.ndarray:
@@ -478,6 +562,13 @@ def _im2col(x: np.ndarray, node) -> np.ndarray:
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 
 
+def _plain(node) -> bool:
+    """An ungrouped Conv, a Gemm without transA, or a MatMul: its input channels are the weight's K axis."""
+    if node.op_type == "Conv":
+        return next((a.i for a in node.attribute if a.name == "group"), 1) == 1
+    return not (node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute))
+
+
 def input_covariance(model, nodes: Sequence[str], batches, *, threads: int = 1) -> Dict[str, np.ndarray]:
     """E[x x^T] over each layer's input rows (im2col patches for a Conv), in the weight's K order: the output
     error of a weight change d is d^T H d, correlations included (the diagonal is nonuniform.input_importance).
@@ -485,14 +576,8 @@ def input_covariance(model, nodes: Sequence[str], batches, *, threads: int = 1) 
     from .calibrate import tensor_pass
 
     by = {n.name: n for n in model.graph.node if n.name in set(nodes)}
-    ok = {}
-    for name, n in by.items():
-        group = next((a.i for a in n.attribute if a.name == "group"), 1)
-        if n.op_type == "Conv" and (group != 1 or not any(a.name == "kernel_shape" for a in n.attribute)):
-            continue
-        if n.op_type == "Gemm" and any(a.name == "transA" and a.i for a in n.attribute):
-            continue
-        ok[name] = n
+    ok = {name: n for name, n in by.items()
+          if _plain(n) and (n.op_type != "Conv" or any(a.name == "kernel_shape" for a in n.attribute))}
     if not ok:
         return {}
     acc: Dict[str, np.ndarray] = {}

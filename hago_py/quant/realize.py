@@ -83,6 +83,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
     weights = weights or {}
     adjusted = []
     books = CodebookWriter(graph, names)  # weight_scheme="nonuniform": packed indices + codebook (quant/codebook.py)
+    raw_users: set = set()  # nodes that read an activation's float value on purpose (multipoint activation points)
 
     # 1. weights (+ bias) of static and dynamic weighted layers
     for lp in plan.quantized_layers():
@@ -115,6 +116,10 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
                 lp.notes.append("weight scale raised on some output channels so that the int32 bias "
                                 "(bias / (s_x * s_w)) does not overflow (near-zero weights with a non-zero bias)")
         mp = tq.multipoint if tq.scheme == "multipoint" else None
+        if mp and mp.get("act_points") and x_tq is not None:  # two-point inputs (simulated, quant/widen.py)
+            from .widen import activation_points
+
+            raw_users |= activation_points(graph, names, node, plan.resolve(x_name), mp, q.ndim)
         if mp and x_tq is not None and len(tq.scale) > len(mp["points"]):
             from .widen import widen  # extra points as extra rows of this integer layer (quant/multipoint.py)
 
@@ -157,7 +162,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         v = values.get(name)
         if v is None:
             raise ModelError(f"plan quantizes tensor '{name}' which is not in the model")
-        users = [(u.node, u.idx) for u in v.uses()]
+        users = [(u.node, u.idx) for u in v.uses() if u.node not in raw_users]
         s_val, z_val = _qparam_values(graph, names, name, TensorQuant(
             tensor=name, dtype=tq_eff.dtype, scale=tq_eff.scale, zero_point=tq_eff.zero_point))
         src, pre = v, []

@@ -46,19 +46,13 @@ def widen(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q: np.ndarra
     sx, zx = float(x_tq.scale[0]), int(x_tq.zero_point[0])
     x_dtype = _DT[x_tq.dtype]
     base = node.name
-    new = []
-
-    def init(name, arr):
-        return new_initializer(graph, name, arr, names)
-
-    def add(op, inputs, suffix, attrs=None):
-        n = _named_node(names, op, inputs, f"{base}/{suffix}", [f"{base}_{suffix}"], attrs)
-        new.append(n)
-        return n.outputs[0]
+    b = _Builder(graph, names, f"{base}/", f"{base}_")
+    new, init, add = b.new, b.init, b.add
 
     w_name = node.inputs[1].name or base
-    if mp.get("kernel", "accumulate") == "requantize":
-        if mp.get("out_scale") is None:
+    kernel = mp.get("kernel", "accumulate")
+    if kernel in ("requantize", "float"):
+        if kernel == "requantize" and mp.get("out_scale") is None:
             raise ValueError(f"layer {base}: multipoint_kernel='requantize' needs the widened output's range")
         s_w = init(f"{w_name}_rows_scale", np.asarray(tq.scale, np.float32))
         z_w = init(f"{w_name}_rows_zero_point", np.zeros(r, np.int8))
@@ -79,10 +73,13 @@ def widen(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q: np.ndarra
             graph.insert_before(node, bdq)
             node.replace_input_with(2, bdq.outputs[0])
         old = node.outputs[0]
-        s = init(f"{base}_rows_out_scale", np.asarray(mp["out_scale"], np.float32))
-        z = init(f"{base}_rows_out_zero_point", np.asarray(mp["out_zero_point"], _DT[mp["out_dtype"]]))
-        yq = add("QuantizeLinear", [old, s, z], "rows_quantize")
-        y = add("DequantizeLinear", [yq, s, z], "rows")
+        if kernel == "requantize":
+            s = init(f"{base}_rows_out_scale", np.asarray(mp["out_scale"], np.float32))
+            z = init(f"{base}_rows_out_zero_point", np.asarray(mp["out_zero_point"], _DT[mp["out_dtype"]]))
+            yq = add("QuantizeLinear", [old, s, z], "rows_quantize")
+            y = add("DequantizeLinear", [yq, s, z], "rows")
+        else:  # float: the simulated layer (activation points feed it a two-point input)
+            y = add("Identity", [old], "rows")
         acc = _sum_rows(y, comb, c, axis, cshape, add, init, base)
         graph.insert_after(node, new)
         name, typ, shape = old.name, old.type, old.shape
@@ -120,6 +117,23 @@ def widen(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q: np.ndarra
     acc.name, acc.type, acc.shape = name, typ, shape
 
 
+class _Builder:
+    """Fresh initializers (``init``) and nodes (``add``: op, inputs, suffix -> its output), collected in ``new``."""
+
+    def __init__(self, graph: ir.Graph, names: NameAllocator, node_prefix: str, value_prefix: str):
+        self.graph, self.names, self.np, self.vp, self.new = graph, names, node_prefix, value_prefix, []
+
+    def init(self, name, arr) -> ir.Value:
+        return new_initializer(self.graph, name, arr, self.names)
+
+    def add(self, op, inputs, suffix, attrs=None) -> ir.Value:
+        from .realize import _named_node
+
+        n = _named_node(self.names, op, inputs, f"{self.np}{suffix}", [f"{self.vp}{suffix}"], attrs)
+        self.new.append(n)
+        return n.outputs[0]
+
+
 def _sum_rows(y: ir.Value, comb, c: int, axis: int, cshape, add, init, base: str) -> ir.Value:
     """sum over points i of rows gather[i] of ``y`` (masked where a channel has no point i)."""
     acc = None
@@ -141,3 +155,36 @@ def _sum_rows(y: ir.Value, comb, c: int, axis: int, cshape, add, init, base: str
 def _first_rows(comb) -> dict:
     """{channel: its first point's row}."""
     return {ch: row for ch, row in enumerate(comb["gather"][0])}
+
+
+def activation_points(graph: ir.Graph, names: NameAllocator, node: ir.Node, x_tq, mp, w_ndim: int):
+    """Give ``node`` a two-point input where ``mp["act_points"]`` says so: x1 = DQ(Q(x)) on the activation's own
+    grid (clipped to its bits), x2 = DQ(Q(x - x1)) on the residual grid, input = x1 + mask * x2. Returns the nodes
+    that read the raw float x (realize must not re-route them through the activation's own Q/DQ)."""
+    from .observers import qrange
+    base = f"{node.name}_act"
+    b = _Builder(graph, names, f"{node.name}/act_", f"{base}_")
+    new, init, add = b.new, b.init, b.add
+
+    x = node.inputs[0]
+    dt = _DT[x_tq.dtype]
+    qmin, qmax = qrange(x_tq.dtype, x_tq.bits, x_tq.narrow)
+    s1, z1 = float(x_tq.scale[0]), int(x_tq.zero_point[0])
+    lo1, hi1 = (qmin - z1) * s1, (qmax - z1) * s1
+    c1 = add("Clip", [x, init(f"{base}_lo1", np.asarray(lo1, np.float32)), init(f"{base}_hi1", np.asarray(hi1, np.float32))],
+             "clip1")
+    s1v, z1v = init(f"{base}_s1", np.asarray(s1, np.float32)), init(f"{base}_z1", np.asarray(z1, dt))
+    x1 = add("DequantizeLinear", [add("QuantizeLinear", [c1, s1v, z1v], "q1"), s1v, z1v], "x1")
+    r = add("Sub", [x, x1], "residual")
+    lo2, hi2 = mp["act_range2"]
+    c2 = add("Clip", [r, init(f"{base}_lo2", np.asarray(lo2, np.float32)), init(f"{base}_hi2", np.asarray(hi2, np.float32))],
+             "clip2")
+    s2v, z2v = init(f"{base}_s2", np.asarray(mp["act_scale2"], np.float32)), init(f"{base}_z2", np.asarray(mp["act_zero_point2"], dt))
+    x2 = add("DequantizeLinear", [add("QuantizeLinear", [c2, s2v, z2v], "q2"), s2v, z2v], "x2")
+    pts = np.asarray(mp["act_points"])
+    trailing = w_ndim - 2 if node.op_type == "Conv" else 0
+    mask = (pts > 1).astype(np.float32).reshape([pts.size] + [1] * trailing)
+    xe = add("Add", [x1, add("Mul", [x2, init(f"{base}_mask", mask)], "x2_masked")], "two_point")
+    graph.insert_before(node, new)
+    node.replace_input_with(0, xe)
+    return {new[0], new[3]}  # the first Clip and the Sub read the raw float input
