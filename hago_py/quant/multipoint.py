@@ -366,12 +366,12 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
         sig = float(E[:, 0].mean()) or 1.0
         per_row = geo.get(n, (1, 1.0))[1] if by_mac else 1.0
         cands.append(LayerCandidate(n, E / sig, per_row, grouped=group[n] > 1))
-    sens = {n: 1.0 for n in layers} if not SCALE_BY_DIVERGENCE else layer_divergence(pipe, {n: (layers[n].weight.tensor, greedy[n]) for n in layers}, layers)
-    for cand in cands:  # error in units of the model-output divergence this layer's one-point weights cause
+    div = layer_divergence(pipe, {n: (layers[n].weight.tensor, greedy[n]) for n in layers}, layers)
+    factor = {n: divergence_factor(greedy[n][3], div[n]) for n in layers}
+    for cand in cands:  # error in units of the model-output divergence (its measured slope for this layer)
         e = greedy[cand.node][3]
-        one = float(e[:, 1].sum()) / (float(e[:, 0].sum()) or 1.0)
-        cand.err = e / (float(e[:, 0].sum()) or 1.0) * (max(sens[cand.node], 0.0) / one if one > 0 else 0.0)
-    act = _activation_candidates(pipe, plan, layers, nodes, inits, greedy, sens, geo) if by_mac else {}
+        cand.err = e / (float(e[:, 0].sum()) or 1.0) * factor[cand.node]
+    act = _activation_candidates(pipe, plan, layers, nodes, inits, greedy, factor, geo) if by_mac else {}
     cands += [c for c, _ in act.values()]
     chans = sum(E.shape[0] for _, _, _, E in greedy.values())
     budget = float(opts.complexity_budget) * total_macs if by_mac else (float(opts.multipoint_points) - 1.0) * chans
@@ -445,7 +445,7 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
 ACT_SUFFIX = "#activation"
 
 
-def _activation_candidates(pipe, plan, layers, nodes, inits, greedy, sens, geo) -> Dict[str, Tuple]:
+def _activation_candidates(pipe, plan, layers, nodes, inits, greedy, factor, geo) -> Dict[str, Tuple]:
     """complexity_budget with activations narrower than 8 bits: each input channel of an ungrouped multipoint
     layer may get a second activation point (the residual x - DQ(Q(x)) on the grid s / 2^bits, clipped to the
     same bits), which costs the layer's MACs per input channel. Its gain: E[(x_c - x1_c)^2] - E[(x_c - x1_c -
@@ -503,9 +503,7 @@ def _activation_candidates(pipe, plan, layers, nodes, inits, greedy, sens, geo) 
         if e1.shape != g.shape:
             continue
         E = greedy[n][3]
-        one = float(E[:, 1].sum()) / (float(E[:, 0].sum()) or 1.0)
-        factor = (max(sens[n], 0.0) / one if one > 0 else 0.0) / (float(E[:, 0].sum()) or 1.0)
-        err = np.stack([e1, e1, e2], 1) * factor
+        err = np.stack([e1, e1, e2], 1) * factor[n] / (float(E[:, 0].sum()) or 1.0)
         total = geo.get(n, (1, 0.0))
         per_in = total[0] * total[1] / max(g.size, 1)  # MACs per input channel
         s1, z1, qmin, qmax, s2, z2 = grids[n]
@@ -542,7 +540,6 @@ def _mean_shift_bias(pipe, node, inits, tq, rows, parent, n) -> Optional[np.ndar
     return (b + corr).astype(np.float32)
 
 
-SCALE_BY_DIVERGENCE = True  # layer errors scaled by the model-output KL their one-point weights cause
 FULL_COVARIANCE = True    # allocation by d^T H d (full input covariance) where available, else the diagonal
 COV_SAMPLES = 64          # calibration samples of the input-covariance pass
 COV_ROWS = 16384          # rows (output positions) per batch kept for a layer's covariance (strided subsample)
@@ -625,9 +622,25 @@ def layer_divergence(pipe, layers: Dict[str, Tuple[str, tuple]], plans) -> Dict[
     ref = outs(w)
     out = {}
     for n, (t, (shape, A, Q, E)) in layers.items():
-        one = from_channel_major(A[0][:, :1] * Q[0][:, 0], shape, plans[n].weight.axis).astype(np.float32)
-        out[n], _ = _divergence(ref, outs({**w, t: one}))
+        div = []
+        for k in range(1, min(2, len(A)) + 1):  # one point per channel, and two where the greedy has them
+            approx = from_channel_major((A[k - 1][:, :, None] * Q[k - 1]).sum(axis=1), shape, plans[n].weight.axis)
+            div.append(_divergence(ref, outs({**w, t: approx.astype(np.float32)}))[0])
+        out[n] = tuple(div)
     return out
+
+
+def divergence_factor(E: np.ndarray, div: Tuple[float, ...]) -> float:
+    """Model-output divergence per unit of the layer's relative output error: the measured slope between one and
+    two points per channel when both were measured and it is positive (the marginal effect the allocation trades),
+    else the one-point ratio."""
+    e0 = float(E[:, 0].sum()) or 1.0
+    n1 = float(E[:, 1].sum()) / e0
+    if len(div) > 1 and E.shape[1] > 2:
+        n2 = float(E[:, 2].sum()) / e0
+        if div[0] > div[1] and n1 > n2:
+            return (div[0] - div[1]) / (n1 - n2)
+    return max(div[0], 0.0) / n1 if n1 > 0 else 0.0
 
 
 def weight_rows(w: np.ndarray, tq) -> np.ndarray:
