@@ -353,12 +353,15 @@ register(hago_multipoint_recipe("hago_mp_w8a8_rq", "W8A8 multipoint, 1.25 points
                                 weight_bits=8, multipoint_points=1.25, multipoint_kernel="requantize"))
 register(hago_recipe("hago_mp_w4a4_uniform", "W4A4 uniform nearest (simulated)", suite="multipoint",
                      weight_bits=4, activation_bits=4, simulate=True, measure_latency=False))
+register(hago_recipe("hago_mp_w4a4_uniform_lapq", "W4A4 uniform nearest, LAPQ activation ranges (simulated)",
+                     suite="multipoint", weight_bits=4, activation_bits=4, simulate=True, clipping="lapq",
+                     measure_latency=False))
 
 
 def hago_front_recipe(name: str, description: str, pick: float = 0.15, **options) -> Recipe:
     """The W4A4 quality-vs-complexity front (hago_py.multipoint_front) scored by the benchmark's own metric on the
     eval split; the row's artifact is the point of the largest budget <= ``pick``; the plot goes beside the
-    results (results/multipoint/<model>_front.png)."""
+    results (results/multipoint/<model>_<row>.png)."""
     opts = {"target": "x86_avx2", "weight_scheme": "multipoint", **options}
 
     def fn(model: BenchModel, out: Path, calib, notes):
@@ -369,7 +372,7 @@ def hago_front_recipe(name: str, description: str, pick: float = 0.15, **options
         res = hago_py.multipoint_front(str(model.model_path), calib, evaluate=lambda m: model.evaluate(m), **opts)
         from hago_py.quant.tradeoff import front_png
 
-        png = Path(__file__).resolve().parent / "results" / "multipoint" / f"{model.name}_front.png"
+        png = Path(__file__).resolve().parent / "results" / "multipoint" / f"{model.name}_{name.replace('hago_mp_', '')}.png"
         png.parent.mkdir(parents=True, exist_ok=True)
         png.write_bytes(front_png(res, title=f"{model.title}: W4A4 multipoint", baseline=fp32,
                                   metric_label=model.metric_name))
@@ -388,6 +391,9 @@ def hago_front_recipe(name: str, description: str, pick: float = 0.15, **options
 register(hago_front_recipe("hago_mp_w4a4_front", "W4A4 multipoint front (budgets 0/5/10/15/30 % extra MACs; row = "
                                                  "the 15 % point; simulated)",
                            weight_bits=4, activation_bits=4, simulate=True))
+register(hago_front_recipe("hago_mp_w4a4_front_lapq", "W4A4 multipoint front, LAPQ activation ranges fitted to the "
+                                                      "points (budgets 0/5/10/15/30 %; row = the 15 % point; simulated)",
+                           weight_bits=4, activation_bits=4, simulate=True, clipping="lapq"))
 # end of the multipoint table
 
 # SPARQ table (issue 15): activation_scheme="sparq" (quant/sparq.py) on top of W8A8 — 4-bit windows with the

@@ -259,12 +259,9 @@ class Pipeline:
         plan = self.annotate(opts, allow_empty=bool(layers))
         self.calibrate(plan, opts)
         info["remedy"] = choose_remedy(self.prepared, plan, self.spec, opts, self.check_batches)
-        if opts.clipping == "lapq":  # after the remedy: it may change weight bits / dtypes, LAPQ sees the final ones
-            from .quant.lapq import lapq
-
-            t = time.perf_counter()
-            info["lapq"] = lapq(self.prepared, plan, self.check_batches, threads=opts.threads, seed=opts.seed)
-            self.timings["lapq"] = time.perf_counter() - t
+        multipoint = any(lp.weight is not None and lp.weight.scheme == "multipoint" for lp in plan.quantized_layers())
+        if opts.clipping == "lapq" and not multipoint:  # after the remedy: it may change weight bits / dtypes
+            self._lapq(plan, opts, info)
         weights, biases, model = None, {}, self.prepared
         nu_layers = [lp for lp in plan.quantized_layers() if lp.weight is not None and lp.weight.scheme == "nonuniform"]
         from .quant.reconstruct import apply_biases, needs_reconstruction, reconstruct
@@ -302,6 +299,11 @@ class Pipeline:
             weights, info["multipoint"], mp_biases = choose_points(self, plan, opts, weights)
             if mp_biases:  # bias_correction=True: the mean-shift correction of the multipoint layers
                 model = apply_biases(model, mp_biases)
+            if opts.clipping == "lapq":  # the ranges fitted to the multipoint weights the model will have
+                from .quant.multipoint import refresh_activation_points
+
+                self._lapq(plan, opts, info, weights=weights, model=model)
+                refresh_activation_points(plan)
         rinfo: Dict[str, Any] = {}
         qmodel = realize(model, plan, weights=weights, info=rinfo)
         if opts.embedding_scheme != "none":  # embedding tables: row-wise / codebook (quant/embedding.py)
@@ -335,6 +337,16 @@ class Pipeline:
             info["bias_adjusted"] = rinfo["bias_adjusted"]
         plan.history.append("realize")
         return Built(plan=plan, model=qmodel, info=info)
+
+    def _lapq(self, plan: QuantPlan, opts, info, weights=None, model=None) -> None:
+        """clipping='lapq': the static activation ranges jointly fitted to the network loss (quant/lapq.py), with the
+        integer weights the model will have where they are already chosen (multipoint)."""
+        from .quant.lapq import lapq
+
+        t = time.perf_counter()
+        info["lapq"] = lapq(model if model is not None else self.prepared, plan, self.check_batches,
+                            threads=opts.threads, seed=opts.seed, weights=weights)
+        self.timings["lapq"] = time.perf_counter() - t
 
     def _nonuniform_weights(self, plan: QuantPlan, weights, bias_correction: bool = False):
         """weight_scheme="nonuniform": the integer weights of those layers, their levels weighted by the energy of

@@ -209,3 +209,25 @@ def test_bad_arguments(prepared):
     raw = annotate(prepared, spec, QuantOptions.from_kwargs(), target_name=spec.name, model_digest="test")
     with pytest.raises(OptionError, match="run calibrate"):
         lapq(prepared, raw, data)
+
+
+def test_narrow_activations_are_optimised_and_simulated_exactly(prepared):
+    """A4 in a uint8 container: realize clips to the 4-bit range before QuantizeLinear; the fed-qparams simulation
+    must move that clip with the fed scale (it once dropped these tensors and LAPQ silently did nothing)."""
+    data = batches()
+    spec = load_spec("x86_avx2")
+    plan = annotate(prepared, spec, QuantOptions.from_kwargs(clipping="mse", activation_bits=4, simulate=True),
+                    target_name=spec.name, model_digest="test")
+    plan = apply_observers(plan, collect(prepared, plan, data))
+    start = network_loss(prepared, plan, data)
+    info = lapq(prepared, plan, data, seed=0, max_evals=60)
+    assert info["simulation"] == "fed-qparams"
+    assert {"input", "r1", "r2"} <= set(info["tensors"])
+    assert info["initial_loss"] == pytest.approx(start, rel=1e-9)
+    assert len(set(info["p_losses"].values())) > 1              # the fed qparams reach the loss
+    final = network_loss(prepared, plan, data)
+    assert final == pytest.approx(info["final_loss"], rel=1e-9, abs=1e-15)
+    assert final < start
+    for name, tq in plan.activations.items():
+        if tq.mode == "static":
+            assert qrange(tq.dtype, tq.bits, tq.narrow)[1] - qrange(tq.dtype, tq.bits, tq.narrow)[0] == 15

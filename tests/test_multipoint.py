@@ -193,3 +193,25 @@ def test_front_is_non_dominated_and_plotted(tmp_path):
     assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(OptionError, match="budgets"):
         hago_py.multipoint_front(small_cnn(), data, budgets=[-1.0])
+
+
+def test_lapq_fits_ranges_to_the_multipoint_model():
+    """clipping='lapq' with multipoint runs once the points are chosen (on the widened model, two-point inputs fed
+    with the candidate qparams), and the residual grid of each activation point follows its input's new scale."""
+    from test_lapq import batches, outlier_cnn
+
+    data = {"input": np.concatenate([b["input"] for b in batches(n=64)])}
+    ref = run(outlier_cnn(), data)[0]
+    kw = dict(weight_scheme="multipoint", weight_bits=4, activation_bits=4, simulate=True, complexity_budget=0.5,
+              **FAST)
+    mse = hago_py.quantize(outlier_cnn(), data, **kw)
+    lq = hago_py.quantize(outlier_cnn(), data, clipping="lapq", **kw)
+    info = lq.report["lapq"]
+    assert info["chosen"] != "plan" and info["final_loss"] < info["initial_loss"]
+    with_points = [lp for lp in lq.plan.quantized_layers() if lp.weight.multipoint.get("act_points")]
+    assert with_points
+    for lp in with_points:
+        mp, s = lp.weight.multipoint, lq.plan.resolve(lp.inputs[0]).scale[0]
+        assert mp["act_scale2"] == pytest.approx(s / 16)
+        assert mp["act_range2"][1] - mp["act_range2"][0] == pytest.approx(15 * s / 16)
+    assert sqnr(ref, run(lq.model, data)[0]) > sqnr(ref, run(mse.model, data)[0])

@@ -171,6 +171,52 @@ def _plan_range(tq: TensorQuant) -> Tuple[float, float]:
     return s * (qmin - zp), s * (qmax - zp)
 
 
+def _quantize_nodes(graph) -> Dict[str, Tuple[Any, Any]]:
+    """{quantized tensor: (its QuantizeLinear, the Clip before it or None)}. realize clips an activation quantized
+    to fewer bits than its container (A4 in uint8) to its bits' range before the QuantizeLinear."""
+    producer = {o: n for n in graph.node for o in n.output}
+    out = {}
+    for n in graph.node:
+        if n.op_type != "QuantizeLinear" or not n.input:
+            continue
+        p = producer.get(n.input[0])
+        if p is not None and p.op_type == "Clip" and len(p.input) == 3 and "/clip_to_bits" in p.name:
+            out[p.input[0]] = (n, p)
+        else:
+            out.setdefault(n.input[0], (n, None))
+    return out
+
+
+def _activation_point_inputs(graph) -> Dict[str, List[Dict[str, str]]]:
+    """{tensor: [{role: initializer}]} of the multipoint two-point inputs reading ``tensor`` (quant/widen.py
+    activation_points: Clip(lo1, hi1) -> Q/DQ(s1, z1) -> x1; Clip(x - x1, lo2, hi2) -> Q/DQ(s2, z2)): their grids
+    follow the tensor's qparams, so LAPQ feeds them too."""
+    consumers: Dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def only(value, op):
+        return next((c for c in consumers.get(value, ()) if c.op_type == op), None)
+
+    out: Dict[str, List[Dict[str, str]]] = {}
+    for c1 in graph.node:
+        if c1.op_type != "Clip" or "/act_clip1" not in c1.name or len(c1.input) != 3:
+            continue
+        q1 = only(c1.output[0], "QuantizeLinear")
+        dq1 = only(q1.output[0], "DequantizeLinear") if q1 is not None else None
+        sub = only(dq1.output[0], "Sub") if dq1 is not None else None
+        c2 = only(sub.output[0], "Clip") if sub is not None else None
+        q2 = only(c2.output[0], "QuantizeLinear") if c2 is not None else None
+        if q2 is None or len(q1.input) < 3 or len(q2.input) < 3 or len(c2.input) != 3:
+            raise InternalError(f"lapq: the two-point input at node '{c1.name}' does not have the structure "
+                                "quant/widen.py builds; please report it (clipping='mse' avoids LAPQ)")
+        out.setdefault(c1.input[0], []).append({"lo1": c1.input[1], "hi1": c1.input[2], "s1": q1.input[1],
+                                                "z1": q1.input[2], "lo2": c2.input[1], "hi2": c2.input[2],
+                                                "s2": q2.input[1]})
+    return out
+
+
 class _Simulator:
     """Network loss of activation qparams {tensor: (scale, zero_point)} on fixed batches."""
 
@@ -188,10 +234,12 @@ class _Simulator:
         # weights the data-driven rounding has not solved yet (it runs after LAPQ) are nearest here
         qmodel = realize(model, plan.nearest_copy(weights or {}), weights=weights)
         # a planned tensor that only feeds a graph output has its Q/DQ removed as unused by realize: nothing to feed
-        q_in = {n.input[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and n.input}
+        q_in = set(_quantize_nodes(qmodel.graph))
         self.static = [t for t in self.static if t in q_in]
         self.fast = all(plan.resolve(t).dtype in _FEEDABLE for t in self.static)
         self.feeds: Dict[str, Tuple[str, str]] = {}
+        self.clip_feeds: Dict[str, Tuple[str, str]] = {}  # narrow activations (A4 in uint8): Clip min / max inputs
+        self.act_feeds: Dict[str, List[Dict[str, str]]] = {}  # multipoint two-point inputs of a tensor
         if self.fast:
             sim = self._simulation_model(qmodel, model)
             self.sess = self.backend.compile(sim, optimization="basic")
@@ -204,10 +252,10 @@ class _Simulator:
         sim.CopyFrom(qmodel)
         g = sim.graph
         inits = {i.name: i for i in g.initializer}
-        q_of = {n.input[0]: n for n in g.node if n.op_type == "QuantizeLinear" and n.input}
+        q_of = _quantize_nodes(g)
         drop = set()
         for t in self.static:
-            qn = q_of.get(t)
+            qn, clip = q_of.get(t, (None, None))
             if qn is None:
                 raise InternalError(f"lapq: the realized model has no QuantizeLinear for tensor '{t}'; please "
                                     "report it (clipping='mse' avoids LAPQ)")
@@ -216,6 +264,20 @@ class _Simulator:
             drop.update((s_name, z_name))
             g.input.append(helper.make_tensor_value_info(s_name, TensorProto.FLOAT, []))
             g.input.append(helper.make_tensor_value_info(z_name, _ZP_ONNX[self.plan.resolve(t).dtype], []))
+            if clip is not None:  # fewer bits than the container: realize's clip bounds move with the fed qparams
+                self.clip_feeds[t] = (clip.input[1], clip.input[2])
+                drop.update(clip.input[1:3])
+                for c in clip.input[1:3]:
+                    g.input.append(helper.make_tensor_value_info(c, TensorProto.FLOAT, []))
+        for t, groups in _activation_point_inputs(g).items():
+            if t not in self.feeds:
+                continue
+            self.act_feeds[t] = groups
+            for grp in groups:
+                for role, name in grp.items():
+                    drop.add(name)
+                    g.input.append(helper.make_tensor_value_info(
+                        name, _ZP_ONNX[self.plan.resolve(t).dtype] if role == "z1" else TensorProto.FLOAT, []))
         kept = [i for i in g.initializer if i.name not in drop]
         del g.initializer[:]
         g.initializer.extend(kept)
@@ -247,7 +309,9 @@ class _Simulator:
             bq = numpy_helper.to_array(inits[bdq.input[0]]) if bdq.input[0] in inits else None
             if bq is not None and b.size != bq.size and b.size == 1:  # Gemm C broadcast to [N] by realize
                 b = np.full(bq.shape, b.reshape(-1)[0])
-            b = b.reshape(-1) if bq is not None and b.size == bq.size else b
+            if bq is not None and b.size != bq.size:  # a widened layer (multipoint rows): its int32 bias stays as
+                continue  # realized for the plan's input scale (a small error in the simulation only)
+            b = b.reshape(-1) if bq is not None else b
             ws = np.broadcast_to(ws, b.shape) if ws.size == 1 else ws
             pre = f"lapq/{lp.node}/bias"
             xs = self.feeds[lp.inputs[0]][0]
@@ -291,6 +355,17 @@ class _Simulator:
                 s, z = qp[src.tensor]
                 feed_q[s_name] = np.array(s, np.float32)
                 feed_q[z_name] = np.array(z, _FEEDABLE[src.dtype])
+                qmin, qmax = qrange(src.dtype, src.bits, src.narrow)
+                if t in self.clip_feeds:
+                    feed_q[self.clip_feeds[t][0]] = np.array((qmin - z) * s, np.float32)
+                    feed_q[self.clip_feeds[t][1]] = np.array((qmax - z) * s, np.float32)
+                for grp in self.act_feeds.get(t, ()):  # as multipoint.refresh_activation_points sets them
+                    s2, z2 = float(s) / float(2 ** src.bits), (qmin + qmax + 1) // 2
+                    vals = {"lo1": (qmin - z) * s, "hi1": (qmax - z) * s, "s1": s, "lo2": (qmin - z2) * s2,
+                            "hi2": (qmax - z2) * s2, "s2": s2}
+                    for role, name in grp.items():
+                        feed_q[name] = (np.array(z, _FEEDABLE[src.dtype]) if role == "z1"
+                                        else np.array(vals[role], np.float32))
             outs = [self.backend.run(self.sess, {**b, **feed_q}) for b in self.batches]
         else:
             work = self._work

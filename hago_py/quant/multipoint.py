@@ -445,6 +445,21 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
 ACT_SUFFIX = "#activation"
 
 
+def refresh_activation_points(plan) -> None:
+    """After the activation ranges moved (clipping='lapq' runs once the points are chosen), the residual grid of
+    each activation point follows its input's new scale: s2 = s / 2^bits, centred, clipped to the same bits."""
+    from .observers import qrange
+
+    for lp in plan.quantized_layers():
+        mp = lp.weight.multipoint if lp.weight is not None else None
+        if not mp or not mp.get("act_points") or not lp.inputs:
+            continue
+        x_tq = plan.resolve(lp.inputs[0])
+        qmin, qmax = qrange(x_tq.dtype, x_tq.bits, x_tq.narrow)
+        s2, z2 = float(x_tq.scale[0]) / float(2 ** x_tq.bits), (qmin + qmax + 1) // 2
+        mp.update(act_scale2=s2, act_zero_point2=z2, act_range2=[(qmin - z2) * s2, (qmax - z2) * s2])
+
+
 def _activation_candidates(pipe, plan, layers, nodes, inits, greedy, factor, geo) -> Dict[str, Tuple]:
     """complexity_budget with activations narrower than 8 bits: each input channel of an ungrouped multipoint
     layer may get a second activation point (the residual x - DQ(Q(x)) on the grid s / 2^bits, clipped to the
