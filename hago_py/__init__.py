@@ -10,6 +10,10 @@ def __getattr__(name):  # lazy: keep `import hago_py` cheap
         from . import api
 
         return getattr(api, name)
+    if name in ("build", "tune"):
+        import importlib
+
+        return getattr(importlib.import_module(".build", __name__), name)
     if name == "synthesize":
         from .data.synthetic import synthesize
 
@@ -25,6 +29,6 @@ def __getattr__(name):  # lazy: keep `import hago_py` cheap
     raise AttributeError(name)
 
 
-__all__ = ["quantize", "multipoint_front", "synthesize", "evaluate", "benchmark", "Result", "load_spec", "list_specs", "QuantPlan",
+__all__ = ["build", "tune", "quantize", "multipoint_front", "synthesize", "evaluate", "benchmark", "Result", "load_spec", "list_specs", "QuantPlan",
            "QuantOptions", "HagoError", "ModelError", "SpecError", "DataError", "BackendError", "OptionError",
            "OutputError", "SearchError", "InternalError", "__version__"]

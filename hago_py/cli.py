@@ -98,6 +98,27 @@ def _parser() -> argparse.ArgumentParser:
     sy.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     sy.add_argument("--quiet", "-q", action="store_true")
 
+    b = sub.add_parser("build", help="quantize and compile with TVM for a target: library, assembly, manifest")
+    b.add_argument("model", help="FP32 .onnx model (or an already quantized QDQ model with --plan)")
+    b.add_argument("--target", "-t", required=True, help="built-in target name, `host` (this CPU) or a spec .json")
+    b.add_argument("--calib", help="calibration data: .npz (keys = input names) or folder of .npy; 'synthetic' for "
+                   "data-free calibration (not needed for a QDQ model)")
+    b.add_argument("--plan", help="plan.json of an already quantized QDQ model")
+    b.add_argument("--out", "-o", default="build", help="build folder; the target's files go to <out>/<target>/")
+    b.add_argument("--tune-db", help="MetaSchedule database folder written by `hago tune` (default: untuned)")
+    b.add_argument("--weight-bits", type=int, default=8)
+    b.add_argument("--activation-bits", type=int, default=8)
+    b.add_argument("--quiet", "-q", action="store_true")
+
+    tu = sub.add_parser("tune", help="MetaSchedule-tune the TVM kernels of a model for a target (resumable)")
+    tu.add_argument("model", help="FP32 .onnx model (with --calib) or the model_qdq.onnx of a build")
+    tu.add_argument("--target", "-t", required=True, help="built-in target name, `host` or a spec .json")
+    tu.add_argument("--trials", type=int, required=True, help="measured trials in this run (e.g. 64 per kernel)")
+    tu.add_argument("--db", required=True, help="database folder; reused (and extended) by every run")
+    tu.add_argument("--calib", help="calibration data, for an FP32 model (quantized as `hago build` would)")
+    tu.add_argument("--plan", help="plan.json of a QDQ model")
+    tu.add_argument("--quiet", "-q", action="store_true")
+
     sub.add_parser("targets", help="list the built-in hardware targets")
 
     d = sub.add_parser("demo", help="quantize the embedded ResNet-20 CIFAR-10 demo and report accuracy and speed")
@@ -188,6 +209,36 @@ def _cmd_synthesize(a) -> int:
     return 0
 
 
+def _quant_kwargs(a) -> dict:
+    model_is_qdq = a.calib is None and a.plan is not None
+    return {} if model_is_qdq else {k: v for k, v in (("weight_bits", getattr(a, "weight_bits", 8)),
+                                                      ("activation_bits", getattr(a, "activation_bits", 8)))
+                                    if v != 8}
+
+
+def _cmd_build(a) -> int:
+    from .build import build
+
+    m = build(a.model, a.target, calibration=a.calib, out=a.out, plan=a.plan, tune_db=a.tune_db,
+              progress=not a.quiet, **_quant_kwargs(a))
+    ins = ", ".join(f"{k} {v}" for k, v in m["instructions"].items() if v) or "no int8 dot-product instructions"
+    tuned = sum(1 for s in m["tuning"]["kernels"].values() if s != "untuned")
+    print(f"wrote {m['dir']}: {m['library']['file']} ({m['toolchain'].get('name') or 'no toolchain'}), "
+          f"{tuned}/{len(m['tuning']['kernels'])} kernels tuned, {ins}")
+    for f in m["findings"]:
+        print(f"  finding: {f}")
+    return 0
+
+
+def _cmd_tune(a) -> int:
+    from .build import tune
+
+    r = tune(a.model, a.target, trials=a.trials, db=a.db, calibration=a.calib, plan=a.plan, progress=not a.quiet)
+    print(f"tuned {r['kernels']} kernels with {r['trials']} trials in {r['seconds']:.0f} s: {r['records_after']} "
+          f"records in {r['database']} ({r['records_before']} before); build with --tune-db {r['database']}")
+    return 0
+
+
 def _cmd_targets(a) -> int:
     from .hw import list_specs
 
@@ -217,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"quantize": _cmd_quantize, "synthesize": _cmd_synthesize, "targets": _cmd_targets,
-                "demo": _cmd_demo}[args.cmd](args)
+                "demo": _cmd_demo, "build": _cmd_build, "tune": _cmd_tune}[args.cmd](args)
     except HagoError as e:
         import os
 

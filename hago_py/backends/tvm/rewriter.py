@@ -1,0 +1,56 @@
+"""The shared shape of an integer rewrite: a ``rewrite_call`` callback that records every match.
+
+A subclass sets ``prefix`` / ``op``, builds ``self.patterns`` (a list of pattern dicts, each with a "root")
+and implements ``_rewrite(p, matches, rec) -> expr``, raising :class:`Unsupported` (with the reason) for a
+match it cannot make integer: the layer then stays float and is listed with that reason.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+
+def requantized_output(p: Dict[str, Any], core):
+    """Complete pattern dict ``p``: ``quantize([relu | clip](core), ys, yz)`` as ``p["root"]``."""
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    p["relu"] = is_op("relax.nn.relu")(core)
+    p["clip"] = is_op("relax.clip")(core, wildcard(), wildcard())
+    p["ys"], p["yz"] = is_const(), is_const()
+    p["root"] = is_op("relax.quantize")(p["relu"] | p["clip"] | core, p["ys"], p["yz"])
+    return p
+
+
+class Unsupported(Exception):
+    """A matched layer that cannot be rewritten; the message is the reason written to the report."""
+
+
+class Rewriter:
+    prefix = "layer"
+    op = ""
+
+    def __init__(self, plan_spec: Dict[str, Any]):
+        self.rq = plan_spec
+        self.patterns: List[Dict[str, Any]] = []
+        self.layers: List[Dict[str, Any]] = []
+        self._seen: Dict[Any, Dict[str, Any]] = {}
+
+    @property
+    def roots(self):
+        return [p["root"] for p in self.patterns]
+
+    def __call__(self, orig, m):
+        p = next(p for p in self.patterns if p["root"] in m)
+        rec: Dict[str, Any] = {"name": f"{self.prefix}_{len(self.layers)}", "op": self.op}
+        try:
+            out = self._rewrite(p, m, rec)
+        except Unsupported as e:
+            if orig in self._seen:            # rewrite_call may offer an unchanged match again
+                return orig
+            rec.update(status="left_float", reason=str(e))
+            out = orig
+        self._seen[orig] = rec
+        self.layers.append(rec)
+        return out
+
+    def _rewrite(self, p, m, rec):  # pragma: no cover - abstract
+        raise NotImplementedError

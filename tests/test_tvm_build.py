@@ -1,0 +1,192 @@
+"""TVM builds per target (hago_py/build.py, backends/tvm/targets.py, inspect.py): no tuning here."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from models import calib, small_cnn
+
+tvm = pytest.importorskip("tvm")
+
+from hago_py import build as build_mod  # noqa: E402
+from hago_py.backends.tvm import inspect as insp  # noqa: E402
+from hago_py.backends.tvm.targets import expected_instructions, host_target, missing_features, resolve_target  # noqa: E402
+from hago_py.errors import OptionError  # noqa: E402
+
+INTEL_AVX2 = ("model name\t: Intel(R) Core(TM) i7-4770\nflags\t\t: fpu sse sse2 pni ssse3 fma cx16 sse4_1 sse4_2 "
+              "movbe popcnt aes xsave avx f16c rdrand abm bmi1 avx2 bmi2 pclmulqdq\n")
+SPR = ("model name\t: Intel(R) Xeon(R) Platinum 8480\nflags\t\t: sse sse2 pni ssse3 fma sse4_1 sse4_2 movbe popcnt aes "
+       "avx f16c abm bmi1 avx2 bmi2 adx sha_ni pclmulqdq avx512f avx512dq avx512cd avx512bw avx512vl avx512ifma "
+       "avx512vbmi avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg avx512_vpopcntdq avx_vnni "
+       "avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8 serialize\n")
+
+
+def _real_flags():
+    from hago_py.hw.host import read_host
+
+    return set(read_host().flags)
+
+
+def test_host_target_never_exceeds_host_flags():
+    tdict, isa, why = host_target()
+    mcpu = tdict.get("mcpu")
+    if mcpu:
+        assert missing_features(mcpu, _real_flags()) == [], why
+    assert "mcpu" in why or "LLVM defaults" in why or "aarch64" in why
+
+
+def test_host_intel_avx2_is_not_znver3():
+    tdict, isa, why = host_target(INTEL_AVX2, "x86_64")
+    assert tdict["mcpu"] not in ("znver3", "znver2", "znver4"), why   # znver* needs AMD's sse4a
+    assert "sse4a" in (missing_features("znver3", resolve_flags(INTEL_AVX2)) or [])
+    assert tdict["mcpu"] == "haswell" and "avx2" in isa
+
+
+def resolve_flags(cpuinfo):
+    from hago_py.hw.host import read_host
+
+    return set(read_host(cpuinfo, "x86_64").flags)
+
+
+def test_host_sapphire_rapids_and_aarch64():
+    tdict, isa, why = host_target(SPR, "x86_64")
+    assert tdict["mcpu"] == "sapphirerapids" and "amx_int8" in isa
+    tdict, isa, _ = host_target("Features\t: fp asimd asimddp\n", "aarch64")
+    assert tdict["mtriple"].startswith("aarch64") and "+dotprod" in tdict["mattr"] and "dotprod" in isa
+
+
+def test_spec_targets():
+    a76 = resolve_target("arm_cortex_a76")
+    assert a76.target["mtriple"] == "aarch64-linux-gnu" and a76.target["mcpu"] == "cortex-a76"
+    assert a76.arch == "aarch64" and set(a76.expected()) == {"sdot", "udot"}
+    t4 = resolve_target("cuda_t4")
+    assert t4.target == {"kind": "cuda", "arch": "sm_75"} and t4.arch == "cuda" and "dp4a" in t4.expected()
+    assert t4.tvm().host is not None
+    assert expected_instructions(["avx512_vnni"]) == {"vpdpbusd": "avx512_vnni"}
+    assert expected_instructions(["avx2", "fma"]) == {"vpmaddubsw": "avx2"}
+
+
+def test_count_instructions_on_snippets():
+    x86 = "\tvpdpbusd\t%zmm1, %zmm2, %zmm3\n\t{vex} vpdpbusd %ymm1, %ymm2, %ymm3\n\tvpmaddubsw %ymm0, %ymm1, %ymm2\n" \
+          "\tvpmaddwd %ymm0, %ymm1, %ymm2\n\ttdpbusd %tmm1, %tmm2, %tmm0\n\tvmovups %zmm0, (%rax)\n# vpdpbusd in a comment"
+    assert insp.count_instructions(x86, "x86_64") == {"vpdpbusd": 2, "vpdpbusds": 0, "vpmaddubsw": 1,
+                                                      "vpmaddwd": 1, "tdpbusd": 1}
+    arm = "\tsdot\tv0.4s, v1.16b, v2.16b\n\tudot\tv0.4s, v1.16b, v2.16b\n\tsmull2\tv3.8h, v1.16b, v2.16b\n" \
+          "\tsmlal\tv3.8h, v1.8b, v2.8b\n\tfmla\tv0.4s, v1.4s, v2.4s\n"
+    c = insp.count_instructions(arm, "aarch64")
+    assert (c["sdot"], c["udot"], c["smull"], c["smlal"]) == (1, 1, 1, 1)
+    cu = "dp4a.s32.s32 %r1, %r2, %r3, %r4;\n x = __dp4a(a, b, c);\n"
+    assert insp.count_instructions(cu, "cuda")["dp4a"] == 2
+    f = insp.findings({"vpdpbusd": 0}, {"vpdpbusd": "avx512_vnni"})
+    assert f == ["spec says avx512_vnni, generated code has 0 vpdpbusd: the default schedules did not tensorize "
+                 "(untuned build)"]
+    assert "has 3 sdot" in insp.findings({"sdot": 3, "udot": 0}, expected_instructions(["dotprod"]))[0]
+
+
+@pytest.fixture(scope="module")
+def host_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b")
+    return build_mod.build(small_cnn(), "host", calibration=calib(), out=out), out
+
+
+def _hash(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_host_build_files_hashes_and_load(host_build):
+    import onnx
+    from tvm import relax
+
+    m, out = host_build
+    d = out / "host"
+    for f in ("model.so", "model.s", "plan.json", "report.json", "model_qdq.onnx", "manifest.json"):
+        assert (d / f).is_file(), f
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["files"].keys() == {"model.so", "model.s", "plan.json", "report.json", "model_qdq.onnx"}
+    for f, meta in man["files"].items():
+        assert meta["sha256"] == _hash(d / f) and meta["bytes"] == (d / f).stat().st_size
+    assert man["versions"]["tvm"] == tvm.__version__ and man["versions"]["apache_tvm_ffi"]
+    assert man["tvm_target"]["kind"] == "llvm" and man["toolchain"]["name"]
+    assert man["tuning"]["kernels"] and set(man["tuning"]["kernels"].values()) == {"untuned"}
+    assert set(man["instructions"]) >= {"vpdpbusd", "vpmaddubsw"} and man["findings"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temp folder left behind
+    # standard loading, inputs in ONNX order, compared with ORT within one output quantization step
+    qdq = onnx.load(str(d / "model_qdq.onnx"))
+    x = calib(seed=7, n=4)["input"]
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(d / "model.so")), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    from models import run
+
+    ref = run(qdq, {"input": x}, optimization="basic")[0]
+    step = build_mod.output_steps(qdq)[0]
+    assert step and got.shape == ref.shape and np.max(np.abs(got - ref)) <= step + 1e-6
+    assert m["check"]["max_abs_diff_vs_ort"][0] <= step
+
+
+def test_prequantized_build_with_plan(host_build, tmp_path):
+    _, out = host_build
+    d = out / "host"
+    m = build_mod.build(str(d / "model_qdq.onnx"), "host", plan=str(d / "plan.json"), out=tmp_path, check=False)
+    assert (tmp_path / "host" / "plan.json").read_text() == (d / "plan.json").read_text()
+    assert "report.json" not in m["files"]
+    with pytest.raises(OptionError, match="calibration"):
+        build_mod.build(small_cnn(), "host", out=tmp_path)
+    with pytest.raises(OptionError, match="tune database"):
+        build_mod.build(small_cnn(), "host", calibration=calib(), out=tmp_path, tune_db=tmp_path / "nodb")
+
+
+def test_arm_build_without_cross_compiler(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_mod, "find_cross_compiler", lambda name=build_mod.AARCH64_CC: None)
+    m = build_mod.build(small_cnn(), "arm_cortex_a76", calibration=calib(), out=tmp_path)
+    d = tmp_path / "arm_cortex_a76"
+    assert not (d / "model.so").exists()
+    assert (d / "model.o").read_bytes()[18:20] == (183).to_bytes(2, "little")   # ELF EM_AARCH64
+    assert (d / "model.tar").is_file() and "\tret" in (d / "model.s").read_text()
+    assert "no aarch64-linux-gnu-gcc" in m["library"]["note"] and m["toolchain"]["name"] is None
+    assert set(m["instructions"]) >= {"sdot", "udot"}
+
+
+def test_arm_build_with_cross_compiler_if_present(tmp_path):
+    if build_mod.find_cross_compiler() is None:   # CI: the fallback above is what runs there
+        m = build_mod.build(small_cnn(), "arm_cortex_a76", calibration=calib(), out=tmp_path)
+        assert m["library"]["file"] == "model.tar"
+        return
+    m = build_mod.build(small_cnn(), "arm_cortex_a76", calibration=calib(), out=tmp_path)
+    so = tmp_path / "arm_cortex_a76" / "model.so"
+    assert so.read_bytes()[18:20] == (183).to_bytes(2, "little") and m["toolchain"]["version"]
+
+
+def test_cuda_build_writes_source(tmp_path):
+    m = build_mod.build(small_cnn(), "cuda_t4", calibration=calib(), out=tmp_path)
+    d = tmp_path / "cuda_t4"
+    assert "__global__" in (d / "model.cu").read_text() and (d / "model.so").is_file()
+    if build_mod.find_nvcc():
+        assert ".target sm_75" in (d / "model.ptx").read_text()
+        assert (d / "model.cubin").read_bytes()[18:20] == (190).to_bytes(2, "little")   # ELF EM_CUDA
+    else:   # the fallback: source only, explained
+        assert not (d / "model.cubin").exists() and "no nvcc" in m["library"]["note"]
+    assert "dp4a" in m["instructions"]
+
+
+def test_cuda_build_without_nvcc(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_mod, "find_nvcc", lambda: None)
+    m = build_mod.build(small_cnn(), "cuda_t4", calibration=calib(), out=tmp_path)
+    assert not (tmp_path / "cuda_t4" / "model.cubin").exists() and "no nvcc" in m["library"]["note"]
+
+
+def test_cli_build(tmp_path, capsys):
+    from hago_py.cli import main
+
+    np.savez(tmp_path / "c.npz", **calib())
+    import onnx
+
+    onnx.save(small_cnn(), str(tmp_path / "m.onnx"))
+    rc = main(["build", str(tmp_path / "m.onnx"), "--target", "host", "--calib", str(tmp_path / "c.npz"),
+               "--out", str(tmp_path / "b"), "-q"])
+    assert rc == 0 and (tmp_path / "b" / "host" / "model.so").is_file()
+    assert "wrote" in capsys.readouterr().out
+    assert main(["tune", str(tmp_path / "m.onnx"), "--target", "host", "--trials", "0", "--db",
+                 str(tmp_path / "db"), "--calib", str(tmp_path / "c.npz"), "-q"]) == 2
