@@ -275,9 +275,15 @@ def _check_host(lib: Path, qdq: onnx.ModelProto, feed: Mapping[str, np.ndarray])
     names = [i.name for i in _graph_inputs(qdq)]
     got = run_library(lib, [feed[n] for n in names])
     be = OrtBackend(threads=1)
-    ref = be.run(be.compile(qdq, optimization="basic"), dict(feed))
-    diffs = [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(got, ref)]
-    return {"max_abs_diff_vs_ort": diffs, "output_steps": output_steps(qdq), "samples": int(len(feed[names[0]]))}
+
+    def diffs(level):
+        ref = be.run(be.compile(qdq, optimization=level), dict(feed))
+        return [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(got, ref)]
+
+    # "reference": QDQ run as float ops (the model's defined semantics); "fused": ORT's integer kernels, which on
+    # AVX2 hosts without VNNI saturate u8 x s8 int16 pairs (vpmaddubsw), so they may differ from both
+    return {"max_abs_diff_vs_ort_reference": diffs("basic"), "max_abs_diff_vs_ort_fused": diffs("all"),
+            "output_steps": output_steps(qdq), "samples": int(len(feed[names[0]]))}
 
 
 # ---------------------------------------------------------------- build
@@ -330,11 +336,13 @@ def _first_feed(model: onnx.ModelProto, calibration) -> Optional[Dict[str, np.nd
 
 
 def build(model, target, *, calibration=None, out="build", plan=None, tune_db=None, progress: bool = False,
-          check: bool = True, **quantize_options) -> Dict[str, Any]:
+          check: bool = True, batch: Optional[int] = None, shapes=None, **quantize_options) -> Dict[str, Any]:
     """Quantize ``model`` for ``target`` (or take an already quantized QDQ model + ``plan``), compile it with TVM
     and write ``out/<target>/`` (see the module docstring). ``target``: "host", a built-in spec name or a spec
     .json. ``tune_db``: a MetaSchedule database folder (see backends/tvm/tune.py), used when present.
     ``check``: for host builds, run the library on one calibration sample and compare with ORT.
+    ``batch`` / ``shapes``: compile for static input shapes (leading dimension ``batch``, others from ``shapes``);
+    a tuned build (``tune_db``) is always static, batch 1 unless given, as its ``hago tune`` run was.
     Returns the manifest (plus "dir")."""
     from .backends.tvm.inspect import inspect_library
     from .backends.tvm.targets import resolve_target
@@ -356,7 +364,14 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
     from .hw import load_spec
 
     spec = load_spec("host" if rt.host else target)
-    mod, integ = to_relax(qdq, spec)
+    static = None
+    if batch is not None or shapes or tune_db is not None:
+        from .backends.tvm.importer import static_shapes
+
+        static = {"batch": int(batch or 1), "shapes": dict(shapes or {})}
+        mod, integ = to_relax(static_shapes(qdq, static["batch"], static["shapes"]), spec)
+    else:
+        mod, integ = to_relax(qdq, spec)
     tvm_target = rt.tvm()
     tuned = has_database(tune_db)
     say(f"compiling for {rt.name} ({tvm_target.export().get('mcpu', rt.kind)}), "
@@ -387,14 +402,18 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
             "target_why": rt.why, "versions": _versions(), **exported,
             "integerized": integ is not None, "integerize": integ,
             "tuning": {"database": str(tune_db) if tuned else None, "kernels": kernels},
+            "static_shapes": static,
             "instructions": sources["instructions"], "expected_instructions": rt.expected(),
             "findings": sources["findings"],
             "inputs": [i.name for i in _graph_inputs(qdq)], "outputs": [o.name for o in qdq.graph.output],
         }
         if check and exported["library"].get("loadable_here"):
             feed = _first_feed(qdq, calibration)
+            if feed is not None and static is not None:     # the library takes exactly the static shapes
+                feed = None if static["shapes"] else {k: np.repeat(v[:1], static["batch"], 0) for k, v in feed.items()}
             if feed is not None:
                 manifest["check"] = _check_host(tmp / exported["library"]["file"], qdq, feed)
+        (tmp / "build_report.md").write_text(build_report(manifest))
         manifest["files"] = {p.name: {"sha256": _sha(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
@@ -409,6 +428,39 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
     return {**manifest, "dir": str(dest)}
 
 
+def build_report(manifest: Mapping[str, Any]) -> str:
+    """The human-readable build report: per layer the integer op (or why float), per kernel tuned or not, and
+    the int8 instructions found in the generated code against what the spec promises."""
+    integ = manifest.get("integerize") or {}
+    c = integ.get("counts", {})
+    lines = [f"# Build for {manifest['target']} (spec {manifest['spec']})", "",
+             f"TVM target: `{json.dumps(manifest.get('tvm_target'))}` ({manifest.get('target_why', '')})", "",
+             f"Integer layers: {c.get('rewritten', 0)} rewritten ({', '.join(f'{k} {v}' for k, v in c.items() if k in ('conv2d', 'matmul', 'add'))}), "
+             f"{c.get('imported_integer', 0)} imported integer (dynamic activations), {c.get('left_float', 0)} left "
+             f"float against the plan, {c.get('float_in_plan', 0)} float compute ops the plan keeps float.", "",
+             "| layer | op | status | pattern | in / out dtype | requantize | clamp |", "|---|---|---|---|---|---|---|"]
+    for r in integ.get("layers", []):
+        lines.append(f"| {r.get('name')} | {r.get('op', '').split('.')[-1]} | {r.get('status')} | "
+                     f"{r.get('pattern', r.get('reason', ''))} | {r.get('x_dtype', '')} / {r.get('out_dtype', '')} | "
+                     f"{r.get('requantize', '')} | {r.get('clamp', '')} |")
+    for r in integ.get("left_float", []):
+        if r.get("status") == "left_float" and r not in integ.get("layers", []):
+            lines.append(f"| {r.get('name')} | {r.get('op', '').split('.')[-1]} | left_float | {r.get('reason')} "
+                         "| | | |")
+    kernels = (manifest.get("tuning") or {}).get("kernels", {})
+    tuned = sum(1 for v in kernels.values() if v != "untuned")
+    lines += ["", f"Kernels: {tuned} of {len(kernels)} tuned"
+              + (f" (database {manifest['tuning']['database']})" if tuned else " (untuned build)"), ""]
+    lines += [f"- `{k}`: {v}" for k, v in kernels.items()]
+    ins = manifest.get("instructions") or {}
+    lines += ["", "int8 instructions in the generated code: "
+              + (", ".join(f"{k} {v}" for k, v in ins.items()) or "none counted"), ""]
+    lines += [f"- {f}" for f in manifest.get("findings", [])]
+    if manifest.get("check"):
+        lines += ["", f"Check against ORT: {json.dumps(manifest['check'])}"]
+    return "\n".join(lines) + "\n"
+
+
 def _umask() -> int:
     from .ir.io import _umask as um
 
@@ -416,16 +468,19 @@ def _umask() -> int:
 
 
 def tune(model, target, *, trials: int, db, calibration=None, plan=None, progress: bool = True,
-         **quantize_options) -> Dict[str, Any]:
+         batch: int = 1, shapes=None, **quantize_options) -> Dict[str, Any]:
     """MetaSchedule-tune the module `build` would compile (same quantization) into the database folder ``db``;
-    rerunning with the same ``db`` resumes. Then ``build(..., tune_db=db)``."""
+    rerunning with the same ``db`` resumes. Then ``build(..., tune_db=db)`` (same ``batch`` / ``shapes``).
+    Shapes are made static (leading dimension ``batch``): MetaSchedule in TVM 0.27 fails on symbolic ones."""
     from .backends.tvm.targets import resolve_target
     from .backends.tvm.tune import tune_module
     from .hw import load_spec
 
     rt = resolve_target(target)
     qdq, _, _ = _quantized(model, "host" if rt.host else target, calibration, plan, progress, quantize_options)
-    mod, _ = to_relax(qdq, load_spec("host" if rt.host else target))
+    from .backends.tvm.importer import static_shapes
+
+    mod, _ = to_relax(static_shapes(qdq, batch, shapes), load_spec("host" if rt.host else target))
     return tune_module(mod, rt.tvm(), db, trials, progress=progress)
 
 

@@ -345,3 +345,23 @@ def test_fixed_point_multiplier_accuracy(bits):
     assert np.all(np.abs(m) < 2 ** (bits - 1))
     approx = m.astype(np.float64) * np.exp2(-S.astype(np.float64))
     assert np.all(np.abs(approx - M) / M <= 2.0 ** -(bits - 2)), (approx, M)
+
+
+def test_dynamic_matmulinteger_imports_integer_and_counts():
+    """hago's dynamic-activation form (DynamicQuantizeLinear + MatMulInteger) arrives integer: counted as
+    imported_integer, equal to ORT; a float MatMul without quantized inputs is counted as float in the plan."""
+    rng = np.random.default_rng(2)
+    K, N = 32, 8
+    w = rng.integers(-63, 64, (K, N)).astype(np.int8)     # 7-bit: ORT on AVX2 saturates u8 x s8 int16 pairs
+    g = _G()
+    dq = helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql")
+    g.nodes.append(dq)
+    acc = g.node("MatMulInteger", ["xq", g.const(w), "xz", g.const(np.int8(0))])
+    y = g.node("Mul", [g.node("Cast", [acc], to=TensorProto.FLOAT), g.node("Mul", ["xs", g.const(np.float32(0.02))])])
+    y = g.node("MatMul", [y, g.const(rng.normal(size=(N, 3)).astype(np.float32))])
+    model = g.model([("x", [4, K])], y)
+    x = rng.normal(size=(4, K)).astype(np.float32)
+    yt, info = _run_tvm(model, {"x": x}, ORT_RQ)
+    assert info["counts"]["imported_integer"] == 1 and info["counts"]["float_in_plan"] == 1, info["counts"]
+    assert info["left_float"] == []
+    np.testing.assert_allclose(yt, _run_ort(model, {"x": x}), rtol=1e-5, atol=1e-5)

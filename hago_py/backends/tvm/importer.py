@@ -110,3 +110,37 @@ def import_qdq(model: onnx.ModelProto):
         msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         raise BackendError(f"TVM could not import the QDQ model ({type(e).__name__}: {msg}); check its ops against "
                            "tvm.relax.frontend.onnx (Pad pads must be constant after folding)", details=str(e)) from e
+
+
+def static_shapes(model: onnx.ModelProto, batch: int = 1, shapes=None) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs have no symbolic dimension: the leading one becomes ``batch``,
+    others come from ``shapes`` ({input: [dims]}). MetaSchedule (TVM 0.27) cannot tune kernels with symbolic
+    shapes (its trace replay fails with "Check failed: old_rv != nullptr && new_rv != nullptr"), and a tuning
+    database keys on the shapes, so tuning and the tuned build use the same static shapes."""
+    shapes = dict(shapes or {})
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name for i in m.graph.initializer}
+    for inp in m.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        given = shapes.get(inp.name)
+        if given is not None:
+            if len(given) != len(dims):
+                raise BackendError(f"shape {list(given)} for input '{inp.name}' has {len(given)} dimensions; the "
+                                   f"model's input has {len(dims)}: pass one value per dimension")
+            for d, v in zip(dims, given):
+                d.ClearField("dim_param")
+                d.dim_value = int(v)
+            continue
+        for k, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if k != 0:
+                raise BackendError(f"input '{inp.name}' has the symbolic dimension {k} ('{d.dim_param}'); tuning "
+                                   f"needs static shapes: pass shapes={{'{inp.name}': [...]}} (CLI --shape "
+                                   f"{inp.name}=1x...)")
+            d.ClearField("dim_param")
+            d.dim_value = int(batch)
+    return m

@@ -4,7 +4,9 @@ Order: conv2d and matmul/Gemm layers with a quantized output, then (after dead-c
 cores they replaced are gone) matmul/Gemm layers with a float output, then requantizing Adds. Finally every
 remaining float ``conv2d`` / ``matmul`` and every float ``add`` of a dequantized tensor is listed in
 ``left_float`` with the reason; other ops computing in float (pooling, reshape, ...) are counted in
-``float_ops``. Nothing is left float silently.
+``float_ops``, with "integer conv2d" / "integer matmul" (integer compute ops: rewritten, or imported as integer
+like hago's dynamic-activation MatMulInteger) and "float (plan) ..." (compute ops without a quantized input:
+the plan keeps them float). Nothing is left float silently.
 """
 from __future__ import annotations
 
@@ -32,6 +34,15 @@ def _float_leftovers(func) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
         e = producers.get(e, e)
         return e.op.name if isinstance(e, relax.Call) and isinstance(e.op, tvm_op_type()) else None
 
+    def _dequantized(a, depth=0):
+        """``a`` is a dequantize, maybe behind reshapes / transposes."""
+        name = op_of(a)
+        if name == "relax.dequantize":
+            return True
+        if name in ("relax.reshape", "relax.permute_dims") and depth < 3:
+            return _dequantized(producers.get(a, a).args[0], depth + 1)
+        return False
+
     def visit(binding):
         v, e = binding.var, binding.value
         producers[v] = e
@@ -40,8 +51,12 @@ def _float_leftovers(func) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
         name = e.op.name
         dtype = rq.dtype_of(v)
         if not dtype.startswith("float"):
+            if name in _COMPUTE:
+                ops["integer " + name.split(".")[-1]] += 1
             return
-        if name in _COMPUTE:
+        if name in _COMPUTE and not any(_dequantized(a) for a in e.args):
+            ops["float (plan) " + name.split(".")[-1]] += 1      # the plan keeps it float: no quantized input
+        elif name in _COMPUTE:
             left.append({"op": name, "name": _name(v), "status": "left_float",
                          "reason": "not inside a matched QDQ pattern (inputs not dequantized int8, or output not "
                                    "requantized / not a supported form)"})
@@ -109,7 +124,13 @@ def integerize(mod, spec=None) -> Tuple[Any, Dict[str, Any]]:
     out = relax.transform.DeadCodeElimination()(out) if out.functions else out
     left = [dict(x) for x in layers if x["status"] == "left_float"] + left
     counts = Counter(x["op"].split(".")[-1] for x in layers if x["status"] == "integer")
+    # integer compute ops in the result that no rewrite made: imported integer already (MatMulInteger /
+    # ConvInteger of hago's dynamic-activation layers)
+    integer_ops = sum(v for k, v in float_ops.items() if k.startswith("integer "))
+    rewritten_compute = counts.get("conv2d", 0) + counts.get("matmul", 0)
+    imported = max(0, integer_ops - rewritten_compute)
     info = {"layers": layers, "left_float": left, "float_ops": dict(float_ops),
-            "counts": dict(counts, rewritten=sum(counts.values()), left_float=len(left)),
+            "counts": dict(counts, rewritten=sum(counts.values()), left_float=len(left), imported_integer=imported,
+                           float_in_plan=sum(v for k, v in float_ops.items() if k.startswith("float (plan)"))),
             "requantize": rq_spec}
     return out, info

@@ -1,0 +1,263 @@
+"""The compiled side, per corpus model, in one run: ORT FP32 / ORT hago int8 / TVM FP32 / TVM hago int8.
+
+    python -m benchmarks.tvm_suite [--models resnet20,lite0,minilm] [--target host] [--limit N]
+                                   [--trials N] [--build-targets all|none|a,b] [--repeats 200]
+
+Per model: hago_py quantizes it for ``--target`` (the spec's plan; latency not measured, so every run is the
+same plan); the ORT and TVM models are scored on the full test set (``--limit`` for a subset); TVM compiles the
+FP32 model and the integerized hago model for this host (untuned; ``--trials N`` adds a MetaSchedule-tuned
+pair with N trials each — same budget for FP32 and int8), the integer-op counts come from the integerizer;
+then the four (or six) models are timed at batch 1, 1 thread, interleaved round-robin in this process, so
+the ratios are paired. ``--build-targets`` builds the hago model for the built-in targets with
+``hago_py.build`` and records seconds, artifact size and the int8 instructions found in the generated code.
+Writes ``benchmarks/results/tvm/<model>.json`` and ``RESULTS.md``; skips cleanly without the corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+
+from .corpus import get_models, locate
+from .peers import RESULTS_DIR
+from .run import machine_info
+
+OUT = RESULTS_DIR / "tvm"
+
+
+def _round_robin(calls: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 5) -> Dict[str, List[float]]:
+    labels = list(calls)
+    for _ in range(warmup):
+        for k in labels:
+            calls[k]()
+    t: Dict[str, List[float]] = {k: [] for k in labels}
+    for r in range(repeats):
+        for k in labels[r % len(labels):] + labels[: r % len(labels)]:
+            t0 = time.perf_counter()
+            calls[k]()
+            t[k].append(time.perf_counter() - t0)
+    return t
+
+
+def _ratios(times: Dict[str, List[float]], base: str) -> Dict[str, Dict[str, float]]:
+    out = {}
+    b = np.asarray(times[base])
+    for k, v in times.items():
+        r = b / np.asarray(v)
+        out[k] = {"median_ms": float(np.median(v) * 1e3), "speedup_vs_" + base: float(np.median(r)),
+                  "p10": float(np.percentile(r, 10)), "p90": float(np.percentile(r, 90))}
+    return out
+
+
+def _tvm_compile(be, model, integer: bool):
+    t0 = time.perf_counter()
+    art = be.compile(model, integer=integer)
+    return art, time.perf_counter() - t0
+
+
+def _tuned_vm(model, integer: bool, target_dict, db: str, shapes):
+    """A VM of the model compiled with the tuning database (compile_relax on the raw module)."""
+    import tvm
+    from tvm import relax
+    from hago_py.backends.tvm.importer import import_qdq, static_shapes
+    from hago_py.backends.tvm.integerize import integerize
+    from hago_py.backends.tvm.tune import compile_module
+
+    mod = import_qdq(static_shapes(model, 1, shapes))
+    if integer:
+        mod, _ = integerize(mod)
+    return relax.VirtualMachine(compile_module(mod, tvm.target.Target(target_dict), db), tvm.cpu())
+
+
+def _tune(model_q, model_fp, target_dict, trials: int, work: Path, shapes) -> Dict[str, Any]:
+    """Tune FP32 and int8 with the same trial budget, for the timing feed's static shapes; returns the
+    databases or the error."""
+    from hago_py.backends.tvm.importer import import_qdq, static_shapes
+    from hago_py.backends.tvm.integerize import integerize
+    from hago_py.backends.tvm.tune import tune_module
+    import tvm
+
+    out: Dict[str, Any] = {}
+    for label, m, integer in (("fp32", model_fp, False), ("int8", model_q, True)):
+        mod = import_qdq(static_shapes(m, 1, shapes))
+        if integer:
+            mod, _ = integerize(mod)
+        db = work / f"db_{label}"
+        t0 = time.perf_counter()
+        try:
+            r = tune_module(mod, tvm.target.Target(target_dict), str(db), trials, progress=False)
+            out[label] = {"db": str(db), "seconds": time.perf_counter() - t0, "result": r}
+        except Exception as e:   # record exactly why (TVM 0.27 MetaSchedule failures are reported, not hidden)
+            msg = str(e).strip().splitlines()
+            out[label] = {"error": f"{type(e).__name__}: {(msg[-1] if msg else '')[:400]}",
+                          "seconds": time.perf_counter() - t0}
+    return out
+
+
+def _builds(model_q, plan_json: str, targets: List[str], work: Path) -> Dict[str, Any]:
+    from hago_py.build import build
+
+    qpath = work / "model_qdq.onnx"
+    qpath.write_bytes(model_q.SerializeToString())
+    ppath = work / "plan.json"
+    ppath.write_text(plan_json)
+    out: Dict[str, Any] = {}
+    for t in targets:
+        try:
+            m = build(str(qpath), t, plan=str(ppath), out=str(work / "builds"), check=False)
+            lib = m["library"]["file"]
+            out[t] = {"seconds": m["seconds"], "library": lib,
+                      "bytes": m["files"].get(lib, {}).get("bytes"),
+                      "files": {k: v["bytes"] for k, v in m["files"].items()},
+                      "instructions": {k: v for k, v in m["instructions"].items() if v},
+                      "findings": m["findings"], "integer_counts": (m.get("integerize") or {}).get("counts")}
+        except Exception as e:
+            out[t] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
+
+
+def bench_model(bm, args) -> Dict[str, Any]:
+    import hago_py
+    from hago_py.backends.tvm.backend import TvmBackend, TvmSession
+    from hago_py.backends.tvm.targets import host_target
+    from hago_py.ir import load_model
+
+    from .corpus import make_session
+
+    res: Dict[str, Any] = {"model": bm.name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                           "machine": machine_info(1), "target": args.target, "limit": args.limit}
+    t0 = time.perf_counter()
+    q = hago_py.quantize(str(bm.model_path), bm.calib_feeds(bm.default_calib), args.target, measure_latency=False)
+    res["quantize_s"] = time.perf_counter() - t0
+    res["spec"] = q.report.get("target") if isinstance(q.report, dict) else None
+    fp = load_model(str(bm.model_path))
+    tdict = host_target()[0]
+    res["tvm_target"] = tdict
+    be_eval = TvmBackend(target=tdict, threads=args.eval_threads)
+    arts: Dict[str, Any] = {}
+    for label, m, integer in (("tvm_fp32", fp, False), ("tvm_int8", q.model, True)):
+        arts[label], res[f"{label}_compile_s"] = _tvm_compile(be_eval, m, integer)
+    res["integerize"] = {k: arts["tvm_int8"].info.get(k) for k in ("counts", "float_ops", "left_float")}
+    # accuracy on the same data
+    metrics: Dict[str, float] = {}
+    for label, sess in (("ort_fp32", make_session(fp, args.eval_threads)),
+                        ("ort_int8", make_session(q.model, args.eval_threads)),
+                        ("tvm_fp32", TvmSession(be_eval, arts["tvm_fp32"])),
+                        ("tvm_int8", TvmSession(be_eval, arts["tvm_int8"]))):
+        t1 = time.perf_counter()
+        metrics[label] = bm.evaluate(sess, limit=args.limit, threads=args.eval_threads)
+        res[f"{label}_eval_s"] = time.perf_counter() - t1
+        print(f"  {bm.name} {label}: {bm.format_metric(metrics[label])} ({res[f'{label}_eval_s']:.0f} s)", flush=True)
+    res["metrics"] = metrics
+    res["tvm_int8_minus_ort_int8"] = metrics["tvm_int8"] - metrics["ort_int8"]
+    work = Path(tempfile.mkdtemp(prefix="hago_tvm_suite_"))
+    if args.trials:
+        shapes = {k: list(v.shape) for k, v in bm.timing_feed().items()}
+        res["tuning"] = _tune(q.model, fp, tdict, args.trials, work, shapes)
+    # latency: batch 1, 1 thread, interleaved
+    if args.repeats:
+        import tvm
+
+        feed = bm.timing_feed()
+        s_fp, s_q = make_session(fp, 1), make_session(q.model, 1)
+        calls: Dict[str, Callable[[], Any]] = {"ort_fp32": lambda: s_fp.run(None, feed),
+                                               "ort_int8": lambda: s_q.run(None, feed)}
+        for label in ("tvm_fp32", "tvm_int8"):
+            a = arts[label]
+            args_t = [tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in a.inputs]
+            fn = a.vm["main"]
+            calls[label] = (lambda fn=fn, args_t=args_t: fn(*args_t))
+        for label, info in (res.get("tuning") or {}).items():
+            if "db" in info:
+                try:
+                    vm = _tuned_vm(fp if label == "fp32" else q.model, label == "int8", tdict, info["db"],
+                                   {k: list(v.shape) for k, v in feed.items()})
+                except Exception as e:
+                    info["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    continue
+                a = arts["tvm_" + label]
+                args_t = [tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in a.inputs]
+                calls[f"tvm_{label}_tuned"] = (lambda fn=vm["main"], args_t=args_t: fn(*args_t))
+        from hago_py.backends.tvm.backend import _set_threads
+
+        _set_threads(1)
+        times = _round_robin(calls, args.repeats)
+        res["latency"] = _ratios(times, "ort_fp32")
+        res["latency_tvm_int8_vs_tvm_fp32"] = float(np.median(np.asarray(times["tvm_fp32"]) /
+                                                              np.asarray(times["tvm_int8"])))
+    if args.build_targets != "none":
+        from hago_py.hw import list_specs
+
+        targets = [s for s in list_specs()] if args.build_targets == "all" else args.build_targets.split(",")
+        res["builds"] = _builds(q.model, q.plan.to_json(), targets, work)
+    return res
+
+
+def format_report(results: List[Dict[str, Any]]) -> str:
+    lines = ["# TVM suite: ORT vs TVM, FP32 vs hago int8", ""]
+    for r in results:
+        m = r["metrics"]
+        mach = r["machine"]
+        lines += [f"## {r['model']} ({r['date']}; {mach.get('cpu')}, {', '.join(mach.get('int8_isa') or [])}; "
+                  f"target {r['target']}; {'first ' + str(r['limit']) if r['limit'] else 'full test set'})", "",
+                  "| model | metric | compile s | batch-1 latency ms | speed vs ORT FP32 (p10-p90) |", "|---|---|---|---|---|"]
+        lat = r.get("latency", {})
+        for k in ("ort_fp32", "ort_int8", "tvm_fp32", "tvm_int8", "tvm_fp32_tuned", "tvm_int8_tuned"):
+            L = lat.get(k, {})
+            if k not in m and not L:
+                continue
+            sp = (f"{L['speedup_vs_ort_fp32']:.2f}x ({L['p10']:.2f}-{L['p90']:.2f})" if L else "-")
+            lines.append(f"| {k} | {m.get(k, float('nan')):.4f} | {r.get(k + '_compile_s', 0) or 0:.1f} | "
+                         f"{L.get('median_ms', float('nan')):.3f} | {sp} |")
+        c = r["integerize"]["counts"]
+        lines += ["", f"TVM int8 - ORT int8 metric: {r['tvm_int8_minus_ort_int8']:+.4f}; integer ops: {c}; "
+                  f"TVM int8 vs TVM FP32 speed: {r.get('latency_tvm_int8_vs_tvm_fp32', float('nan')):.2f}x"]
+        if r.get("tuning"):
+            lines.append(f"tuning: { {k: v.get('error') or round(v['seconds']) for k, v in r['tuning'].items()} }")
+        for t, b in (r.get("builds") or {}).items():
+            lines.append(f"- build {t}: " + (b["error"] if "error" in b else
+                                             f"{b['seconds']:.0f} s, {b['library']} {b['bytes']} B, "
+                                             f"int8 instructions {b['instructions'] or 'none'}"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tvm_suite", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="resnet20,lite0,minilm")
+    ap.add_argument("--target", default="host", help="hago spec the plan is made for (default: this host's)")
+    ap.add_argument("--limit", type=int, default=None, help="test samples (default: the full test set)")
+    ap.add_argument("--trials", type=int, default=0, help="MetaSchedule trials per model for the tuned pair")
+    ap.add_argument("--repeats", type=int, default=200, help="timing rounds (0: no timing)")
+    ap.add_argument("--eval-threads", type=int, default=2)
+    ap.add_argument("--build-targets", default="all", help="all | none | comma list of spec names")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--data", default=None)
+    a = ap.parse_args(argv)
+    root, why = locate(a.data)
+    if root is None:
+        print(f"SKIP: {why}")
+        return 0
+    models, why = get_models([n for n in a.models.split(",") if n], root)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from hago_py.ir.io import atomic_write_text
+
+    for name, bm in models.items():
+        r = bench_model(bm, a)
+        atomic_write_text(out / f"{name}.json", json.dumps(r, indent=1, default=str))
+        done = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+        atomic_write_text(out / "RESULTS.md", format_report(done))
+        print(f"wrote {out / (name + '.json')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
