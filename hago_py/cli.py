@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--plan", help="plan.json of an already quantized QDQ model")
     b.add_argument("--out", "-o", default="build", help="build folder; the target's files go to <out>/<target>/")
     b.add_argument("--tune-db", help="MetaSchedule database folder written by `hago tune` (default: untuned)")
+    b.add_argument("--batch", type=int, help="compile for this static batch (a tuned build is static, batch 1 "
+                   "unless given)")
+    b.add_argument("--shape", action="append", default=[], metavar="NAME=DxDx..",
+                   help="static shape of one input, e.g. input_ids=1x64 (repeatable)")
     b.add_argument("--weight-bits", type=int, default=8)
     b.add_argument("--activation-bits", type=int, default=8)
     b.add_argument("--quiet", "-q", action="store_true")
@@ -117,7 +121,16 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--db", required=True, help="database folder; reused (and extended) by every run")
     tu.add_argument("--calib", help="calibration data, for an FP32 model (quantized as `hago build` would)")
     tu.add_argument("--plan", help="plan.json of a QDQ model")
+    tu.add_argument("--batch", type=int, default=1, help="static batch the kernels are tuned for (default 1)")
+    tu.add_argument("--shape", action="append", default=[], metavar="NAME=DxDx..",
+                    help="static shape of one input, e.g. input_ids=1x64 (repeatable)")
     tu.add_argument("--quiet", "-q", action="store_true")
+
+    be = sub.add_parser("bench", help="time models interleaved on this host (CI latency benchmarks); exit 1 on a "
+                        "regression vs --baseline")
+    from .bench import add_arguments as _bench_arguments
+
+    _bench_arguments(be)
 
     sub.add_parser("targets", help="list the built-in hardware targets")
 
@@ -216,11 +229,27 @@ def _quant_kwargs(a) -> dict:
                                     if v != 8}
 
 
+def _shapes(items) -> dict:
+    """--shape NAME=1x64 (repeatable) -> {NAME: [1, 64]}."""
+    from .errors import OptionError
+
+    out = {}
+    for it in items or []:
+        name, _, dims = it.partition("=")
+        try:
+            out[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise OptionError(f"--shape '{it}' is not NAME=DxDx.. with integer dimensions (e.g. input_ids=1x64)")
+        if not name or any(d <= 0 for d in out[name]):
+            raise OptionError(f"--shape '{it}': give an input name and positive dimensions (e.g. input_ids=1x64)")
+    return out
+
+
 def _cmd_build(a) -> int:
     from .build import build
 
     m = build(a.model, a.target, calibration=a.calib, out=a.out, plan=a.plan, tune_db=a.tune_db,
-              progress=not a.quiet, **_quant_kwargs(a))
+              progress=not a.quiet, batch=a.batch, shapes=_shapes(a.shape), **_quant_kwargs(a))
     ins = ", ".join(f"{k} {v}" for k, v in m["instructions"].items() if v) or "no int8 dot-product instructions"
     tuned = sum(1 for s in m["tuning"]["kernels"].values() if s != "untuned")
     print(f"wrote {m['dir']}: {m['library']['file']} ({m['toolchain'].get('name') or 'no toolchain'}), "
@@ -233,7 +262,8 @@ def _cmd_build(a) -> int:
 def _cmd_tune(a) -> int:
     from .build import tune
 
-    r = tune(a.model, a.target, trials=a.trials, db=a.db, calibration=a.calib, plan=a.plan, progress=not a.quiet)
+    r = tune(a.model, a.target, trials=a.trials, db=a.db, calibration=a.calib, plan=a.plan, progress=not a.quiet,
+             batch=a.batch, shapes=_shapes(a.shape))
     print(f"tuned {r['kernels']} kernels with {r['trials']} trials in {r['seconds']:.0f} s: {r['records_after']} "
           f"records in {r['database']} ({r['records_before']} before); build with --tune-db {r['database']}")
     return 0
@@ -257,6 +287,12 @@ def _cmd_targets(a) -> int:
     return 0
 
 
+def _cmd_bench(a) -> int:
+    from .bench import cli
+
+    return cli(a)
+
+
 def _cmd_demo(a) -> int:
     from .demo_run import run_demo
 
@@ -268,7 +304,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"quantize": _cmd_quantize, "synthesize": _cmd_synthesize, "targets": _cmd_targets,
-                "demo": _cmd_demo, "build": _cmd_build, "tune": _cmd_tune}[args.cmd](args)
+                "demo": _cmd_demo, "build": _cmd_build, "tune": _cmd_tune,
+                "bench": _cmd_bench}[args.cmd](args)
     except HagoError as e:
         import os
 
