@@ -92,7 +92,7 @@ def _tune(model_q, model_fp, target_dict, trials: int, work: Path, shapes) -> Di
         db = work / f"db_{label}"
         t0 = time.perf_counter()
         try:
-            r = tune_module(mod, tvm.target.Target(target_dict), str(db), trials, progress=False)
+            r = tune_module(mod, tvm.target.Target(target_dict), str(db), trials, progress=False, per_iter=8)
             out[label] = {"db": str(db), "seconds": time.perf_counter() - t0, "result": r}
         except Exception as e:   # record exactly why (TVM 0.27 MetaSchedule failures are reported, not hidden)
             msg = str(e).strip().splitlines()

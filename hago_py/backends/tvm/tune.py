@@ -128,8 +128,10 @@ def _progress_callback(say: Callable[[str], None], total: int):
 
 def tune_module(mod, target, db_dir, trials: int, *, progress: bool = True, per_iter: int = 16,
                 max_trials_per_task: Optional[int] = None, seed: Optional[int] = None,
-                strategy: str = "evolutionary") -> Dict[str, Any]:
-    """Tune the raw Relax ``mod`` for ``target`` with ``trials`` measured trials into ``db_dir`` (reused)."""
+                strategy: str = "evolutionary", build_timeout_s: float = 120.0) -> Dict[str, Any]:
+    """Tune the raw Relax ``mod`` for ``target`` with ``trials`` measured trials into ``db_dir`` (reused).
+    ``build_timeout_s``: per-candidate build limit (MetaSchedule's default, 30 s, times out every candidate of a
+    conv on a loaded 2-core machine, and the task then gets no record)."""
     if not isinstance(trials, int) or trials < 1:
         raise OptionError(f"trials={trials!r} is invalid; pass a positive number of measured trials (e.g. 64)")
     try:
@@ -151,7 +153,8 @@ def tune_module(mod, target, db_dir, trials: int, *, progress: bool = True, per_
         ms.relax_integration.tune_relax(fused, None, target, str(db_dir), max_trials_global=trials,
                                         max_trials_per_task=max_trials_per_task,
                                         num_trials_per_iter=min(per_iter, trials), database=open_database(db_dir),
-                                        measure_callbacks=callbacks, seed=seed, strategy=strategy)
+                                        measure_callbacks=callbacks, seed=seed, strategy=strategy,
+                                        builder=ms.builder.LocalBuilder(timeout_sec=float(build_timeout_s)))
     except Exception as e:
         raise BackendError(f"MetaSchedule tuning for {target.kind.name} failed ({type(e).__name__}); the database "
                            f"'{db_dir}' keeps every record measured so far: rerun to resume",
