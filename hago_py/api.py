@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from .backends.ort import OrtBackend
-from .errors import BackendError, HagoError, InternalError, OptionError
+from .errors import BackendError, HagoError, InternalError, OptionError, RemoteError
 from .ir import load_model
 from .ir.io import write_all
 from .pipeline import Pipeline
@@ -26,7 +26,7 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
              measure_latency: bool = True, search: bool = False, evaluate: Optional[Callable] = None,
              accuracy_budget: Optional[float] = None, latency_budget: Optional[float] = None,
              time_budget: Optional[float] = None, checkpoint=None, resume: bool = False,
-             search_options: Optional[Mapping[str, Any]] = None, base_dir=None, **options) -> Result:
+             search_options: Optional[Mapping[str, Any]] = None, base_dir=None, rpc=None, **options) -> Result:
     """Quantize ``model`` for ``target``.
 
     model: path / ModelProto. calibration: .npz path, folder of .npy, dict of arrays or iterable of feed
@@ -38,6 +38,11 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
     names the state file, ``resume=True`` continues it; ``search_options`` passes further settings to
     hago_py.search.run_search (latency source, roundings, proxy_samples, ...).
     base_dir: the folder holding the external-data files of an in-memory model (a path finds its own).
+    rpc: measure the latency ON THE DEVICE over TVM RPC: ``{"tracker": "host:port", "key": "KEY"}``,
+    ``{"host": ..., "port": ...}`` or ``"host:port:key"`` (hago_py/backends/tvm/rpc.py; optional "target": a TVM
+    target dict or "host", default the spec's tvm_target; "cc": the cross compiler for a foreign target). The
+    FP32 and quantized models are compiled here with TVM and timed interleaved on the remote
+    (hago_py/backends/select.py). Not wired into search=True yet (OptionError).
     """
     t0 = time.perf_counter()
     opts = QuantOptions.from_kwargs(**options)
@@ -47,8 +52,21 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
                                                      checkpoint, search_options)) or resume):
         raise OptionError("evaluate / accuracy_budget / latency_budget / time_budget / checkpoint / resume / "
                           "search_options only apply to a search: pass search=True")
+    latency_backend = None
+    if rpc is not None:
+        if search:
+            raise OptionError("rpc= is not wired into search=True yet (the search times every trial with its own "
+                              "backend): quantize with search=False to measure the result on the device, or drop rpc")
+        if not measure_latency:
+            raise OptionError("rpc= only measures latency on the device; drop measure_latency=False or rpc")
+        from .backends.select import select_backend
+        from .hw import load_spec
+
+        latency_backend = select_backend(load_spec(target), rpc=rpc, threads=opts.threads).backend
+        latency_backend.remote_session()   # an unreachable device fails now, before calibration
     with internal_errors("quantize"):
         pipe = Pipeline(model, calibration, target, opts, progress=progress, base_dir=base_dir)
+        pipe.rpc = rpc   # where latency is measured (backends/select.backend_for(pipe.spec, pipe.rpc, ...))
         if search:
             from .search import run_search
 
@@ -61,7 +79,11 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
             built = build_hybrid(pipe, evaluate=evaluate, measure_latency=measure_latency)
         else:
             built = pipe.build()
-        result = finish(pipe, built, measure_latency=measure_latency)
+        try:
+            result = finish(pipe, built, measure_latency=measure_latency, backend=latency_backend)
+        finally:
+            if latency_backend is not None:
+                latency_backend.close()
     result.report["timings_s"]["total"] = time.perf_counter() - t0
     return result
 
@@ -75,7 +97,7 @@ def internal_errors(stage: str):
 
     try:
         yield
-    except (InternalError, KeyboardInterrupt, MemoryError):
+    except (InternalError, RemoteError, KeyboardInterrupt, MemoryError):   # RemoteError: the device setup, not a bug
         raise
     except BackendError as e:
         raise InternalError(f"a model made by hago_py failed in the backend during {stage} ({e}); this is a "

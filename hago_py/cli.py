@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--max-calib-samples", type=int, default=512)
     q.add_argument("--no-latency", action="store_true", help="skip the FP32-vs-quantized timing (with --search: "
                    "latency predicted by the spec's cost model instead of measured)")
+    q.add_argument("--rpc", metavar="HOST:PORT:KEY", help="time FP32 vs quantized ON THE DEVICE over TVM RPC: a "
+                   "tracker HOST:PORT and the device's KEY (HOST:PORT alone: an rpc_server without tracker); both "
+                   "models are compiled here with TVM for the target's tvm_target (not with --search yet)")
+    q.add_argument("--rpc-cc", metavar="CC", help="with --rpc: cross compiler that links the library for a foreign "
+                   "target (e.g. aarch64-linux-gnu-g++)")
     q.add_argument("--quiet", "-q", action="store_true")
     s = q.add_argument_group("hardware-aware search (per-layer configurations by measured accuracy and latency)")
     s.add_argument("--search", action="store_true", help="search per-layer bits / granularity / FP32 fallback; "
@@ -168,7 +173,16 @@ def _cmd_quantize(a) -> int:
         search = dict(search=True, accuracy_budget=a.accuracy_budget, latency_budget=a.latency_budget,
                       time_budget=a.time_budget, resume=a.resume,
                       checkpoint=a.checkpoint or str(out.with_suffix(".search.json")))
-    res = api.quantize(a.model, a.calib, a.target, progress=not a.quiet, measure_latency=not a.no_latency,
+    rpc = None
+    if a.rpc_cc and not a.rpc:
+        raise OptionError("--rpc-cc only applies with --rpc HOST:PORT:KEY")
+    if a.rpc:
+        import dataclasses
+
+        from .backends.tvm.rpc import parse_rpc
+
+        rpc = dataclasses.replace(parse_rpc(a.rpc), cc=a.rpc_cc) if a.rpc_cc else parse_rpc(a.rpc)
+    res = api.quantize(a.model, a.calib, a.target, progress=not a.quiet, measure_latency=not a.no_latency, rpc=rpc,
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
                        granularity="hybrid" if a.hybrid else a.granularity, weight_scheme=a.weight_scheme,
                        hybrid_budget=a.hybrid_budget, multipoint_points=a.multipoint_points,
@@ -191,6 +205,8 @@ def _cmd_quantize(a) -> int:
     lat = res.report.get("latency")
     if lat:
         msg += f"; {'measured' if lat['measured'] else 'predicted'} speedup {lat['speedup']:.2f}x vs FP32"
+        if lat.get("where"):
+            msg += f" on {lat['where']}"
     if a.search:
         s, c = res.report["search"], res.report["search"]["counts"]
         msg += (f"; search: {s['metric']['name']} drop {res.chosen['drop']:+.4g} ({s['metric']['kind']}), "

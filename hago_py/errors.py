@@ -38,6 +38,11 @@ class BackendError(HagoError):
     """A backend could not compile, run or time a model."""
 
 
+class RemoteError(BackendError):
+    """A remote device (TVM RPC tracker / server, rpc= option) cannot be reached or used: the setup, not a model
+    (api.internal_errors passes it through instead of blaming hago_py)."""
+
+
 class OptionError(HagoError):
     """An option passed to the API / CLI is invalid or inconsistent with the target."""
 

@@ -44,6 +44,10 @@ def _progress(enabled: bool, msg: str) -> None:
 
 
 class Pipeline:
+    #: where latency is measured: None (this machine / the cost model, as the spec allows) or api.quantize's rpc=
+    #: (TVM RPC to the device; hago_py.backends.select.backend_for(self.spec, self.rpc, self.opts.threads))
+    rpc = None
+
     def __init__(self, model, calibration, target="x86_avx2", opts: Optional[QuantOptions] = None, *,
                  progress: bool = False, base_dir=None):
         t0 = time.perf_counter()

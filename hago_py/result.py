@@ -95,15 +95,21 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True, backen
         _progress(pipe.progress, f"artifact check: {'ok' if chk.ok else 'FLOAT FALLBACK'}; integer kernels "
                                  f"{chk.integer_kernels}; SQNR fused {chk.sqnr_fused_db:.1f} dB / simulated "
                                  f"{chk.sqnr_simulated_db:.1f} dB")
-    if measure_latency and spec.backend.get("name") == "ort":
+    remote = backend is not None and getattr(backend, "rpc", None) is not None   # TVM RPC (api.quantize rpc=)
+    tvm_be = backend is not None and getattr(backend, "name", "") == "tvm"   # backends/select.py chose TVM
+    if measure_latency and (spec.backend.get("name") == "ort" or tvm_be):
         feed = pipe.timing_feed()
         be = backend if backend is not None else OrtBackend(threads=opts.threads)
         tr = be.time({"fp32": pipe.reference, "int8": qmodel}, feed,
                                                    repeats=opts.timing_repeats, warmup=3)
         report["latency"] = {"measured": True, "speedup": tr.speedup("int8"),
                              "speedup_spread": tr.speedup_spread("int8"), **tr.to_dict()}
+        if remote:
+            report["latency"]["where"] = tr.meta.get("remote_device")
         _progress(pipe.progress, f"measured speedup {tr.speedup('int8'):.2f}x vs FP32 (batch 1, "
-                                 f"{opts.threads} thread(s))")
+                                 f"{opts.threads} thread(s)"
+                                 + (f", on {tr.meta.get('remote_device')} via {tr.meta.get('rpc_endpoint')}"
+                                    if remote else "") + ")")
     return Result(model=qmodel, plan=plan, report=report, fp32_model=pipe.prepared)
 
 

@@ -82,6 +82,8 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
         sp = lat["speedup_spread"]
         lines.append(f"- latency: **{lat['speedup']:.2f}x** vs FP32 ({'measured' if lat['measured'] else 'predicted'}"
                      f", batch 1, {lat['threads']} thread(s)"
+                     + (f", TVM on {lat['where']} via {lat.get('meta', {}).get('rpc_endpoint')}" if lat.get('where')
+                        else "")
                      + (f", interleaved; per-round ratio p10–p90 {sp['p10']:.2f}–{sp['p90']:.2f})" if lat['measured']
                         else f"; {lat.get('source', 'cost model')})"))
     chk = r.get("artifact_check")

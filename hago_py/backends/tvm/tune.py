@@ -116,6 +116,11 @@ def _progress_callback(say: Callable[[str], None], total: int):
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             state["n"] += len(runner_results)
+            errs = [r.error_msg for r in builder_results if getattr(r, "error_msg", None)]
+            if errs:       # MetaSchedule only logs "Build errors: N": say why
+                first = str(errs[0]).strip().splitlines()
+                say(f"task {task_id}: {len(errs)} candidate build(s) failed: {(first[-1] if first else '')[:300]}")
+                state.setdefault("build_errors", []).append(str(errs[0])[-2000:])
             secs = [min(float(s) for s in r.run_secs) for r in runner_results if r.run_secs]
             if secs:
                 state["best"][task_id] = min(state["best"].get(task_id, 1e30), min(secs))
