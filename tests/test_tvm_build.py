@@ -224,3 +224,24 @@ def test_static_shapes_for_tuning(tmp_path):
     x = calib(seed=3, n=2)["input"]
     got = build_mod.run_library(tmp_path / "host" / "model.so", [x])[0]
     assert got.shape[0] == 2
+
+
+def test_tuning_builder_skips_the_intrinsic_registry():
+    """MetaSchedule's default builder imports tvm.s_tir.tensor_intrin in every fresh worker (a minute of CPU on a
+    2-core host); ours builds the scheduled candidate without it, and the result runs correctly."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, tvm\n"
+            "from tvm import te\n"
+            "from hago_py.backends.tvm.tune import build_candidate\n"
+            "A = te.placeholder((64,), name='A', dtype='int32')\n"
+            "B = te.compute((64,), lambda i: A[i] * 3 + 1, name='B')\n"
+            "f = build_candidate(tvm.IRModule({'main': te.create_prim_func([A, B])}), tvm.target.Target('llvm'))\n"
+            "a = tvm.runtime.tensor(np.arange(64, dtype='int32')); b = tvm.runtime.tensor(np.zeros(64, 'int32'))\n"
+            "f['main'](a, b)\n"
+            "assert (b.numpy() == np.arange(64) * 3 + 1).all()\n"
+            "print('tvm.s_tir.tensor_intrin' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

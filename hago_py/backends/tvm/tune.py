@@ -106,6 +106,20 @@ def compile_module(mod, target, db_dir=None):
         return relax.build(mod, target=target)
 
 
+def build_candidate(mod, target, _params=None):
+    """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``.
+
+    That import parses ~500 TVMScript intrinsics: 60-140 s of CPU on a 2-core AMD EPYC (2026-12-04), and
+    ``LocalBuilder`` starts fresh worker processes for every batch of candidates, so each batch of builds took
+    about a minute even for a 64-element add (in-process ``tvm.compile`` of the same candidate: 0.03-0.3 s).
+    The builder gets the already scheduled (and, where a rule tensorized it, already tensorized) PrimFunc, so
+    the intrinsic registry is not needed to build it."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
 def _progress_callback(say: Callable[[str], None], total: int):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -133,10 +147,11 @@ def _progress_callback(say: Callable[[str], None], total: int):
 
 def tune_module(mod, target, db_dir, trials: int, *, progress: bool = True, per_iter: int = 16,
                 max_trials_per_task: Optional[int] = None, seed: Optional[int] = None,
-                strategy: str = "evolutionary", build_timeout_s: float = 120.0) -> Dict[str, Any]:
+                strategy: Any = "evolutionary", build_timeout_s: float = 120.0) -> Dict[str, Any]:
     """Tune the raw Relax ``mod`` for ``target`` with ``trials`` measured trials into ``db_dir`` (reused).
-    ``build_timeout_s``: per-candidate build limit (MetaSchedule's default, 30 s, times out every candidate of a
-    conv on a loaded 2-core machine, and the task then gets no record)."""
+    ``build_timeout_s``: per-candidate build limit (a task whose candidates all time out gets no record).
+    Candidates are built by :func:`build_candidate` (MetaSchedule's own builder spends a minute per batch
+    importing the tensor-intrinsic registry)."""
     if not isinstance(trials, int) or trials < 1:
         raise OptionError(f"trials={trials!r} is invalid; pass a positive number of measured trials (e.g. 64)")
     try:
@@ -159,7 +174,8 @@ def tune_module(mod, target, db_dir, trials: int, *, progress: bool = True, per_
                                         max_trials_per_task=max_trials_per_task,
                                         num_trials_per_iter=min(per_iter, trials), database=open_database(db_dir),
                                         measure_callbacks=callbacks, seed=seed, strategy=strategy,
-                                        builder=ms.builder.LocalBuilder(timeout_sec=float(build_timeout_s)))
+                                        builder=ms.builder.LocalBuilder(timeout_sec=float(build_timeout_s),
+                                                                        f_build=build_candidate))
     except Exception as e:
         raise BackendError(f"MetaSchedule tuning for {target.kind.name} failed ({type(e).__name__}); the database "
                            f"'{db_dir}' keeps every record measured so far: rerun to resume",
