@@ -42,7 +42,9 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
     ``{"host": ..., "port": ...}`` or ``"host:port:key"`` (hago_py/backends/tvm/rpc.py; optional "target": a TVM
     target dict or "host", default the spec's tvm_target; "cc": the cross compiler for a foreign target). The
     FP32 and quantized models are compiled here with TVM and timed interleaved on the remote
-    (hago_py/backends/select.py). Not wired into search=True yet (OptionError).
+    (hago_py/backends/select.py); with search=True every trial is timed there too (hago_py/search/timer.py) while
+    accuracy is measured here, and the report's ``latency.measured_on`` / ``search.latency_source.measured_on``
+    name the device.
     """
     t0 = time.perf_counter()
     opts = QuantOptions.from_kwargs(**options)
@@ -52,40 +54,49 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
                                                      checkpoint, search_options)) or resume):
         raise OptionError("evaluate / accuracy_budget / latency_budget / time_budget / checkpoint / resume / "
                           "search_options only apply to a search: pass search=True")
-    latency_backend = None
-    if rpc is not None:
-        if search:
-            raise OptionError("rpc= is not wired into search=True yet (the search times every trial with its own "
-                              "backend): quantize with search=False to measure the result on the device, or drop rpc")
-        if not measure_latency:
-            raise OptionError("rpc= only measures latency on the device; drop measure_latency=False or rpc")
-        from .backends.select import select_backend
-        from .hw import load_spec
+    latency_backend = _remote_backend(rpc, target, opts.threads, measure_latency, search_options)
+    try:
+        with internal_errors("quantize"):
+            pipe = Pipeline(model, calibration, target, opts, progress=progress, base_dir=base_dir)
+            pipe.rpc = rpc   # where latency is measured (backends/select.backend_for(pipe.spec, pipe.rpc, ...))
+            if search:
+                from .search import run_search
 
-        latency_backend = select_backend(load_spec(target), rpc=rpc, threads=opts.threads).backend
-        latency_backend.remote_session()   # an unreachable device fails now, before calibration
-    with internal_errors("quantize"):
-        pipe = Pipeline(model, calibration, target, opts, progress=progress, base_dir=base_dir)
-        pipe.rpc = rpc   # where latency is measured (backends/select.backend_for(pipe.spec, pipe.rpc, ...))
-        if search:
-            from .search import run_search
+                extra = dict(search_options or {})
+                if latency_backend is not None:   # the one session to the device, for every trial
+                    extra["latency_backend"] = latency_backend
+                return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget,
+                                  latency_budget=latency_budget, time_budget=time_budget, checkpoint=checkpoint,
+                                  resume=resume, measure_latency=measure_latency, **extra)
+            if opts.granularity == "hybrid":  # per-layer granularity by sensitivity and latency gain (quant/hybrid.py)
+                from .quant.hybrid import build_hybrid
 
-            return run_search(pipe, evaluate=evaluate, accuracy_budget=accuracy_budget,
-                              latency_budget=latency_budget, time_budget=time_budget, checkpoint=checkpoint,
-                              resume=resume, measure_latency=measure_latency, **dict(search_options or {}))
-        if opts.granularity == "hybrid":  # per-layer granularity by sensitivity and latency gain (quant/hybrid.py)
-            from .quant.hybrid import build_hybrid
-
-            built = build_hybrid(pipe, evaluate=evaluate, measure_latency=measure_latency)
-        else:
-            built = pipe.build()
-        try:
+                built = build_hybrid(pipe, evaluate=evaluate, measure_latency=measure_latency)
+            else:
+                built = pipe.build()
             result = finish(pipe, built, measure_latency=measure_latency, backend=latency_backend)
-        finally:
-            if latency_backend is not None:
-                latency_backend.close()
+    finally:
+        if latency_backend is not None:
+            latency_backend.close()
     result.report["timings_s"]["total"] = time.perf_counter() - t0
     return result
+
+
+def _remote_backend(rpc, target, threads: int, measure_latency: bool, search_options):
+    """quantize(rpc=...): the TVM RPC latency backend, its device reached now (before calibration); else None."""
+    if rpc is None:
+        return None
+    if not measure_latency:
+        raise OptionError("rpc= only measures latency on the device; drop measure_latency=False or rpc")
+    if search_options and search_options.get("latency_backend") is not None:
+        raise OptionError("rpc= and search_options['latency_backend'] both say where latency is measured; pass "
+                          "one of them")
+    from .backends.select import select_backend
+    from .hw import load_spec
+
+    backend = select_backend(load_spec(target), rpc=rpc, threads=threads).backend
+    backend.remote_session()   # an unreachable device fails now, before calibration
+    return backend
 
 
 @contextlib.contextmanager

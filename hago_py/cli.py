@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                    "latency predicted by the spec's cost model instead of measured)")
     q.add_argument("--rpc", metavar="HOST:PORT:KEY", help="time FP32 vs quantized ON THE DEVICE over TVM RPC: a "
                    "tracker HOST:PORT and the device's KEY (HOST:PORT alone: an rpc_server without tracker); both "
-                   "models are compiled here with TVM for the target's tvm_target (not with --search yet)")
+                   "models are compiled here with TVM for the target's tvm_target (with --search: every trial is "
+                   "timed there, accuracy is measured here)")
     q.add_argument("--rpc-cc", metavar="CC", help="with --rpc: cross compiler that links the library for a foreign "
                    "target (e.g. aarch64-linux-gnu-g++)")
     q.add_argument("--quiet", "-q", action="store_true")

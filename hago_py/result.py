@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import onnx
 
+from .backends.base import measured_on
 from .backends.ort import OrtBackend
 from .errors import OptionError
 from .ir.io import check_writable, model_bytes, write_all
@@ -103,7 +104,8 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True, backen
         tr = be.time({"fp32": pipe.reference, "int8": qmodel}, feed,
                                                    repeats=opts.timing_repeats, warmup=3)
         report["latency"] = {"measured": True, "speedup": tr.speedup("int8"),
-                             "speedup_spread": tr.speedup_spread("int8"), **tr.to_dict()}
+                             "speedup_spread": tr.speedup_spread("int8"), "measured_on": measured_on(be),
+                             **tr.to_dict()}
         if remote:
             report["latency"]["where"] = tr.meta.get("remote_device")
         _progress(pipe.progress, f"measured speedup {tr.speedup('int8'):.2f}x vs FP32 (batch 1, "

@@ -64,3 +64,48 @@ def test_search_uses_the_backend_passed_in(monkeypatch):
     assert ["fp32", "int8"] in fake.timed                             # the chosen plan's final latency
     assert res.report["latency"]["measured"] is True
     assert res.report["search"]["latency_source"]["kind"] == "measured"
+
+
+def test_default_x86_search_times_with_ort(monkeypatch, tmp_path):
+    """No rpc, an x86 spec this host runs: the search's own ORT backend times every trial (the same sessions as
+    for accuracy), no TVM backend is made, and the checkpoint's identity keeps the words of earlier runs."""
+    import json
+
+    import pytest
+
+    import hago_py.backends.tvm.backend as tvm_backend   # imports no tvm (only its functions do)
+    from hago_py.search.evaluators import target_reachable
+    from hago_py.search.timer import choose_timer
+
+    pipe = Pipeline(mlp3(), mlp_calib(), "x86_avx2", QuantOptions(check_artifact=False))
+    if not target_reachable(pipe.spec)[0]:
+        pytest.skip("this host cannot run the x86_avx2 spec with ORT (the search predicts it)")
+
+    def no_tvm(*a, **kw):
+        raise AssertionError("the default x86 path made a TvmBackend")
+
+    monkeypatch.setattr(tvm_backend.TvmBackend, "__init__", no_tvm)
+    timer = choose_timer(pipe)
+    assert timer.backend is None and timer.reachable and not timer.owned   # None: the search's own backend
+    timed = []
+    time_ = OrtBackend.time
+
+    def counting_time(self, artifacts, *a, **kw):
+        timed.append(sorted(artifacts))
+        return time_(self, artifacts, *a, **kw)
+
+    monkeypatch.setattr(ort_mod.OrtBackend, "time", counting_time)
+    ckpt = tmp_path / "search.json"
+    res = run_search(pipe, accuracy_budget=0.5, proxy_samples=8, sensitivity_samples=4, max_plan_trials=3,
+                     variant_layers=0, refine_moves=0, timing=FAST, checkpoint=ckpt)
+    assert any("fp32" in t and "plan" in t for t in timed) and ["fp32", "int8"] in timed
+    assert any("ref" in t and len(t) > 1 for t in timed)                          # the layer table, in place
+    src = res.report["search"]["latency_source"]
+    assert src["kind"] == "measured" and src["measured_on"] == "ORT local (CPUExecutionProvider)"
+    assert src["why"] == target_reachable(pipe.spec)[1]
+    assert res.report["latency"]["measured_on"] == src["measured_on"]
+    assert res.report["latency"]["meta"]["backend"] == "onnxruntime"
+    identity = json.loads(ckpt.read_text())["identity"]
+    assert identity["latency"] == ("measured: ONNX Runtime CPU, 1 thread(s), batch 1, round-robin interleaved; "
+                                   "ratios of each model's p10 round time (robust on a shared machine), per-round "
+                                   "paired medians recorded beside them")

@@ -1,6 +1,7 @@
 """TVM RPC measurement (hago_py/backends/tvm/rpc.py): a tracker and a server on 127.0.0.1 (subprocesses, killed in
 the fixture's finalizer), a tiny QDQ model and its FP32 twin compiled here for the host, uploaded, run and timed
-on the remote through the tracker; outputs equal the local TVM build's bit for bit."""
+on the remote through the tracker; outputs equal the local TVM build's bit for bit. quantize(search=True, rpc=...)
+times every search trial there (accuracy measured here)."""
 from __future__ import annotations
 
 import os
@@ -209,6 +210,34 @@ def test_backend_for():
     assert be.target.get("mcpu") != "znver3" or "sse4a" in open("/proc/cpuinfo").read()
 
 
+def test_search_timer_per_spec():
+    """search/timer.py: the search's latency backend for each case (nothing connects before a compile)."""
+    from types import SimpleNamespace
+
+    from hago_py.backends.select import host_arch
+    from hago_py.hw import load_spec
+    from hago_py.search.timer import choose_timer
+
+    if host_arch() != "x86_64":
+        pytest.skip("the choices below are written for an x86-64 host")
+
+    def pipe(spec, rpc=None):
+        return SimpleNamespace(spec=load_spec(spec) if isinstance(spec, str) else spec, rpc=rpc,
+                               opts=SimpleNamespace(threads=1))
+
+    t = choose_timer(pipe(_spec_with_runtime("x86_avx2", "tvm")))        # TVM runtime on this host's arch
+    assert isinstance(t.backend, TvmBackend) and t.backend.rpc is None and t.owned and t.reachable
+    assert t.backend.describe().startswith("TVM local (")
+    t = choose_timer(pipe("arm_cortex_a72", rpc={"tracker": "10.0.0.9:9190", "key": "rasp4"}))
+    assert isinstance(t.backend, TvmBackend) and t.owned and t.reachable
+    assert t.backend.describe().startswith("TVM RPC rasp4@10.0.0.9:9190") and "aarch64" in t.backend.describe()
+    t = choose_timer(pipe("arm_cortex_a72"))                                 # not measurable here: predicted
+    assert t.backend is None and not t.reachable and "rpc=" in t.why
+    given = TvmBackend(target=TARGET)
+    t = choose_timer(pipe("x86_avx2"), given)
+    assert t.backend is given and not t.owned and "latency_backend passed in" in t.why
+
+
 def test_quantize_measures_on_the_remote(remote):
     tport, _, _ = remote
     r = hago_py.quantize(small_cnn(), calib(n=8), "x86_avx2", check_artifact=False, timing_repeats=10,
@@ -219,11 +248,71 @@ def test_quantize_measures_on_the_remote(remote):
     assert all(m["repeats"] == 10 for m in lat["models"].values()) and lat["speedup"] > 0
 
 
+def test_search_times_every_trial_on_the_remote(remote, monkeypatch):
+    """quantize(search=True, rpc=...): accuracy here (ORT), every latency trial timed on the RPC device."""
+    from hago_py.backends.ort import OrtBackend
+    from hago_py.backends.tvm import rpc as rpc_mod
+
+    from test_search import mlp3, mlp_calib
+
+    tport, _, _ = remote
+    remote_rounds, ort_timed = [], []
+    rpc_time, ort_time = rpc_mod.time, OrtBackend.time
+
+    def counting_rpc_time(arts, *a, **kw):
+        remote_rounds.append(sorted(arts))
+        return rpc_time(arts, *a, **kw)
+
+    def counting_ort_time(self, artifacts, *a, **kw):
+        ort_timed.append(sorted(artifacts))
+        return ort_time(self, artifacts, *a, **kw)
+
+    monkeypatch.setattr(rpc_mod, "time", counting_rpc_time)
+    monkeypatch.setattr(OrtBackend, "time", counting_ort_time)
+    fast = {"plan_min_time_s": 0.0, "layer_min_time_s": 0.0, "plan_repeats": 3, "layer_repeats": 3,
+            "retime_min_time_s": 0.0}
+    t0 = time.time()
+    res = hago_py.quantize(mlp3(), mlp_calib(), "x86_avx2", search=True, accuracy_budget=0.05, check_artifact=False,
+                           timing_repeats=4, rpc={"tracker": f"127.0.0.1:{tport}", "key": KEY, "target": "host"},
+                           search_options=dict(proxy_samples=8, sensitivity_samples=4, max_plan_trials=5,
+                                               variant_layers=0, refine_moves=0, timing=fast))
+    seconds = time.time() - t0
+    src = res.report["search"]["latency_source"]
+    assert src["kind"] == "measured" and src["target_reachable"]
+    where = f"{KEY}@127.0.0.1:{tport}"
+    assert src["measured_on"].startswith("TVM RPC " + where) and where in src["description"]
+    assert "rpc= given" in src["why"]
+    assert any("fp32" in r and "plan" in r for r in remote_rounds)                 # end-to-end plan trials
+    assert any("ref" in r and "fp32" in r and len(r) > 2 for r in remote_rounds)   # the layer table, in place
+    assert ["fp32", "int8"] in remote_rounds                                        # the chosen plan's latency
+    assert not ort_timed, ort_timed                                                 # nothing timed on ORT here
+    lat = res.report["latency"]
+    assert lat["measured"] and lat["meta"]["backend"] == "tvm" and KEY in lat["where"]
+    assert lat["measured_on"] == src["measured_on"]
+    trials = res.report["search"]["trials"]
+    assert all(t["latency"] == "measured" for t in trials if t["kind"] in ("plan", "layer"))
+    layer = [c for t in trials if t["kind"] == "layer" for c in t["candidates"].values() if "failed" not in c]
+    assert layer and all(c["ratio"] > 0 for c in layer)
+    # the result is a valid quantized model: it runs in ORT and stays close to FP32 on the calibration data
+    assert res.plan.quantized_layers() and res.chosen is not None and res.chosen["drop"] <= 0.05
+    x = mlp_calib()["x"][:16]
+    sess = OrtBackend().compile(res.model)
+    y_q = OrtBackend().run(sess, {"x": x})[0]
+    y_f = OrtBackend().run(OrtBackend().compile(mlp3()), {"x": x})[0]
+    assert np.all(np.isfinite(y_q)) and np.sum((y_q - y_f) ** 2) / np.sum(y_f ** 2) < 0.05
+    print(f"search over RPC: {seconds:.1f} s, {len(trials)} trials, {len(remote_rounds)} remote timings, chosen "
+          f"{res.chosen['speedup']:.3f}x")
+
+
 def test_quantize_rpc_errors():
     from hago_py.errors import OptionError, RemoteError
 
-    with pytest.raises(OptionError, match="search"):
-        hago_py.quantize(small_cnn(), calib(n=8), "x86_avx2", search=True, rpc="127.0.0.1:1:k")
+    with pytest.raises(OptionError, match="measure_latency"):
+        hago_py.quantize(small_cnn(), calib(n=8), "x86_avx2", search=True, measure_latency=False,
+                         rpc="127.0.0.1:1:k")
+    with pytest.raises(OptionError, match="latency_backend"):
+        hago_py.quantize(small_cnn(), calib(n=8), "x86_avx2", search=True, rpc="127.0.0.1:1:k",
+                         search_options={"latency_backend": TvmBackend()})
     port = _free_port()
     t0 = time.time()
     with pytest.raises(RemoteError, match=f"127.0.0.1:{port}"):   # before any calibration work

@@ -3,6 +3,7 @@
 compile(model, target) -> artifact       build something runnable for the target
 run(artifact, feeds) -> list of outputs   execute one batch
 time(artifacts, feed) -> TimingResult     time several artifacts interleaved in one process
+describe() -> str                         where it measures, for reports ("ORT local (...)", "TVM RPC key@host:port")
 
 Timing rules (shared 2-core machines): warm up, then round-robin the artifacts, one call each per
 round, so drift and other tenants hit all of them alike; report median and spread per artifact and
@@ -88,3 +89,13 @@ class Backend(Protocol):
 
     def time(self, artifacts: Mapping[str, Any], feed: Mapping[str, np.ndarray], *,
              repeats: int = 50, warmup: int = 5) -> TimingResult: ...
+
+    def describe(self) -> str: ...
+
+
+def measured_on(backend) -> str:
+    """Where ``backend`` measures latency, as reports label it: its ``describe()``, else its name."""
+    describe = getattr(backend, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return f"{getattr(backend, 'name', type(backend).__name__)} (this machine)"

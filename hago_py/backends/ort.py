@@ -142,6 +142,10 @@ class OrtBackend:
         self.threads = int(threads)
         self.providers = providers or ["CPUExecutionProvider"]
 
+    def describe(self) -> str:
+        """Where this backend measures, for reports: 'ORT local (CPUExecutionProvider)'."""
+        return f"ORT local ({', '.join(self.providers)})"
+
     # -- protocol ---------------------------------------------------------------------------
     def compile(self, model, target: Mapping[str, Any] | None = None, *, optimization: str = "all",
                 optimized_model_path: str | None = None):

@@ -83,7 +83,7 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
         lines.append(f"- latency: **{lat['speedup']:.2f}x** vs FP32 ({'measured' if lat['measured'] else 'predicted'}"
                      f", batch 1, {lat['threads']} thread(s)"
                      + (f", TVM on {lat['where']} via {lat.get('meta', {}).get('rpc_endpoint')}" if lat.get('where')
-                        else "")
+                        else f", {lat['measured_on']}" if lat['measured'] and lat.get('measured_on') else "")
                      + (f", interleaved; per-round ratio p10–p90 {sp['p10']:.2f}–{sp['p90']:.2f})" if lat['measured']
                         else f"; {lat.get('source', 'cost model')})"))
     chk = r.get("artifact_check")
@@ -164,7 +164,9 @@ def render_search_markdown(s: Dict[str, Any], pareto_image: Optional[str] = None
                                              else "none") +
                  "; latency " + (f">= {_g(lat_b)}x speed-up" if lat_b is not None else "none") +
                  "; time " + (f"{_g(time_b)} s" if time_b is not None else "none") + f" — objective: {s['objective']}")
-    lines.append(f"- latency: **{lat['kind']}** — {lat['description']}"
+    on = lat.get("measured_on")
+    lines.append(f"- latency: **{lat['kind']}**" + (f" ({on})" if on and on not in lat["description"] else "")
+                 + f" — {lat['description']}"
                  + ("" if lat["kind"] == "measured" else f" (target not measurable here: {lat['why']})"
                     if not lat.get("target_reachable") else ""))
     sp = s.get("space", {})

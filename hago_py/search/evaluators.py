@@ -10,8 +10,9 @@ Accuracy
     FP32 is recorded beside it.
 
 Latency (every figure carries ``"measured"`` or ``"predicted"``)
-    ``MeasuredLatency``: ONNX Runtime on this machine, batch 1, round-robin interleaved timing; speed-ups are
-    medians of per-round paired ratios, so drift and other tenants hit both sides alike.
+    ``MeasuredLatency``: the latency backend (ONNX Runtime on this machine, TVM here or over TVM RPC on the
+    device: hago_py.backends.select), batch 1, round-robin interleaved timing; speed-ups are medians of per-round
+    paired ratios, so drift and other tenants hit both sides alike.
     ``PredictedLatency``: the spec's roofline cost model (hago_py.hw.cost) per node of the plan, plus the
     memory traffic of the quantize / dequantize conversions at the int8 region's boundaries; for targets this
     machine cannot run (T4, ARM) and for deterministic runs.
@@ -27,6 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
+from ..backends.base import measured_on
 from ..backends.ort import OrtBackend
 from ..errors import OptionError, SearchError
 from ..hw.cost import predict_layer_latency
@@ -222,9 +224,14 @@ class MeasuredLatency:
         self.warmup = warmup
 
     def describe(self) -> str:
-        return (f"measured: ONNX Runtime CPU, {self.backend.threads} thread(s), batch 1, round-robin interleaved; "
+        # ORT keeps the words its checkpoints were written with (a run's identity includes this text)
+        on = "ONNX Runtime CPU" if getattr(self.backend, "name", "ort") == "ort" else measured_on(self.backend)
+        return (f"measured: {on}, {self.backend.threads} thread(s), batch 1, round-robin interleaved; "
                 f"ratios of each model's p{LOW_QUANTILE} round time (robust on a shared machine), per-round paired "
                 "medians recorded beside them")
+
+    def where(self) -> str:
+        return measured_on(self.backend)
 
     def compare(self, sessions: Mapping[str, Any], *, layer: bool = False) -> Dict[str, Dict[str, float]]:
         """Time ``sessions`` interleaved; the first is the baseline. Returns per label: ratio (baseline / label,
@@ -265,6 +272,9 @@ class PredictedLatency:
         return (f"predicted: roofline cost model of spec {self.spec.name} (int8 peak "
                 f"{self.cm.peak_int8_ops_per_s:.3g} op/s, FP32 peak {self.cm.peak_fp32_flops_per_s:.3g} FLOP/s, "
                 f"{self.bw:.3g} B/s) per node, plus Q/DQ traffic at the int8 region's boundaries")
+
+    def where(self) -> str:
+        return f"predicted by the cost model of spec {self.spec.name}"
 
     def _numel(self, t: str) -> int:
         s = self.shapes.get(t)
@@ -364,6 +374,9 @@ class FunctionLatency:
 
     def describe(self) -> str:
         return f"predicted: user latency function {self.name}(model, plan)"
+
+    def where(self) -> str:
+        return f"predicted by the user latency function {self.name}"
 
     def seconds(self, plan: Optional[QuantPlan], model: Optional[onnx.ModelProto] = None) -> float:
         v = float(self.fn(model, plan))

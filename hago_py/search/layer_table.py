@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-from ..errors import HagoError
+from ..errors import HagoError, RemoteError
 from .checkpoint import stable_hash
 from .space import FP32
 from .state import _TableTime
@@ -48,23 +48,27 @@ def layer_table(tr: Trials) -> Tuple[Dict[str, Dict[str, Any]], Dict[Tuple[str, 
             if not primed:
                 _prime_structural(tr, groups)
                 primed = True
-            sessions, res = {"ref": tr.ref_session()}, {}
+            measured = tr.lat_kind == "measured"
+            sessions, res = ({"ref": tr.ref_timed()} if measured else {}), {}
             for key in cands:
                 try:
                     built = tr.build(dict(tr.ref_assign, **{node: key}))
                     sess = tr.session(built.model)
+                    timed = tr.timed(built.model, sess) if measured else None
+                except RemoteError:   # the device, not the candidate
+                    raise
                 except BUILD_ERRORS as e:
                     res[key] = {"failed": failure(e)}
                     continue
                 res[key] = dict(tr.sens_proxy.paired(sess, tr.ref_errors()),
                                 n_quantized=len(built.plan.quantized_layers()))
-                if tr.lat_kind == "measured":
-                    sessions[key] = sess
+                if measured:
+                    sessions[key] = timed
                     res[key]["prior_s"] = tr.prior.seconds(built.plan)
                 else:
                     s = tr.lat.seconds(built.plan, built.model)
                     res[key].update(seconds=s, dlat=(s - tr.ref_seconds()) / tr.fp32_s)
-            if tr.lat_kind == "measured" and len(sessions) > 1:
+            if measured and len(sessions) > 1:
                 r = tr.lat.compare(sessions, layer=True)
                 for key in sessions:
                     if key != "ref":

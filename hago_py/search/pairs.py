@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
+from ..errors import RemoteError
 from .boundaries import fit_cost, layer_edges
 from .checkpoint import stable_hash
 from .space import FP32
@@ -69,13 +70,16 @@ def boundary_pass(tr: Trials) -> Boundaries:
         payload = {"pair": [e.u, e.v], "ref": ref_hash}
 
         def run(e=e):
+            measured = tr.lat_kind == "measured"
             try:
                 built = tr.build(dict(tr.ref_assign, **{e.u: FP32, e.v: FP32}))
-                sess = tr.session(built.model)
+                timed = tr.timed(built.model) if measured else None
+            except RemoteError:   # the device, not the pair
+                raise
             except BUILD_ERRORS as err:
                 return {"pair": [e.u, e.v], "failed": failure(err)}
-            if tr.lat_kind == "measured":
-                r = tr.lat.compare({"ref": tr.ref_session(), "pair": sess}, layer=True)["pair"]
+            if measured:
+                r = tr.lat.compare({"ref": tr.ref_timed(), "pair": timed}, layer=True)["pair"]
                 return {"pair": [e.u, e.v], "ratio": r["ratio"], "se": r["se"]}
             s = tr.lat.seconds(built.plan, built.model)
             return {"pair": [e.u, e.v], "dlat": (s - tr.ref_seconds()) / tr.fp32_s}

@@ -2,7 +2,8 @@
 
 Input: the trial runner with every measured point in its state. ``finish`` chooses the fastest plan within
 the accuracy budget (or the most accurate within the latency budget), builds it and hands it to
-hago_py.result.finish (deployability, output gate, artifact check, latency through the search's backend),
+hago_py.result.finish (deployability, output gate, artifact check, latency through the search's latency
+backend),
 then adds the Pareto front, the chosen point and ``report["search"]``; a SearchError naming the closest
 point when no quantized plan meets the budgets. Output: a hago_py.result.Result.
 """
@@ -38,12 +39,12 @@ def finish(tr: Trials) -> Result:
     full = st.full[chosen["id"]]
     built = tr.build(full)
     measured = tr.lat_kind == "measured"
-    result = finish_result(tr.pipe, built, measure_latency=measured, backend=tr.backend)
+    result = finish_result(tr.pipe, built, measure_latency=measured, backend=tr.timer)
     if not measured:
         s = chosen["speedup"]
         result.report["latency"] = {"measured": False, "speedup": s, "threads": tr.opts.threads,
                                     "speedup_spread": {"median": s, "p10": s, "p90": s},
-                                    "source": tr.lat.describe()}
+                                    "source": tr.lat.describe(), "measured_on": tr.lat.where()}
     for p in front:
         p["on_front"] = True
     chosen = dict(chosen, chosen=True)
@@ -89,7 +90,7 @@ def search_report(tr: Trials, chosen, front, plan: QuantPlan) -> Dict[str, Any]:
                     "time_s": st.time_budget},
         "objective": ("fastest plan within the accuracy budget" if st.objective == "speed"
                       else "most accurate plan within the latency budget"),
-        "latency_source": {"kind": tr.lat_kind, "description": tr.lat.describe(),
+        "latency_source": {"kind": tr.lat_kind, "description": tr.lat.describe(), "measured_on": tr.lat.where(),
                            "target_reachable": tr.reachable, "why": tr.reach_why},
         "space": tr.space.describe(),
         "remedy": tr.remedy_info,

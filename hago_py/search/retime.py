@@ -1,5 +1,5 @@
 """The re-timing stage (measured latency only): the top feasible candidates timed again together with FP32 in
-one interleaved run through the backend, so the final choice compares them under the same conditions.
+one interleaved run through the latency backend, so the final choice compares them under the same conditions.
 Input: the trial runner (points in its state); output: the points' speed-ups, updated in place
 (``speedup_first`` keeps the first measure, ``retimed`` marks them)."""
 from __future__ import annotations
@@ -18,11 +18,11 @@ def retime(tr: Trials) -> None:
     keys = sorted(p["id"] for p in top)
 
     def run():
-        sessions = {"fp32": tr.fp_session}
+        sessions = {"fp32": tr.fp_timed()}
         for k in keys:
-            sessions[k] = tr.session(tr.build(st.full[k]).model)
+            sessions[k] = tr.timed(tr.build(st.full[k]).model)
         reps = max(st.timing["plan_repeats"], 20)
-        t = tr.backend.time(sessions, tr.feed, repeats=reps, warmup=3, min_time_s=st.timing["retime_min_time_s"])
+        t = tr.timer.time(sessions, tr.feed, repeats=reps, warmup=3, min_time_s=st.timing["retime_min_time_s"])
         base = t.baseline.samples
         out = {}
         for i, x in enumerate(t.timings[1:]):

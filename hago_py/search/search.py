@@ -23,6 +23,11 @@ outputs around one plain-data state (state.py) and one trial runner (trials.py) 
    budget), re-timed end to end by hago_py.result.finish through the same backend; the Pareto front of every
    measured plan; the log; a SearchError naming the closest point when no quantized plan meets the budgets.
 
+Where latency is measured (timer.py): models run for accuracy on the search's backend (ONNX Runtime) and are timed
+on the latency backend hago_py.backends.select picks for the spec and ``pipe.rpc`` — ONNX Runtime here for the
+x86 specs (the same sessions), TVM on this host, TVM over RPC on a device — or predicted by the cost model; the
+report's ``latency_source.measured_on`` names it.
+
 Every trial (configuration, metric, latency ratio, measured | predicted, seconds) is recorded in the log and
 in the checkpoint, written atomically after each one; ``resume`` replays the recorded trials and continues.
 """
@@ -44,6 +49,7 @@ from .pairs import PAIR_TRIALS, boundary_pass  # noqa: F401
 from .report import finish
 from .retime import retime
 from .state import DEFAULT_TIMING, TABLE_SHARE, SearchState, _OutOfTime, _TrialLimit
+from .timer import Timer, choose_timer
 from .trials import PROMISING_MARGIN, Trials  # noqa: F401
 
 DEFAULT_RELATIVE_BUDGET = 0.01   # no budget given: 1 % of the FP32 metric (proxy: fidelity 0.99, ~20 dB SQNR)
@@ -69,10 +75,10 @@ def _check_settings(values: Mapping[str, Any]) -> None:
 
 
 class _Search:
-    """The driver: one SearchState, one Trials runner (holding the backend), the stages in order."""
+    """The driver: one SearchState, one Trials runner (holding the backends), the stages in order."""
 
-    def __init__(self, pipe, backend, *, evaluate, accuracy_budget, latency_budget, time_budget, checkpoint,
-                 resume, measure_latency, latency, roundings, clipping, proxy_samples, sensitivity_samples,
+    def __init__(self, pipe, backend, timer: Timer, *, evaluate, accuracy_budget, latency_budget, time_budget,
+                 checkpoint, resume, measure_latency, latency, roundings, clipping, proxy_samples, sensitivity_samples,
                  include_simulated, variant_layers, max_plan_trials, refine_moves, timing, peers, on_trial):
         self.state = SearchState(
             accuracy_budget=_budget(accuracy_budget, "accuracy_budget"),
@@ -82,7 +88,7 @@ class _Search:
             timing=dict(DEFAULT_TIMING, **(timing or {})), peers=peers)
         if backend is None:
             backend = OrtBackend(threads=pipe.opts.threads)
-        self.tr = Trials(pipe, self.state, backend, evaluate=evaluate, checkpoint=checkpoint, resume=resume,
+        self.tr = Trials(pipe, self.state, backend, timer, evaluate=evaluate, checkpoint=checkpoint, resume=resume,
                          measure_latency=measure_latency, latency=latency, roundings=roundings, clipping=clipping,
                          proxy_samples=proxy_samples, sensitivity_samples=sensitivity_samples,
                          include_simulated=include_simulated, on_trial=on_trial)
@@ -116,9 +122,11 @@ class _Search:
                 if tr.opts.granularity == "hybrid":   # issue 14: the hybrid plan is one measured end-to-end point
                     from ..quant.hybrid import hybrid_assign
 
+                    # hybrid's own latency gains are timed with ONNX Runtime: predicted where ORT does not time
+                    ort_times = tr.lat_kind == "measured" and tr.timer is tr.backend
                     h_assign, st.hybrid_info = hybrid_assign(tr.pipe, tr.space, tr.ref_assign,
                                                              evaluate=tr.user.fn if tr.user else None,
-                                                             measure_latency=tr.lat_kind == "measured")
+                                                             measure_latency=ort_times)
                     tr.eval_plan(h_assign, "hybrid", f"hybrid granularity ({st.hybrid_info.get('per_tensor', 0)}"
                                                      " layers per-tensor, quant/hybrid.py)")
                 self._plan_table_deadline()
@@ -195,7 +203,8 @@ def run_search(pipe, *, evaluate: Optional[Callable[[onnx.ModelProto], float]] =
                clipping: Optional[Sequence[str]] = None, proxy_samples: int = 64, sensitivity_samples: int = 16,
                include_simulated: bool = False, variant_layers: int = 12, max_plan_trials: int = 24,
                refine_moves: int = 3, timing: Optional[Mapping[str, float]] = None, peers=None,
-               on_trial: Optional[Callable[[Dict[str, Any]], None]] = None, backend: Optional[Backend] = None):
+               on_trial: Optional[Callable[[Dict[str, Any]], None]] = None, backend: Optional[Backend] = None,
+               latency_backend: Optional[Backend] = None):
     """Search per-layer configurations for ``pipe`` (a hago_py.pipeline.Pipeline); returns an api.Result.
 
     evaluate: ``evaluate(model: onnx.ModelProto) -> float``, higher is better (the user's validation loop);
@@ -204,24 +213,34 @@ def run_search(pipe, *, evaluate: Optional[Callable[[onnx.ModelProto], float]] =
         (1.5 = at least 1.5x faster). Neither: a default accuracy budget of 1 % of the FP32 metric.
     time_budget: seconds of wall clock; the best plan measured so far is returned when it runs out.
     checkpoint: JSON state file, written after every trial; resume=True continues it.
-    latency: 'auto' (measured with ONNX Runtime when the target is this machine and measure_latency, else
-        predicted by the spec's cost model), 'measured', 'predicted', or fn(model, plan) -> seconds.
+    latency: 'auto' (measured when measure_latency and the latency backend can measure the target: ONNX Runtime
+        when the target is this machine, TVM here or over ``pipe.rpc``; else predicted by the spec's cost model),
+        'measured', 'predicted', or fn(model, plan) -> seconds.
     roundings / clipping: weight rounding schemes and output-range methods to search (default: the user's
         rounding only; all four calibration methods).
     peers: a list of {"name", "speedup", "drop"} dicts or a benchmarks/results/*.json path, for the report.
     on_trial: called with each new trial record (progress hooks, tests).
-    backend: what compiles, runs and times every model of the search, the chosen plan's final latency
-        included (hago_py.backends.base.Backend; the search also passes time(..., min_time_s=) and
-        compile(..., optimization=) as OrtBackend takes them); default OrtBackend(threads=pipe.opts.threads).
+    backend: what compiles and runs every model of the search for accuracy, and times them where the spec's
+        runtime is ONNX Runtime on this machine, the chosen plan's final latency included
+        (hago_py.backends.base.Backend; the search also passes time(..., min_time_s=) and compile(...,
+        optimization=) as OrtBackend takes them); default OrtBackend(threads=pipe.opts.threads).
+    latency_backend: what times every model instead (compile + time of the Backend protocol, e.g. a TvmBackend
+        with rpc=); default: hago_py.backends.select's choice for the spec and ``pipe.rpc`` (timer.py), closed
+        when the search ends (a given one is the caller's to close).
     Raises SearchError (with ``.closest``) when no quantized plan meets the budgets.
     """
     _check_settings(dict(proxy_samples=proxy_samples, sensitivity_samples=sensitivity_samples,
                          variant_layers=variant_layers, max_plan_trials=max_plan_trials, refine_moves=refine_moves,
                          include_simulated=include_simulated, roundings=roundings, clipping=clipping,
                          timing=timing, resume=resume))
-    return _Search(pipe, backend, evaluate=evaluate, accuracy_budget=accuracy_budget, latency_budget=latency_budget,
-                   time_budget=time_budget, checkpoint=checkpoint, resume=resume, measure_latency=measure_latency,
-                   latency=latency, roundings=roundings, clipping=clipping, proxy_samples=proxy_samples,
-                   sensitivity_samples=sensitivity_samples, include_simulated=include_simulated,
-                   variant_layers=variant_layers, max_plan_trials=max_plan_trials, refine_moves=refine_moves,
-                   timing=timing, peers=peers, on_trial=on_trial).run()
+    timer = choose_timer(pipe, latency_backend)
+    try:
+        return _Search(pipe, backend, timer, evaluate=evaluate, accuracy_budget=accuracy_budget,
+                       latency_budget=latency_budget, time_budget=time_budget, checkpoint=checkpoint, resume=resume,
+                       measure_latency=measure_latency, latency=latency, roundings=roundings, clipping=clipping,
+                       proxy_samples=proxy_samples, sensitivity_samples=sensitivity_samples,
+                       include_simulated=include_simulated, variant_layers=variant_layers,
+                       max_plan_trials=max_plan_trials, refine_moves=refine_moves, timing=timing, peers=peers,
+                       on_trial=on_trial).run()
+    finally:
+        timer.close()

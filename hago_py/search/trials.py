@@ -1,8 +1,9 @@
 """The trial runner: what every stage of the search measures through.
 
 ``Trials`` is built once per search from the pipeline, the backend and the settings: the reference plan and
-the search space, the proxy / sensitivity data, the metric, the latency source (every latency goes through
-the backend passed in) and the checkpoint with the run's identity. It runs trials (a recorded trial is
+the search space, the proxy / sensitivity data, the metric, the latency source (every model runs for accuracy
+on the search's backend and is compiled and timed by the latency backend timer.py chose: the same backend and
+sessions for ONNX Runtime) and the checkpoint with the run's identity. It runs trials (a recorded trial is
 replayed from the checkpoint, a new one is measured, written to it atomically and handed to ``on_trial``),
 builds and compiles plans, measures end-to-end plans into points of the state, and holds the caches the
 stages share (reference session, reference errors, shapes, cost-model figures).
@@ -21,10 +22,11 @@ from ..backends.base import Backend
 from ..errors import HagoError, OptionError
 from .checkpoint import CHECKPOINT_VERSION, Checkpoint, _clean, stable_hash
 from .evaluators import FidelityProxy, FunctionLatency, MeasuredLatency, PredictedLatency, UserMetric, \
-    _run_shapes, target_reachable
+    _run_shapes
 from .pareto import choose, feasible
 from .space import FP32, SearchSpace, build_space, diff_assign
 from .state import SearchState, _OutOfTime, _TableTime, _TrialLimit
+from .timer import Timer
 
 PROMISING_MARGIN = 0.97          # a candidate plan is measured if its estimate is within 3 % of the best
 BUILD_ERRORS = (HagoError, NotImplementedError, ValueError, RuntimeError)
@@ -53,11 +55,15 @@ def failure(e: BaseException) -> str:
 
 
 class Trials:
-    def __init__(self, pipe, state: SearchState, backend: Backend, *, evaluate, checkpoint, resume, measure_latency,
-                 latency, roundings, clipping, proxy_samples, sensitivity_samples, include_simulated, on_trial):
+    def __init__(self, pipe, state: SearchState, backend: Backend, timer: Timer, *, evaluate, checkpoint, resume,
+                 measure_latency, latency, roundings, clipping, proxy_samples, sensitivity_samples, include_simulated,
+                 on_trial):
         self.state = st = state
         self.pipe, self.opts, self.spec = pipe, pipe.opts, pipe.spec
-        self.backend = backend
+        self.backend = backend                  # runs every model for accuracy (and shapes, the cost model's input)
+        # times every model of a measured search (timer.py); the search's own backend where that is the target's
+        self.timer = timer.backend if timer.backend is not None else backend
+        self._timed: Dict[str, Any] = {}        # fp32 / reference artifacts of the latency backend
         self.on_trial = on_trial
         self.progress = bool(pipe.progress)
         self.bar = None
@@ -84,12 +90,12 @@ class Trials:
         self.metric_name = self.user.name if self.user else "proxy fidelity"
 
         # latency source
-        self.reachable, self.reach_why = target_reachable(self.spec)
+        self.reachable, self.reach_why = timer.reachable, timer.why
         if latency is None or latency == "auto":
             latency = "measured" if (measure_latency and self.reachable) else "predicted"
         if latency == "measured":
             t = st.timing
-            self.lat = MeasuredLatency(self.backend, self.feed, plan_repeats=t["plan_repeats"],
+            self.lat = MeasuredLatency(self.timer, self.feed, plan_repeats=t["plan_repeats"],
                                        plan_min_time_s=t["plan_min_time_s"], layer_repeats=t["layer_repeats"],
                                        layer_min_time_s=t["layer_min_time_s"])
         elif latency == "predicted":
@@ -170,13 +176,31 @@ class Trials:
     def session(self, model: onnx.ModelProto):
         return self.backend.compile(model)
 
+    def timed(self, model: onnx.ModelProto, session=None):
+        """``model`` as the latency backend times it: the accuracy session itself where the search's backend
+        times too (``session``, or a new one), else the latency backend's compile of the model."""
+        if self.timer is self.backend and session is not None:
+            return session
+        return self.timer.compile(model)
+
+    def fp_timed(self):
+        if "fp32" not in self._timed:
+            self._timed["fp32"] = self.timed(self.pipe.reference, self.fp_session)
+        return self._timed["fp32"]
+
+    def ref_timed(self):
+        if "ref" not in self._timed:
+            self._timed["ref"] = (self.ref_session() if self.timer is self.backend
+                                  else self.timer.compile(self.build(self.ref_assign).model))
+        return self._timed["ref"]
+
     def point_key(self, assign: Mapping[str, str]) -> str:
         return stable_hash({n: assign.get(n, k) for n, k in self.ref_assign.items()})
 
     # ------------------------------------------------------------------------------------------ end-to-end plans
     def _plan_latency(self, built, sess) -> Dict[str, Any]:
         if self.lat_kind == "measured":
-            r = self.lat.compare({"fp32": self.fp_session, "plan": sess})
+            r = self.lat.compare({"fp32": self.fp_timed(), "plan": self.timed(built.model, sess)})
             p = r["plan"]
             return {"speedup": p["ratio"], "se": p["se"], "paired_median": p["paired_median"], "p10": p["p10"],
                     "p90": p["p90"], "ms": p["median_ms"], "fp32_ms": r["fp32"]["median_ms"], "repeats": p["repeats"]}

@@ -82,6 +82,13 @@ class TvmBackend:
 
             self.rpc = parse_rpc(rpc)
 
+    def describe(self) -> str:
+        """Where this backend measures, for reports: 'TVM local (llvm ...)' or 'TVM RPC key@tracker (...)'."""
+        t = self.target if self.target is not None else host_target()
+        if self.rpc is not None:
+            return f"TVM RPC {self.rpc.label()} (compiled here for {t})"
+        return f"TVM local ({t})"
+
     def remote_session(self):
         """The open RPC session (opened on first use; held until close())."""
         if self._remote is None or self._remote.session is None:
@@ -161,7 +168,8 @@ class TvmBackend:
     def time(self, artifacts: Mapping[str, Any], feed: Mapping[str, np.ndarray], *, repeats: int = 50,
              warmup: int = 5, min_time_s: float = 0.0) -> TimingResult:
         """Round-robin timing like OrtBackend.time: every round calls each artifact once, in rotating order.
-        Over RPC the rounds run on the remote (rpc.time; ``min_time_s`` counts remote-measured time)."""
+        Over RPC the rounds run on the remote (rpc.time: each sample is remote-measured, ``min_time_s`` is wall
+        clock here as in the local loop)."""
         import tvm
 
         labels = list(artifacts)
