@@ -336,14 +336,18 @@ def _first_feed(model: onnx.ModelProto, calibration) -> Optional[Dict[str, np.nd
 
 
 def build(model, target, *, calibration=None, out="build", plan=None, tune_db=None, progress: bool = False,
-          check: bool = True, batch: Optional[int] = None, shapes=None, **quantize_options) -> Dict[str, Any]:
+          check: bool = True, batch: Optional[int] = None, shapes=None, tensorize="auto",
+          **quantize_options) -> Dict[str, Any]:
     """Quantize ``model`` for ``target`` (or take an already quantized QDQ model + ``plan``), compile it with TVM
     and write ``out/<target>/`` (see the module docstring). ``target``: "host", a built-in spec name or a spec
     .json. ``tune_db``: a MetaSchedule database folder (see backends/tvm/tune.py), used when present.
     ``check``: for host builds, run the library on one calibration sample and compare with ORT.
     ``batch`` / ``shapes``: compile for static input shapes (leading dimension ``batch``, others from ``shapes``);
     a tuned build (``tune_db``) is always static, batch 1 unless given, as its ``hago tune`` run was.
-    Returns the manifest (plus "dir")."""
+    ``tensorize``: replace the int8 conv2d / matmul kernels by hand-scheduled ones built on the target's int8
+    dot-product instruction (backends/tvm/tensorize.py; needs static shapes, e.g. ``batch=1``): "auto" for
+    targets whose spec declares avx512_vnni / avx_vnni / dotprod, True also for avx2 (only where bit-exact),
+    False never. Returns the manifest (plus "dir")."""
     from .backends.tvm.inspect import inspect_library
     from .backends.tvm.targets import resolve_target
     from .backends.tvm.tune import compile_module, has_database, kernel_status
@@ -373,11 +377,16 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
     else:
         mod, integ = to_relax(qdq, spec)
     tvm_target = rt.tvm()
+    tensorized = _tensorize(mod, rt, tensorize, say)
+    mod = tensorized.pop("module", mod)
     tuned = has_database(tune_db)
     say(f"compiling for {rt.name} ({tvm_target.export().get('mcpu', rt.kind)}), "
         f"{'tuned with ' + str(tune_db) if tuned else 'untuned'}")
     try:
         kernels = kernel_status(mod, tvm_target, tune_db if tuned else None)
+        for r in tensorized.get("kernels", []):
+            if r.get("kernel") in kernels:
+                kernels[r["kernel"]] = f"hand-scheduled, tensorized ({r['instruction']})"
         exe = compile_module(mod, tvm_target, tune_db if tuned else None)
     except Exception as e:
         raise BackendError(f"TVM could not compile the model for target {rt.name} ({type(e).__name__}: "
@@ -402,6 +411,7 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
             "target_why": rt.why, "versions": _versions(), **exported,
             "integerized": integ is not None, "integerize": integ,
             "tuning": {"database": str(tune_db) if tuned else None, "kernels": kernels},
+            "tensorize": tensorized,
             "static_shapes": static,
             "instructions": sources["instructions"], "expected_instructions": rt.expected(),
             "findings": sources["findings"],
@@ -448,10 +458,16 @@ def build_report(manifest: Mapping[str, Any]) -> str:
             lines.append(f"| {r.get('name')} | {r.get('op', '').split('.')[-1]} | left_float | {r.get('reason')} "
                          "| | | |")
     kernels = (manifest.get("tuning") or {}).get("kernels", {})
-    tuned = sum(1 for v in kernels.values() if v != "untuned")
+    tuned = sum(1 for v in kernels.values() if v.startswith("tuned"))
     lines += ["", f"Kernels: {tuned} of {len(kernels)} tuned"
               + (f" (database {manifest['tuning']['database']})" if tuned else " (untuned build)"), ""]
     lines += [f"- `{k}`: {v}" for k, v in kernels.items()]
+    tz = manifest.get("tensorize") or {}
+    if tz.get("kernels") or tz.get("why"):
+        lines += ["", f"Tensorized int8 kernels ({tz.get('isa') or 'none'}): {tz.get('why', '')}", ""]
+        lines += [f"- {r['op']} {r.get('x_dtype', '')} {r.get('x_shape')} x {r.get('weight_shape')}: "
+                  + (f"`{r['kernel']}` ({r['instruction']})" if r["status"] == "tensorized" else
+                     f"default schedule ({r.get('why', '')})") for r in tz.get("kernels", [])]
     ins = manifest.get("instructions") or {}
     lines += ["", "int8 instructions in the generated code: "
               + (", ".join(f"{k} {v}" for k, v in ins.items()) or "none counted"), ""]
@@ -459,6 +475,34 @@ def build_report(manifest: Mapping[str, Any]) -> str:
     if manifest.get("check"):
         lines += ["", f"Check against ORT: {json.dumps(manifest['check'])}"]
     return "\n".join(lines) + "\n"
+
+
+def _tensorize(mod, rt, option, say) -> Dict[str, Any]:
+    """{"isa", "why", "kernels": per int8 op record, "module": the rewritten module (when any)}."""
+    if option is False or option is None or rt.kind != "llvm":
+        return {"isa": None, "why": "off" if rt.kind == "llvm" else f"no tensorized kernels for {rt.kind}",
+                "kernels": []}
+    from .backends.tvm.tensorize import isa_for, tensorize_module
+
+    if option not in (True, "auto"):
+        raise OptionError(f"tensorize={option!r} is invalid; pass 'auto', True or False")
+    isa = isa_for(rt.isa, include_avx2=option is True)
+    if isa is None:
+        return {"isa": None, "why": f"the spec's isa {list(rt.isa)} declares no int8 dot-product instruction "
+                                    "with a tensorized kernel" + ("" if option is True else
+                                                                  " (avx2 only with tensorize=True)"), "kernels": []}
+    try:
+        new, recs = tensorize_module(mod, isa)
+    except Exception as e:  # a kernel TVM cannot schedule: build with the default schedules and say why
+        return {"isa": isa.name, "why": f"tensorizing failed ({type(e).__name__}: {str(e).strip()[:200]}); "
+                                        "default schedules used", "kernels": []}
+    n = sum(r["status"] == "tensorized" for r in recs)
+    say(f"tensorized {n} of {len(recs)} int8 kernels with {isa.instruction}")
+    out = {"isa": isa.name, "why": f"{n} of {len(recs)} int8 conv2d / matmul kernels use {isa.instruction}",
+           "kernels": recs}
+    if n:
+        out["module"] = new
+    return out
 
 
 def _umask() -> int:

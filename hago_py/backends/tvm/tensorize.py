@@ -1,0 +1,411 @@
+"""Tensorized int8 kernels: conv2d / matmul (int8 or uint8 activations x int8 weights -> int32) whose inner
+product is one int8 dot-product instruction: ``vpdpbusd`` (x86 AVX-512 VNNI, zmm; AVX-VNNI, ymm), the
+``vpmaddubsw + vpmaddwd`` pair (AVX2) or ``sdot`` (AArch64 dot-product extension).
+
+Why hand-scheduled kernels: TVM 0.27's default schedules and MetaSchedule's default rules never emit these
+instructions for hago's ``relax.nn.conv2d(int8 NCHW, int8 OIHW, out_dtype=int32)`` (x86 shows ``vpmaddwd`` on
+sign-extended int16, AArch64 ``smull`` / ``smlal``): the dot-product intrinsics describe ``C[i] += A[k] * B[i, k]``
+with 4 *contiguous* reduction bytes and 16 (8, 4) output lanes, which no loop split of an NCHW / OIHW conv
+exposes (the reduction's innermost axis is the kernel width, stride 1 in neither operand's fastest dimension).
+
+So each kernel is a small TE / TensorIR PrimFunc:
+
+* ``a[p, k]`` (im2col, P = N*OH*OW, K = C*KH*KW padded to a multiple of 4) in the instruction's activation type:
+  x86 (u8 x s8) takes ``x + 128`` for int8 activations, sdot (s8 x s8) takes ``x - 128`` for uint8;
+* ``acc[p, o // L, o % L] = sum_k a[p, k] * w_packed[o // L, k // 4, o % L, k % 4]`` with the weight packed at
+  compile time (``L`` = 16 / 8 / 4 lanes, output channels padded to a multiple of ``L`` with zero weights),
+  tensorized at the ``(o % L, k % 4)`` loops with the intrinsic;
+* ``out = acc - shift * sum_k W[o, k]`` back in NCHW (or [M, N]): the exact int32 result of the original op,
+  so the rest of the integerized graph is unchanged.
+
+The intrinsics are registered here under ``hago_*`` names (copies of ``tvm.s_tir.tensor_intrin.x86`` /
+``arm_cpu`` plus an AVX2 and an AVX-VNNI ymm variant): importing ``tvm.s_tir.tensor_intrin`` parses ~500
+TVMScript intrinsics, 60-140 s of CPU on the 2-core build host.
+
+The AVX2 pair saturates: ``vpmaddubsw`` adds two u8 x s8 products into an int16, so a kernel uses it only when
+no adjacent weight pair can overflow for any u8 activation (:func:`avx2_exact`, true for 7-bit weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One int8 dot-product instruction family: ``lanes`` int32 outputs x 4 bytes per instruction."""
+    name: str            # key used in options / reports
+    intrin: str          # registered TensorIntrin name
+    lanes: int
+    act_dtype: str       # the instruction's activation operand type
+    instruction: str     # what inspect.py counts
+    arch: str            # x86_64 / aarch64
+    saturates: bool = False
+
+
+ISAS: Dict[str, Isa] = {
+    "avx512_vnni": Isa("avx512_vnni", "hago_dot_16x4_u8i8i32_vnni", 16, "uint8", "vpdpbusd", "x86_64"),
+    "avx_vnni": Isa("avx_vnni", "hago_dot_8x4_u8i8i32_avxvnni", 8, "uint8", "vpdpbusd", "x86_64"),
+    "avx2": Isa("avx2", "hago_dot_8x4_u8i8i32_avx2", 8, "uint8", "vpmaddubsw", "x86_64", saturates=True),
+    "dotprod": Isa("dotprod", "hago_dot_4x4_i8i8i32_sdot", 4, "int8", "sdot", "aarch64"),
+}
+
+#: spec isa entries, best first, that select a tensorized kernel family
+SPEC_ORDER = ("avx512_vnni", "avx_vnni", "dotprod", "avx2")
+
+
+def isa_for(spec_isa: Sequence[str], include_avx2: bool = False) -> Optional[Isa]:
+    """The best :data:`ISAS` entry a target's spec ``isa`` list declares (AVX2 only with ``include_avx2``)."""
+    have = {str(x).lower() for x in spec_isa}
+    for name in SPEC_ORDER:
+        if name in have and (name != "avx2" or include_avx2):
+            return ISAS[name]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ intrinsics
+_REGISTERED = False
+
+
+def register_intrinsics() -> None:
+    """Register the four ``hago_*`` TensorIntrins (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+    from tvm.target.codegen import llvm_version_major
+
+    def desc(lanes: int, a_dtype: str):
+        @T.prim_func(s_tir=True)
+        def f(A: T.Buffer((4,), a_dtype, offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+              C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                for i in T.serial(0, lanes):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+        return f
+
+    def vnni(lanes: int):
+        llvm = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+        # LLVM >= 21 declares vpdpbusd on byte vectors (<16 x i32>, <64 x i8>, <64 x i8>); LLVM <= 20 (what
+        # tvm.s_tir.tensor_intrin.x86 was written for) on <16 x i32> words
+        opnd = f"int8x{4 * lanes}" if llvm_version_major() >= 21 else f"int32x{lanes}"
+
+        @T.prim_func(s_tir=True)
+        def f(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+              C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
+                                  dtype=opnd)
+                b = T.reinterpret(B.vload([0, 0], dtype=f"int8x{4 * lanes}"), dtype=opnd)
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm), C.vload([0], dtype=f"int32x{lanes}"), a, b,
+                    dtype=f"int32x{lanes}")
+        return f
+
+    @T.prim_func(s_tir=True)
+    def avx2(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                              dtype="uint8x32")
+            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a,
+                                            B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
+
+    @T.prim_func(s_tir=True)
+    def sdot(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((4, 4), "int8", offset_factor=1),
+             C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4),
+                              dtype="int8x16")
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], dtype="int32x4"),
+                a, B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
+
+    impls = {"avx512_vnni": vnni(16), "avx_vnni": vnni(8), "avx2": avx2, "dotprod": sdot}
+    for name, isa in ISAS.items():
+        if TensorIntrin.get(isa.intrin, allow_missing=True) is None:
+            TensorIntrin.register(isa.intrin, desc(isa.lanes, isa.act_dtype), impls[name])
+    _REGISTERED = True
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def _pad_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def pack_weight(w2d: np.ndarray, lanes: int) -> np.ndarray:
+    """[O, K] int8 -> [O/L, K/4, L, 4] int8 (O, K zero-padded to multiples of L, 4)."""
+    o, k = w2d.shape
+    op, kp = _pad_to(o, lanes), _pad_to(k, 4)
+    w = np.zeros((op, kp), np.int8)
+    w[:o, :k] = w2d
+    return np.ascontiguousarray(w.reshape(op // lanes, lanes, kp // 4, 4).transpose(0, 2, 1, 3))
+
+
+def shift_for(x_dtype: str, isa: Isa) -> int:
+    """What the kernel adds to each activation to bring it into the instruction's operand type."""
+    if x_dtype == isa.act_dtype:
+        return 0
+    return 128 if isa.act_dtype == "uint8" else -128
+
+
+def avx2_exact(w2d: np.ndarray) -> bool:
+    """``vpmaddubsw`` (u8 x s8 pairs into a saturating int16) cannot saturate for any u8 activation: for every
+    adjacent pair of weights along K (as packed: k = 2j, 2j + 1), 255 * (sum of positive weights) <= 32767
+    and 255 * (sum of negative weights) >= -32768."""
+    o, k = w2d.shape
+    w = np.zeros((o, _pad_to(k, 4)), np.int64)
+    w[:, :k] = w2d
+    pos = np.clip(w, 0, None).reshape(o, -1, 2).sum(-1)
+    neg = np.clip(w, None, 0).reshape(o, -1, 2).sum(-1)
+    return bool((255 * pos).max(initial=0) <= 32767 and (255 * neg).min(initial=0) >= -32768)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+@dataclass
+class Kernel:
+    """A scheduled PrimFunc and the constants it takes after the activation: (w_packed, comp)."""
+    func: Any
+    w_packed: np.ndarray
+    comp: np.ndarray
+    isa: Isa
+    out_shape: Tuple[int, ...]
+    shift: int
+    note: str = ""
+
+
+def _shift_cast(v, x_dtype: str, shift: int, act_dtype: str):
+    from tvm import tirx
+
+    if shift == 0:
+        return v
+    return tirx.Cast(act_dtype, tirx.Cast("int32", v) + tirx.const(shift, "int32"))
+
+
+def conv2d_kernel(x_shape: Sequence[int], x_dtype: str, w: np.ndarray, strides=(1, 1), padding=(0, 0, 0, 0),
+                  dilation=(1, 1), isa: Isa = ISAS["avx512_vnni"], rows: int = 4, tensorize: bool = True) -> Kernel:
+    """int32 conv2d(x NCHW ``x_dtype``, w OIHW int8), groups 1; ``padding`` = (top, left, bottom, right), zero
+    padding in x's own domain (what relax.nn.conv2d does). ``tensorize=False``: the same schedule with a plain
+    loop nest where the instruction would be (what LLVM's auto-vectorizer makes of it)."""
+    from tvm import te, tirx
+
+    n, c, h, wd = (int(v) for v in x_shape)
+    o, ci, kh, kw = w.shape
+    if ci != c:
+        raise ValueError(f"grouped conv (x has {c} channels, weight {ci}): not tensorized")
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    pt, pl, pb, pr = (int(v) for v in padding)
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    L = isa.lanes
+    cp, op = _pad_to(c, 4), _pad_to(o, L)
+    shift = shift_for(x_dtype, isa)
+    x = te.placeholder((n, c, h, wd), x_dtype, "x")
+    zero = tirx.const(0, x_dtype)
+
+    def nhwc(b, y, xx, cc):   # padded, shifted, channels last (padded to 4): 4 contiguous reduction bytes
+        iy, ix = y - pt, xx - pl
+        inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < wd, cc < c)
+        v = tirx.if_then_else(inside, x[b, tirx.min(cc, c - 1), iy, ix], zero)
+        return _shift_cast(v, x_dtype, shift, isa.act_dtype)
+
+    xp = te.compute((n, h + pt + pb, wd + pl + pr, cp), nhwc, name="pack_x")
+    wp = te.placeholder((op // L, kh, kw, cp // 4, L, 4), "int8", "w_packed")
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    rc, ri = te.reduce_axis((0, cp // 4), "rc"), te.reduce_axis((0, 4), "ri")
+    acc = te.compute((n, oh, ow, op // L, L), lambda b, y, xx, oo, oi: te.sum(
+        xp[b, y * sh + rh * dh, xx * sw + rw * dw, rc * 4 + ri].astype("int32")
+        * wp[oo, rh, rw, rc, oi, ri].astype("int32"), axis=[rh, rw, rc, ri]), name="gemm")
+    comp = te.placeholder((o,), "int32", "comp")
+    out = te.compute((n, o, oh, ow), lambda b, oc, y, xx: acc[b, y, xx, oc // L, oc % L] - comp[oc], name="out")
+    func = te.create_prim_func([x, wp, comp, out])
+    wpad = np.zeros((op, cp, kh, kw), np.int8)
+    wpad[:o, :c] = w
+    w_packed = np.ascontiguousarray(wpad.reshape(op // L, L, cp // 4, 4, kh, kw).transpose(0, 4, 5, 2, 1, 3))
+    comp_np = (shift * w.reshape(o, -1).astype(np.int64).sum(1)).astype(np.int32)
+
+    from tvm import s_tir
+
+    register_intrinsics()
+    sch = s_tir.Schedule(func)
+    g = sch.get_sblock("gemm")
+    b, y, xx, oo, oi, r1, r2, r3, r4 = sch.get_loops(g)
+    rows = _divisor(ow, rows)
+    xo, xi = sch.split(xx, [None, rows])
+    sch.reorder(b, y, xo, oo, r1, r2, r3, xi, oi, r4)
+    outer = sch.fuse(b, y, xo, oo)
+    sch.parallel(outer)
+    init = sch.decompose_reduction(g, r1)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(xi)
+    if tensorize:
+        sch.tensorize(oi, isa.intrin)
+    pk = sch.get_sblock("pack_x")
+    sch.parallel(sch.fuse(*sch.get_loops(pk)[:2]))
+    ob = sch.get_sblock("out")
+    lb, lo, ly, lx = sch.get_loops(ob)
+    loo, loi = sch.split(lo, [None, L])
+    sch.reorder(lb, loo, ly, lx, loi)
+    sch.parallel(sch.fuse(lb, loo, ly))
+    return Kernel(sch.mod["main"].with_attr("tirx.is_scheduled", True), w_packed, comp_np, isa, (n, o, oh, ow),
+                  shift)
+
+
+def _divisor(n: int, want: int) -> int:
+    d = max(1, min(want, n))
+    while n % d:
+        d -= 1
+    return d
+
+
+def matmul_kernel(m: int, x_dtype: str, w_kn: np.ndarray, isa: Isa = ISAS["avx512_vnni"], rows: int = 4,
+                  tensorize: bool = True) -> Kernel:
+    """int32 matmul(x [M, K] ``x_dtype``, w [K, N] int8)."""
+    from tvm import s_tir, te, tirx
+
+    k, nn = w_kn.shape
+    L = isa.lanes
+    kp, op = _pad_to(k, 4), _pad_to(nn, L)
+    shift = shift_for(x_dtype, isa)
+    x = te.placeholder((m, k), x_dtype, "x")
+    zero = tirx.const(0, x_dtype)
+    xp = te.compute((m, kp), lambda i, kk: _shift_cast(
+        x[i, kk] if kp == k else tirx.if_then_else(kk < k, x[i, tirx.min(kk, k - 1)], zero), x_dtype, shift,
+        isa.act_dtype), name="pack_x")
+    wp = te.placeholder((op // L, kp // 4, L, 4), "int8", "w_packed")
+    rc, ri = te.reduce_axis((0, kp // 4), "rc"), te.reduce_axis((0, 4), "ri")
+    acc = te.compute((m, op // L, L), lambda i, oo, oi: te.sum(
+        xp[i, rc * 4 + ri].astype("int32") * wp[oo, rc, oi, ri].astype("int32"), axis=[rc, ri]), name="gemm")
+    comp = te.placeholder((nn,), "int32", "comp")
+    out = te.compute((m, nn), lambda i, j: acc[i, j // L, j % L] - comp[j], name="out")
+    func = te.create_prim_func([x, wp, comp, out])
+    w2d = np.ascontiguousarray(w_kn.T)
+    comp_np = (shift * w2d.astype(np.int64).sum(1)).astype(np.int32)
+
+    register_intrinsics()
+    sch = s_tir.Schedule(func)
+    g = sch.get_sblock("gemm")
+    i, oo, oi, r1, r2 = sch.get_loops(g)
+    rows = _divisor(m, rows)
+    io, ii = sch.split(i, [None, rows])
+    sch.reorder(io, oo, r1, ii, oi, r2)
+    outer = sch.fuse(io, oo)
+    sch.parallel(outer)
+    init = sch.decompose_reduction(g, r1)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(ii)
+    if tensorize:
+        sch.tensorize(oi, isa.intrin)
+    sch.parallel(sch.get_loops(sch.get_sblock("pack_x"))[0])
+    sch.parallel(sch.get_loops(sch.get_sblock("out"))[0])
+    return Kernel(sch.mod["main"].with_attr("tirx.is_scheduled", True), pack_weight(w2d, L), comp_np, isa,
+                  (m, nn), shift)
+
+
+# ------------------------------------------------------------------------------------------------ Relax pass
+def _static_shape(expr) -> Optional[Tuple[int, ...]]:
+    t = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    shape = getattr(t, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(v) for v in shape)
+    except (TypeError, ValueError):   # symbolic dimension (dynamic batch)
+        return None
+
+
+def _kernel_for(call, isa: Isa, allow_saturating: bool) -> Tuple[Optional[Kernel], str, Dict[str, Any]]:
+    """(kernel or None, why not, description) for an int32 conv2d / matmul call."""
+    from . import requantize as rq
+
+    x, w_expr = call.args[0], call.args[1]
+    x_dtype, shape = rq.dtype_of(x), _static_shape(x)
+    w = rq.const_np(w_expr)
+    op = call.op.name.split(".")[-1]
+    desc: Dict[str, Any] = {"op": op, "x_dtype": x_dtype, "x_shape": list(shape) if shape else None,
+                            "weight_shape": list(w.shape) if w is not None else None}
+    if str(call.attrs.out_dtype) != "int32" or x_dtype not in ("int8", "uint8"):
+        return None, "not an int8 x int8 -> int32 op", desc
+    if w is None or w.dtype != np.int8:
+        return None, "weight is not an int8 constant", desc
+    if shape is None:
+        return None, "dynamic input shape: build with a static batch (batch=1) to tensorize", desc
+    if isa.saturates and not allow_saturating:
+        w2d = w.reshape(w.shape[0], -1) if op == "conv2d" else w.T
+        if not avx2_exact(w2d):
+            return None, ("weights above 7 bits: vpmaddubsw's int16 pair sums could saturate (not bit-exact); "
+                          "re-quantize with reduce_range / 7-bit weights"), desc
+    if op == "conv2d":
+        a = call.attrs
+        if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW") or int(a.groups) != 1:
+            return None, f"layout {a.data_layout}/{a.kernel_layout} groups {int(a.groups)}: only NCHW/OIHW, groups 1", desc
+        pad = [int(v) for v in a.padding]
+        pad = pad * 2 if len(pad) == 2 else pad
+        k = conv2d_kernel(shape, x_dtype, w, strides=[int(v) for v in a.strides], padding=pad,
+                          dilation=[int(v) for v in a.dilation], isa=isa)
+        return k, "", desc
+    if len(shape) != 2 or w.ndim != 2:
+        return None, f"matmul of a {len(shape)}-D input: only [M, K] x [K, N] is tensorized", desc
+    return matmul_kernel(shape[0], x_dtype, w, isa=isa), "", desc
+
+
+def tensorize_module(mod, isa: Isa, *, allow_saturating: bool = False) -> Tuple[Any, List[Dict[str, Any]]]:
+    """Replace every int8 x int8 -> int32 ``relax.nn.conv2d`` / ``relax.matmul`` with a constant weight and a
+    static input shape by a ``call_tir`` of a tensorized kernel for ``isa`` (exact int32 result). Returns
+    (module, one record per op: {"op", "kernel", "status": "tensorized" | "default", "why", ...}).
+
+    The kernels are marked ``tirx.is_scheduled`` (MetaSchedule leaves them alone) and ``op_pattern`` opaque
+    (FuseOps does not merge them into the requantize that follows)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    records: List[Dict[str, Any]] = []
+    funcs: Dict[str, Any] = {}
+    pats = [is_op("relax.nn.conv2d")(wildcard(), is_const()), is_op("relax.matmul")(wildcard(), is_const())]
+    seen: Dict[Any, Any] = {}
+
+    def rewrite(orig, _m):
+        if orig in seen:
+            return seen[orig]
+        kernel, why, desc = _kernel_for(orig, isa, allow_saturating)
+        if kernel is None:
+            records.append({**desc, "status": "default", "why": why, "instruction": None})
+            seen[orig] = orig
+            return orig
+        name = f"hago_{desc['op']}_{isa.name}_{len(funcs)}"
+        gv = bb.add_func(kernel.func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
+        funcs[name] = gv
+        new = relax.call_tir(gv, [orig.args[0], relax.const(kernel.w_packed, "int8"),
+                                  relax.const(kernel.comp, "int32")],
+                             relax.TensorType(list(kernel.out_shape), "int32"))
+        records.append({**desc, "status": "tensorized", "kernel": name, "instruction": isa.instruction,
+                        "isa": isa.name, "lanes": isa.lanes, "activation_shift": kernel.shift, "why": ""})
+        seen[orig] = new
+        return new
+
+    bb = relax.BlockBuilder(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            new = func
+            for pat in pats:
+                new = rewrite_call(pat, rewrite, new)
+            if not new.same_as(func):
+                bb.update_func(gv, new)
+    return bb.get(), records

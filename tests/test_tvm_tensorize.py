@@ -1,0 +1,174 @@
+"""Tensorized int8 kernels (hago_py/backends/tvm/tensorize.py): compile only, no tuning, each test a few s."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from hago_py.backends.tvm import tensorize as tz  # noqa: E402
+from hago_py.backends.tvm.inspect import count_instructions, module_sources  # noqa: E402
+
+TARGETS = {
+    "avx512_vnni": {"kind": "llvm", "mcpu": "cascadelake"},
+    "avx_vnni": {"kind": "llvm", "mcpu": "alderlake"},
+    "avx2": {"kind": "llvm", "mcpu": "haswell"},
+    "dotprod": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"]},
+}
+rng = np.random.default_rng(0)
+W_CONV = rng.integers(-64, 64, (32, 32, 3, 3)).astype(np.int8)    # 7-bit: AVX2 pairs cannot saturate
+W_DENSE = rng.integers(-64, 64, (64, 10)).astype(np.int8)
+
+
+def _asm(func, target):
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))
+    return lib.mod.inspect_source("asm")
+
+
+def _ref_conv(x, w, pad, stride=1):
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, o, oh, ow), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.int64))
+    return out
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx_vnni", "avx2", "dotprod"])
+def test_kernels_emit_the_dot_product_instruction(isa):
+    i = tz.ISAS[isa]
+    conv = tz.conv2d_kernel((1, 32, 16, 16), "int8", W_CONV, padding=(1, 1, 1, 1), isa=i)
+    dense = tz.matmul_kernel(1, "uint8", W_DENSE, isa=i)
+    for k in (conv, dense):
+        counts = count_instructions(_asm(k.func, TARGETS[isa]), i.arch)
+        assert counts[i.instruction] > 0, counts
+        if i.arch == "aarch64":
+            assert counts["smull"] == 0 and counts["smlal"] == 0
+    if isa == "avx512_vnni":
+        assert "zmm" in _asm(conv.func, TARGETS[isa])
+
+
+def _run(k, x, target="llvm"):
+    dev = tvm.cpu()
+    lib = tvm.compile(tvm.IRModule({"main": k.func}), target=target).jit()
+    out = tvm.runtime.empty(k.out_shape, "int32", dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(k.w_packed, dev), tvm.runtime.tensor(k.comp, dev), out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("x_dtype", ["int8", "uint8"])
+@pytest.mark.parametrize("isa", ["avx512_vnni", "dotprod"])
+def test_packing_shift_and_compensation_exact(isa, x_dtype):
+    """The VNNI / sdot kernels' layout, +-128 activation shift and weight-sum compensation, run here with a plain
+    loop nest in place of the instruction (this host cannot execute it): bit-exact."""
+    lo, hi = (-128, 128) if x_dtype == "int8" else (0, 256)
+    w = rng.integers(-127, 128, (12, 3, 3, 3)).astype(np.int8)        # C=3, O=12: both padded
+    x = rng.integers(lo, hi, (1, 3, 9, 9)).astype(x_dtype)
+    k = tz.conv2d_kernel(x.shape, x_dtype, w, strides=(2, 2), padding=(1, 1, 1, 1), isa=tz.ISAS[isa],
+                         tensorize=False)
+    assert k.shift == tz.shift_for(x_dtype, tz.ISAS[isa])
+    np.testing.assert_array_equal(_run(k, x), _ref_conv(x, w, 1, 2))
+    wd = rng.integers(-127, 128, (30, 10)).astype(np.int8)
+    xd = rng.integers(lo, hi, (3, 30)).astype(x_dtype)
+    k = tz.matmul_kernel(3, x_dtype, wd, isa=tz.ISAS[isa], tensorize=False)
+    np.testing.assert_array_equal(_run(k, xd), xd.astype(np.int64) @ wd.astype(np.int64))
+
+
+def _host_has(flag):
+    from hago_py.hw.host import read_host
+
+    return flag in set(read_host().flags)
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="the AVX2 kernel runs only on an AVX2 host")
+@pytest.mark.parametrize("x_dtype", ["int8", "uint8"])
+def test_avx2_tensorized_kernel_exact_on_host(x_dtype):
+    lo, hi = (-128, 128) if x_dtype == "int8" else (0, 256)
+    x = rng.integers(lo, hi, (1, 32, 16, 16)).astype(x_dtype)
+    k = tz.conv2d_kernel(x.shape, x_dtype, W_CONV, padding=(1, 1, 1, 1), isa=tz.ISAS["avx2"])
+    np.testing.assert_array_equal(_run(k, x, {"kind": "llvm", "mcpu": "haswell"}), _ref_conv(x, W_CONV, 1))
+    xd = rng.integers(lo, hi, (2, 64)).astype(x_dtype)
+    k = tz.matmul_kernel(2, x_dtype, W_DENSE, isa=tz.ISAS["avx2"])
+    np.testing.assert_array_equal(_run(k, xd, {"kind": "llvm", "mcpu": "haswell"}), xd.astype(np.int64) @ W_DENSE.astype(np.int64))
+
+
+def test_avx2_guard_and_isa_choice():
+    assert tz.avx2_exact(W_CONV.reshape(32, -1))
+    assert not tz.avx2_exact(np.full((1, 4), 127, np.int8))       # 255 * 254 > 32767
+    assert tz.isa_for(["avx512f", "avx512_vnni"]).name == "avx512_vnni"
+    assert tz.isa_for(["armv8.2-a", "neon", "dotprod"]).instruction == "sdot"
+    assert tz.isa_for(["avx2", "fma"]) is None and tz.isa_for(["avx2"], include_avx2=True).name == "avx2"
+
+
+def _relax_module(w_conv, x_dtype="int8"):
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 32, 16, 16), x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w_conv), padding=[1, 1, 1, 1], out_dtype="int32"))
+            y = bb.emit(relax.op.add(y, relax.const(np.arange(32, dtype=np.int32).reshape(1, 32, 1, 1))))
+            z = bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(y, relax.const(np.int32(9))), -128, 127),
+                                        "int8"))
+            z = bb.emit(relax.op.reshape(relax.op.strided_slice(z, [2, 3], [0, 0], [2, 2]), (1, 128)))
+            d = bb.emit(relax.op.matmul(z, relax.const(np.resize(W_DENSE, (128, 10))), out_dtype="int32"))
+            o = bb.emit_output((y, d))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def test_tensorize_module_vnni_and_sdot_builds():
+    from tvm import relax
+
+    mod = _relax_module(W_CONV)
+    for isa in ("avx512_vnni", "dotprod"):
+        new, recs = tz.tensorize_module(mod, tz.ISAS[isa])
+        assert [r["status"] for r in recs] == ["tensorized", "tensorized"], recs
+        with tvm.transform.PassContext(opt_level=3):
+            ex = relax.build(new, target=tvm.target.Target(TARGETS[isa]))
+        counts = count_instructions(module_sources(ex)["asm"], tz.ISAS[isa].arch)
+        assert counts[tz.ISAS[isa].instruction] > 0, counts
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="runs the AVX2 kernels")
+def test_tensorize_module_exact_on_host_and_guarded():
+    from tvm import relax
+
+    def run(m, x):
+        with tvm.transform.PassContext(opt_level=3):
+            ex = relax.build(m, target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+        return [t.numpy() for t in relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))]
+
+    mod = _relax_module(W_CONV)
+    x = rng.integers(-128, 128, (1, 32, 16, 16)).astype(np.int8)
+    new, recs = tz.tensorize_module(mod, tz.ISAS["avx2"])
+    assert all(r["status"] == "tensorized" for r in recs)
+    for a, b in zip(run(mod, x), run(new, x)):
+        np.testing.assert_array_equal(a, b)
+    wide = rng.integers(-127, 128, (32, 32, 3, 3)).astype(np.int8)   # 8-bit weights: could saturate -> default
+    _, recs = tz.tensorize_module(_relax_module(wide), tz.ISAS["avx2"])
+    assert recs[0]["status"] == "default" and "saturate" in recs[0]["why"]
+
+
+def test_build_cortex_a76_uses_sdot(tmp_path, monkeypatch):
+    """`hago build` for the A76 spec (dotprod) with a static batch: every int8 kernel tensorized with sdot,
+    reported per kernel; without a static batch the report says why not."""
+    from models import calib, small_cnn
+
+    from hago_py import build as build_mod
+
+    monkeypatch.setattr(build_mod, "find_cross_compiler", lambda name=build_mod.AARCH64_CC: None)
+    m = build_mod.build(small_cnn(), "arm_cortex_a76", calibration=calib(), out=tmp_path, batch=1)
+    tzr = m["tensorize"]
+    assert tzr["isa"] == "dotprod" and tzr["kernels"] and all(r["status"] == "tensorized" for r in tzr["kernels"])
+    assert m["instructions"]["sdot"] > 0 and m["instructions"]["smull"] == 0
+    report = (tmp_path / "arm_cortex_a76" / "build_report.md").read_text()
+    assert "Tensorized int8 kernels (dotprod)" in report and "(sdot)" in report
+    assert any(v.startswith("hand-scheduled") for v in m["tuning"]["kernels"].values())
+    m = build_mod.build(small_cnn(), "arm_cortex_a76", calibration=calib(), out=tmp_path)
+    assert all("dynamic input shape" in r["why"] for r in m["tensorize"]["kernels"])
