@@ -3,10 +3,14 @@ against numpy with full 8-bit weights, and SIGILL on a CPU without dotprod (so s
 tvm, qemu-aarch64 or aarch64-linux-gnu-gcc. A few s."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 pytest.importorskip("tvm")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/ also under a bare `pytest`
 from benchmarks import tvm_tensorize_qemu as q  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not q.tools_available(), reason="needs qemu-aarch64 and aarch64-linux-gnu-gcc")
