@@ -118,3 +118,23 @@ def run(model, feeds, optimization="all"):
 def sqnr(ref, test) -> float:
     ref, test = np.asarray(ref, np.float64), np.asarray(test, np.float64)
     return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - test) ** 2), 1e-30)))
+
+
+def conv_int(xq, w, zx, pads, strides, groups, dilation=(1, 1)):
+    """int64 NCHW convolution of (xq - zx) (padding with the zero point, i.e. 0 after the shift) and OIHW w."""
+    x = np.pad(xq.astype(np.int64) - zx, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    oh = (h - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (wd - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+    out = np.zeros((n, o, oh, ow), np.int64)
+    og = o // groups
+    for gi in range(groups):
+        xs = x[:, gi * cg:(gi + 1) * cg]
+        ws = w[gi * og:(gi + 1) * og].astype(np.int64)
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i * dilation[0]: i * dilation[0] + strides[0] * (oh - 1) + 1: strides[0],
+                           j * dilation[1]: j * dilation[1] + strides[1] * (ow - 1) + 1: strides[1]]
+                out[:, gi * og:(gi + 1) * og] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
+    return out

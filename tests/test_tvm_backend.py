@@ -20,6 +20,7 @@ tvm = pytest.importorskip("tvm")
 from hago_py.backends.ort import OrtBackend  # noqa: E402
 from hago_py.backends.tvm import TvmBackend  # noqa: E402
 from hago_py.backends.tvm import requantize as rq  # noqa: E402
+from models import conv_int  # noqa: E402
 
 QR = {"uint8": (0, 255), "int8": (-128, 127)}
 NP = {"uint8": np.uint8, "int8": np.int8}
@@ -100,24 +101,6 @@ def _clamp_of(act, sy, zy, dtype):
 
 
 # ----------------------------------------------------------------------------------------------- references
-def conv_int(xq, w, zx, pads, strides, groups, dilation=(1, 1)):
-    """int64 NCHW convolution of (xq - zx) (padding with the zero point, i.e. 0 after the shift) and OIHW w."""
-    x = np.pad(xq.astype(np.int64) - zx, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n, c, h, wd = x.shape
-    o, cg, kh, kw = w.shape
-    oh = (h - dilation[0] * (kh - 1) - 1) // strides[0] + 1
-    ow = (wd - dilation[1] * (kw - 1) - 1) // strides[1] + 1
-    out = np.zeros((n, o, oh, ow), np.int64)
-    og = o // groups
-    for gi in range(groups):
-        xs = x[:, gi * cg:(gi + 1) * cg]
-        ws = w[gi * og:(gi + 1) * og].astype(np.int64)
-        for i in range(kh):
-            for j in range(kw):
-                patch = xs[:, :, i * dilation[0]: i * dilation[0] + strides[0] * (oh - 1) + 1: strides[0],
-                           j * dilation[1]: j * dilation[1] + strides[1] * (ow - 1) + 1: strides[1]]
-                out[:, gi * og:(gi + 1) * og] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
-    return out
 
 
 def _y_int(y, sy, zy):

@@ -7,6 +7,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from hago_py.backends.tvm import tensorize as tz  # noqa: E402
+from models import conv_int  # noqa: E402
 from hago_py.backends.tvm.inspect import count_instructions, module_sources  # noqa: E402
 
 TARGETS = {
@@ -26,16 +27,7 @@ def _asm(func, target):
 
 
 def _ref_conv(x, w, pad, stride=1):
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
-    out = np.zeros((n, o, oh, ow), np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            patch = xp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
-            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.int64))
-    return out
+    return conv_int(x, w, 0, (pad,) * 4, (stride, stride), 1)
 
 
 @pytest.mark.parametrize("isa", ["avx512_vnni", "avx_vnni", "avx2", "dotprod"])
