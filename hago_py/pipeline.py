@@ -70,8 +70,11 @@ class Pipeline:
         self._nu_importance: Dict[str, np.ndarray] = {}
         self._nu_means: Dict[str, np.ndarray] = {}
         self._nu_cache: Dict[tuple, tuple] = {}
-        self._mp_cache: Dict[tuple, tuple] = {}
-        self._mp_cov: Dict[str, np.ndarray] = {}  # multipoint: input covariance per layer (multipoint.py)  # weight_scheme="multipoint": greedy points per layer (multipoint.py)
+        self._mp_cache: Dict[tuple, tuple] = {}  # weight_scheme="multipoint": greedy points per layer (multipoint.py)
+        # input covariance E[x x^T] per layer and the mean of its rows (multipoint.input_covariance), shared by
+        # weight_scheme="multipoint" (allocation, fitting) and "nonuniform" (level refinement)
+        self._mp_cov: Dict[str, np.ndarray] = {}
+        self._mp_cov_mean: Dict[str, np.ndarray] = {}
         self._emb_cache: Dict[tuple, tuple] = {}  # embedding_scheme: each table's quantization (quant/embedding.py)
         if isinstance(calibration, str) and calibration == "synthetic":
             calibration = self._synthesize()
@@ -376,22 +379,41 @@ class Pipeline:
             self._nu_importance.update(nu.input_importance(self.prepared, todo, self.first_batches(
                 nu.IMPORTANCE_SAMPLES, exact=True), threads=self.opts.threads, means=self._nu_means))
             self.timings["nonuniform_importance"] = time.perf_counter() - t
+        if nu.COV_ITERS > 0:  # the full input covariance E[x x^T] (shared with weight_scheme="multipoint")
+            from .quant.multipoint import COV_SAMPLES, input_covariance
+
+            missing = [n for n in layers if n not in self._mp_cov]
+            if missing:
+                t = time.perf_counter()
+                self._mp_cov.update(input_covariance(self.prepared, missing, self.first_batches(
+                    COV_SAMPLES, exact=True), threads=self.opts.threads, means=self._mp_cov_mean))
+                self.timings["nonuniform_covariance"] = time.perf_counter() - t
         out, biases = dict(weights or {}), {}
         consumers = _consumers(self.prepared)
         for n, lp in layers.items():
             tq = lp.weight
             w = numpy_helper.to_array(inits[tq.tensor]).astype(np.float32)
-            key = (n, tq.dtype, tq.bits, tq.narrow, tq.symmetric, tq.granularity, tq.axis, tq.levels_bits)
+            kind, b_init = _bias_source(self.prepared, nodes[n], consumers)
+            correct = bias_correction and kind == "input" and n in self._nu_means and tq.axis is not None
+            cov = self._mp_cov.get(n) if nu.COV_ITERS > 0 else None
+            m = self._mp_cov_mean.get(n)
+            if cov is not None and correct and m is not None and np.size(m) == cov.shape[0]:
+                # the mean-shift correction moves the mean output error into the bias: the levels are fitted to
+                # the error of the centred input, d^T (H - m m^T) d, with the mean of the covariance's own rows
+                # (zero padding included) so that it stays positive semi-definite
+                m = np.asarray(m, np.float64).reshape(-1)
+                cov = cov - np.outer(m, m)
+            key = (n, tq.dtype, tq.bits, tq.narrow, tq.symmetric, tq.granularity, tq.axis, tq.levels_bits,
+                   cov is not None, bool(correct))
             if key not in self._nu_cache:
                 t = time.perf_counter()
-                q = quantize_weight(w, tq, importance=self._nu_importance.get(n))
+                q = quantize_weight(w, tq, importance=self._nu_importance.get(n), covariance=cov)
                 self._nu_cache[key] = (q, list(tq.scale), list(tq.zero_point), dict(tq.levels))
                 self.timings["nonuniform_levels"] = self.timings.get("nonuniform_levels", 0.0) + time.perf_counter() - t
             q, sc, zp, lv = self._nu_cache[key]
             out[n] = np.array(q)  # realize may adjust it (bias fit): never the cached array
             tq.scale, tq.zero_point, tq.levels = list(sc), list(zp), dict(lv)
-            kind, b_init = _bias_source(self.prepared, nodes[n], consumers)
-            if bias_correction and kind == "input" and n in self._nu_means and tq.axis is not None:
+            if correct:
                 b = numpy_helper.to_array(inits[b_init]).astype(np.float64).reshape(-1)
                 corr = nu.mean_shift(w, out[n], tq.scale, tq.zero_point, tq.axis, self._nu_means[n])
                 if b.size in (1, corr.size):

@@ -9,8 +9,9 @@ from onnx import helper, numpy_helper
 import hago_py
 from hago_py.errors import OptionError
 from hago_py.quant.artifact import optimized_graph
+from hago_py.quant import multipoint as mpmod
 from hago_py.quant.multipoint import (LayerCandidate, allocate, channel_major, combine_plan, from_channel_major,
-                                      greedy_points, row_layout, rows_from_scales)
+                                      greedy_points, refit_coefficients, row_layout, rows_from_scales)
 
 from models import calib, checked_model, run, small_cnn, sqnr
 
@@ -215,3 +216,69 @@ def test_lapq_fits_ranges_to_the_multipoint_model():
         assert mp["act_scale2"] == pytest.approx(s / 16)
         assert mp["act_range2"][1] - mp["act_range2"][0] == pytest.approx(15 * s / 16)
     assert sqnr(ref, run(lq.model, data)[0]) > sqnr(ref, run(mse.model, data)[0])
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_joint_refit_never_increases_the_error_and_rows_rebuild_from_scales(full):
+    """refit_coefficients: the k coefficients of a channel refitted jointly (least squares under the input
+    covariance), the points re-derived by the sequential residual rounding: per channel never a larger weighted
+    error than the greedy's, the error it reports is that of (A, Q), and the plan's scales still rebuild the rows."""
+    rng = np.random.default_rng(7)
+    c, k = 16, 36
+    w = rng.laplace(0, 0.2, (c, k))
+    x = np.maximum(rng.normal(0, 1, (800, k)) @ rng.normal(0, 0.4, (k, k)), 0)   # correlated, non-zero mean
+    H = x.T @ x / len(x)
+    imp = np.diag(H)[None]
+
+    def err(d):
+        return np.einsum("ck,kl,cl->c", d, H, d) if full else (imp * d * d).sum(1)
+
+    A0, Q0, E0 = greedy_points(w, imp, -7, 7, 3, H=H if full else None, refit=0)
+    improved = 0
+    for kk in range(1, 4):
+        A, Q, E = refit_coefficients(w, A0[kk - 1], Q0[kk - 1], E0[:, kk], -7, 7, imp=imp, H=H if full else None)
+        assert np.all(E <= E0[:, kk])                                     # never worse, channel by channel
+        improved += int(np.sum(E < E0[:, kk] * (1 - 1e-9)))
+        assert np.allclose(err(w - (A[:, :, None] * Q).sum(1)), E)        # E is the error of (A, Q)
+        assert np.all(A > 0) and np.array_equal(A, A.astype(np.float32).astype(np.float64))
+        assert Q.min() >= -7 and Q.max() <= 7
+        parent = [ch for ch in range(c) for _ in range(kk)]
+        rows = rows_from_scales(w, [float(a) for a in A.ravel()], parent, -7, 7)
+        assert np.array_equal(rows.reshape(c, kk, k), Q)                  # the scales rebuild the points
+    assert improved > 0                                                   # and it does find better coefficients
+    A, Q, E = greedy_points(w, imp, -7, 7, 3, H=H if full else None)    # greedy_points refits by default
+    assert np.all(E[:, 1] <= E0[:, 1]) and np.all(E[:, 1:].sum(0) <= E0[:, 1:].sum(0))
+    if not full:
+        assert np.all(np.diff(E, axis=1) <= 1e-12 * E[:, :1])           # still monotone in the point count
+
+
+def _offset_gemm():
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(0, 0.3, (16, 32)).astype(np.float32), rng.normal(0, 0.1, 16).astype(np.float32)
+    node = helper.make_node("Gemm", ["input", "w", "b"], ["output"], name="layer", transB=1)
+    return checked_model([node], [_i("w", w), _i("b", b)], "offset_gemm", ["N", 32], ["N", 16])
+
+
+def test_bias_correction_fits_points_to_the_centred_input(monkeypatch):
+    """With bias_correction=True the mean output error goes to the bias, so the points are fitted under the centred
+    covariance H - m m^T: on inputs with a large mean that beats fitting them under E[x x^T] with the same bias
+    correction, and the widened layer still equals the float layer with the multipoint weights and that bias."""
+    rng = np.random.default_rng(4)
+    data = {"input": (rng.normal(0, 1, (256, 32)) @ rng.normal(0, 0.3, (32, 32)) + 3.0).astype(np.float32)}
+    ref = run(_offset_gemm(), data)[0]
+    kw = dict(weight_scheme="multipoint", weight_bits=3, multipoint_points=1.25, bias_correction=True, **FAST)
+    centred = hago_py.quantize(_offset_gemm(), data, **kw)
+    monkeypatch.setattr(mpmod, "CENTRED_WITH_BIAS_CORRECTION", False)
+    plain = hago_py.quantize(_offset_gemm(), data, **kw)
+    assert sqnr(ref, run(centred.model, data)[0]) > sqnr(ref, run(plain.model, data)[0]) + 0.2
+    lp = centred.plan.layers["layer"]
+    w = numpy_helper.to_array(next(t for t in _offset_gemm().graph.initializer if t.name == "w")).astype(np.float64)
+    parent, _ = row_layout(lp.weight.multipoint["points"])
+    rows = rows_from_scales(w, lp.weight.scale, parent, -3, 3)
+    w_eff = np.zeros_like(w)
+    np.add.at(w_eff, np.asarray(parent), np.asarray(lp.weight.scale, np.float32).astype(np.float64)[:, None] * rows)
+    b_eff = next(numpy_helper.to_array(t) for t in centred.model.graph.initializer if t.name.endswith("_bias"))
+    xt = centred.plan.resolve("input")
+    s, z = xt.scale[0], xt.zero_point[0]
+    xdq = (np.clip(np.rint(data["input"] / s) + z, 0, 255) - z) * s
+    np.testing.assert_allclose(run(centred.model, data)[0], xdq @ w_eff.T + b_eff.reshape(-1), rtol=1e-4, atol=1e-4)

@@ -40,6 +40,9 @@ SCALE_FRACTIONS = np.linspace(0.2, 1.0, 33)
 ONE_POINT_FRACTIONS = SCALE_FRACTIONS
 # first-point coefficients tried when a channel gets two or more points (fractions of max|w| / qmax)
 FIRST_FRACTIONS = np.linspace(0.3, 1.0, 15)
+# joint least-squares refits of a channel's coefficients per point count (refit_coefficients; 0: the greedy's own)
+REFIT_ROUNDS = 4
+REFIT_CANDIDATES = False
 _CHUNK = 1 << 22  # elements of the [channels, fractions, K] error tensor computed at once
 
 
@@ -83,8 +86,76 @@ def best_point(r: np.ndarray, imp: np.ndarray, qmin: int, qmax: int,
     return a_out, q_out, e_out
 
 
+def sequential_rows(w: np.ndarray, a: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """The integer points Q [C, k, K] of every channel of ``w`` [C, K] for its coefficients ``a`` [C, k]
+    (float32-exact): point i rounds the running residual ``w - sum_{j<i} a_j q_j`` to the nearest grid value of
+    ``a_i``, which is the rule :func:`rows_from_scales` rebuilds a plan's rows by."""
+    r = np.array(w, np.float64)
+    out = np.zeros(a.shape + (w.shape[1],), np.int64)
+    for i in range(a.shape[1]):
+        q = np.clip(np.rint(r / a[:, i, None]), qmin, qmax)
+        out[:, i] = q.astype(np.int64)
+        r = r - a[:, i, None] * q
+    return out
+
+
+def refit_coefficients(w: np.ndarray, A: np.ndarray, Q: np.ndarray, E: np.ndarray, qmin: int, qmax: int, *,
+                       imp: Optional[np.ndarray] = None, H: Optional[np.ndarray] = None,
+                       rounds: int = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joint refit of each channel's k coefficients: for its points Q the coefficients minimizing the output error
+    (w - Q^T a)^T H (w - Q^T a) jointly (least squares, a = (Q H Q^T)^-1 Q H w; the greedy's coefficients are
+    optimal one step at a time only), then the points re-derived from the new coefficients by the sequential
+    residual rounding (:func:`sequential_rows`, so the plan's scales still rebuild the rows), ``rounds`` times.
+    A channel takes the best (A, Q) met, by the same error: never worse than the given (A, Q) with error ``E``.
+    Coefficients stay positive and float32-exact; a point that is all zero keeps its coefficient."""
+    rounds = REFIT_ROUNDS if rounds is None else int(rounds)
+    A = np.array(A, np.float64)
+    Q = np.array(Q, np.int64)
+    E = np.array(E, np.float64)
+    if rounds <= 0 or A.size == 0:
+        return A, Q, E
+    w = np.asarray(w, np.float64)
+    c, k = A.shape
+    diag = None if H is not None else np.broadcast_to(np.ones((1, w.shape[1])) if imp is None else
+                                                       np.asarray(imp, np.float64), w.shape)
+
+    def errf(d):
+        return ((d @ H) * d).sum(axis=1) if H is not None else (diag * d * d).sum(axis=1)
+
+    a_cur, q_cur = A, Q
+    for _ in range(rounds):
+        qf = q_cur.astype(np.float64)
+        qh = qf @ H if H is not None else qf * diag[:, None, :]            # [C, k, K]
+        G = np.einsum("cik,cjk->cij", qh, qf)
+        b = np.einsum("cik,ck->ci", qh, w)
+        live = np.abs(q_cur).sum(axis=2) > 0                               # [C, k]
+        eye = np.eye(k)[None]
+        G = np.where(live[:, :, None] & live[:, None, :], G, 0.0) + eye * (~live)[:, :, None]
+        G = G + eye * (1e-12 * np.trace(G, axis1=1, axis2=2)[:, None, None] + 1e-300)
+        b = np.where(live, b, 0.0)
+        try:
+            a_ls = np.linalg.solve(G, b[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            break
+        a_ls = np.where(live, a_ls, a_cur)
+        ok = np.isfinite(a_ls).all(axis=1) & (a_ls > 0).all(axis=1)
+        a_new = np.where(ok[:, None], a_ls, a_cur).astype(np.float32).astype(np.float64)
+        a_new = np.where(a_new > 0, a_new, a_cur)
+        q_new = sequential_rows(w, a_new, qmin, qmax)
+        e_new = errf(w - (a_new[:, :, None] * q_new).sum(axis=1))
+        better = e_new < E
+        A = np.where(better[:, None], a_new, A)
+        Q = np.where(better[:, None, None], q_new, Q)
+        E = np.where(better, e_new, E)
+        if np.array_equal(a_new, a_cur):
+            break
+        a_cur, q_cur = a_new, q_new
+    return A, Q, E
+
+
 def greedy_points(w: np.ndarray, imp: Optional[np.ndarray], qmin: int, qmax: int, max_points: int = MAX_POINTS,
-                  H: Optional[np.ndarray] = None) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
+                  H: Optional[np.ndarray] = None, refit: Optional[int] = None
+                  ) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
     """The best k-point approximation of every channel of ``w`` [C, K] for k = 1..max_points: coefficients
     A[k-1] [C, k], integer points Q[k-1] [C, k, K], and the output error E [C, max_points + 1] (E[:, 0]: no
     point, E[:, k]: with k points; never increasing in k with the diagonal error).
@@ -120,7 +191,8 @@ def greedy_points(w: np.ndarray, imp: Optional[np.ndarray], qmin: int, qmax: int
             better = e < e1
             a1, e1 = np.where(better, a, a1), np.where(better, e, e1)
             q1 = np.where(better[:, None], q, q1)
-    A, Q, E = [a1[:, None]], [q1[:, None, :]], [e0, e1]
+    a1, q1, e1 = refit_coefficients(w, a1[:, None], q1[:, None, :], e1, qmin, qmax, imp=imp, H=H, rounds=refit)
+    A, Q, E = [a1], [q1], [e0, e1]
     if max_points < 2:
         return A, Q, np.stack(E, 1)
     best_e = [np.full(c, np.inf) for _ in range(max_points - 1)]
@@ -136,10 +208,13 @@ def greedy_points(w: np.ndarray, imp: Optional[np.ndarray], qmin: int, qmax: int
             aa.append(an)
             qq.append(qn)
             en = errf(r)
+            ca, cq = np.stack(aa, 1), np.stack(qq, 1)
+            if REFIT_CANDIDATES:
+                ca, cq, en = refit_coefficients(w, ca, cq, en, qmin, qmax, imp=imp, H=H, rounds=refit)
             better = en < best_e[j]
             best_e[j] = np.where(better, en, best_e[j])
-            best_a[j][better] = np.stack(aa, 1)[better]
-            best_q[j][better] = np.stack(qq, 1)[better]
+            best_a[j][better] = ca[better]
+            best_q[j][better] = cq[better]
     for j in range(max_points - 1):  # the plain greedy order is a candidate too (its first point is optimal)
         resid = w - (A[-1][:, :, None] * Q[-1]).sum(axis=1)
         an, qn, _ = best_point(resid, imp, qmin, qmax)
@@ -150,6 +225,7 @@ def greedy_points(w: np.ndarray, imp: Optional[np.ndarray], qmin: int, qmax: int
         a_k = np.where(keep[:, None], best_a[j], cand_a)
         q_k = np.where(keep[:, None, None], best_q[j], cand_q)
         e_k = np.minimum(best_e[j], en)
+        a_k, q_k, e_k = refit_coefficients(w, a_k, q_k, e_k, qmin, qmax, imp=imp, H=H, rounds=refit)
         A.append(a_k)
         Q.append(q_k)
         E.append(e_k)  # with H a point may not lower d^T H d: the allocation then skips it
@@ -348,7 +424,7 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
         missing = [n for n in layers if n not in pipe._mp_cov]
         if missing:
             pipe._mp_cov.update(input_covariance(model, missing, pipe.first_batches(COV_SAMPLES, exact=True),
-                                                 threads=pipe.opts.threads))
+                                                 threads=pipe.opts.threads, means=pipe._mp_cov_mean))
     cands, greedy = [], {}
     for n, lp in layers.items():
         tq = lp.weight
@@ -358,9 +434,21 @@ def choose_points(pipe, plan, opts, weights) -> Tuple[Dict[str, np.ndarray], Dic
         H = pipe._mp_cov.get(n)
         wm = channel_major(w, tq.axis)
         H = H if H is not None and H.shape[0] == wm.shape[1] else None
-        key = (n, tq.bits, qmin, qmax, kmax, tq.axis, H is not None)
+        imp = pipe._nu_importance.get(n)
+        centred = bool(opts.bias_correction) and CENTRED_WITH_BIAS_CORRECTION and _bias_of(nodes[n], inits, pipe) is not None
+        if centred and H is not None and pipe._mp_cov_mean.get(n) is not None:
+            # the mean-shift correction moves the mean output error E[d^T x] into the bias: what stays is the
+            # error of the centred input, d^T (H - m m^T) d, so the points are fitted (and allocated) by that
+            m = pipe._mp_cov_mean[n]
+            H = H - np.outer(m, m)
+            imp = np.clip(np.diag(H), 0.0, None)[None]
+        elif centred and imp is not None and pipe._nu_means.get(n) is not None and imp.shape == np.shape(pipe._nu_means[n]):
+            imp = np.clip(imp - np.asarray(pipe._nu_means[n]) ** 2, 0.0, None)
+        else:
+            centred = False
+        key = (n, tq.bits, qmin, qmax, kmax, tq.axis, H is not None, centred, REFIT_ROUNDS)
         if key not in pipe._mp_cache:
-            pipe._mp_cache[key] = greedy_points(wm, pipe._nu_importance.get(n), qmin, qmax, kmax, H=H)
+            pipe._mp_cache[key] = greedy_points(wm, imp, qmin, qmax, kmax, H=H)
         A, Q, E = pipe._mp_cache[key]
         greedy[n] = (w.shape, A, Q, E)
         sig = float(E[:, 0].mean()) or 1.0
@@ -555,6 +643,8 @@ def _mean_shift_bias(pipe, node, inits, tq, rows, parent, n) -> Optional[np.ndar
     return (b + corr).astype(np.float32)
 
 
+# bias_correction=True: fit and allocate the points by the error of the centred input (the mean error goes to the bias)
+CENTRED_WITH_BIAS_CORRECTION = True
 FULL_COVARIANCE = True    # allocation by d^T H d (full input covariance) where available, else the diagonal
 COV_SAMPLES = 64          # calibration samples of the input-covariance pass
 COV_ROWS = 16384          # rows (output positions) per batch kept for a layer's covariance (strided subsample)
@@ -581,10 +671,12 @@ def _plain(node) -> bool:
     return not (node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute))
 
 
-def input_covariance(model, nodes: Sequence[str], batches, *, threads: int = 1) -> Dict[str, np.ndarray]:
+def input_covariance(model, nodes: Sequence[str], batches, *, threads: int = 1,
+                     means: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
     """E[x x^T] over each layer's input rows (im2col patches for a Conv), in the weight's K order: the output
     error of a weight change d is d^T H d, correlations included (the diagonal is nonuniform.input_importance).
-    Ungrouped 2-D Conv, Gemm and MatMul; other layers are left out (their error stays diagonal)."""
+    Ungrouped 2-D Conv, Gemm and MatMul; other layers are left out (their error stays diagonal). ``means`` (a
+    dict) receives E[x] over the same rows (zero padding included)."""
     from .calibrate import tensor_pass
 
     by = {n.name: n for n in model.graph.node if n.name in set(nodes)}
@@ -593,6 +685,7 @@ def input_covariance(model, nodes: Sequence[str], batches, *, threads: int = 1) 
     if not ok:
         return {}
     acc: Dict[str, np.ndarray] = {}
+    acc1: Dict[str, np.ndarray] = {}
     cnt: Dict[str, int] = {}
     names = sorted({n.input[0] for n in ok.values()})
     for _, outs in tensor_pass(model, names, batches, threads=threads):
@@ -608,7 +701,10 @@ def input_covariance(model, nodes: Sequence[str], batches, *, threads: int = 1) 
                 rows = rows[:: -(-rows.shape[0] // COV_ROWS)]
             r = rows.astype(np.float64)
             acc[name] = r.T @ r + acc.get(name, 0.0)
+            acc1[name] = r.sum(axis=0) + acc1.get(name, 0.0)
             cnt[name] = cnt.get(name, 0) + r.shape[0]
+    if means is not None:
+        means.update({n: acc1[n] / max(cnt[n], 1) for n in acc1})
     return {n: acc[n] / max(cnt[n], 1) for n in acc}
 
 

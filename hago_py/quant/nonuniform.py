@@ -39,6 +39,13 @@ DEFAULT_BITS = 4             # a per-layer nonuniform layer whose weight_bits (l
 CLUSTERS = (1, 2, 3, 4, 5)
 KMEANS_ITERS = 16            # iterations of the 1-D cluster k-means
 LLOYD_ITERS = 8              # Lloyd refinement iterations of the levels (0: off); kept only if the MSE drops
+# refinement of the levels under the layer's full input covariance H = E[x x^T] (``covariance``; 0: off): each
+# iteration fixes the nearest assignment, solves the levels minimizing the output error (u - q)^T H (u - q) on the
+# integer grid, reassigns by nearest; the best levels met by that error are kept (never worse than the start)
+COV_ITERS = 6
+# refine from the levels of every cluster count (CLUSTERS), keep the lowest full error (False: only from the best
+# levels under the diagonal error)
+COV_ALL_STARTS = True
 
 
 def layer_levels_bits(options, node: str) -> Optional[int]:
@@ -199,6 +206,68 @@ def channel_levels(u: np.ndarray, bits: int, qmin: int, qmax: int, *, clusters=N
     return best, refined, best_k
 
 
+def refine_levels(x: np.ndarray, lv: np.ndarray, H: np.ndarray, qmin: int, qmax: int, iters: Optional[int] = None
+                  ) -> np.ndarray:
+    """Integer levels (sorted, unique, within [qmin, qmax], at most ``lv.size``) of one channel whose values ``x``
+    (grid units, in the K order of ``H``) are assigned to the nearest level, chosen by the layer's output error
+    e(L) = (x - L[a])^T H (x - L[a]) with a = nearest(x, L) and ``H`` = E[x x^T] of the layer's input (correlations
+    and the mean shift E[d^T x]^2 included, which the diagonal importance leaves out). Alternates: for the
+    current assignment the least-squares levels L = (A^T H A)^-1 A^T H x (A: one-hot [K, m]), on the integer grid
+    by coordinate descent from the rounded solution; then the nearest assignment to them. Starts from ``lv``
+    and returns the best met (never a higher e than ``lv``'s)."""
+    iters = COV_ITERS if iters is None else int(iters)
+    order = np.argsort(np.asarray(x, np.float64), kind="stable")
+    x = np.asarray(x, np.float64)[order]      # sorted: every level's cell is a contiguous run
+    Hs = np.asarray(H, np.float64)[np.ix_(order, order)]
+
+    def err(L):
+        d = x - L[_assign(x, L)]
+        return float(d @ Hs @ d)
+
+    cur = np.unique(np.asarray(lv, np.float64))
+    best, best_e = cur, err(cur)
+    for _ in range(iters):
+        a = _assign(x, cur)
+        used = np.unique(a)                   # the levels that hold values (an empty one keeps its place)
+        starts = np.searchsorted(a, used)
+        HA = np.add.reduceat(Hs, starts, axis=1)        # H A  [K, m_used]
+        G = np.add.reduceat(HA, starts, axis=0)         # A^T H A
+        bvec = HA.T @ x                                 # A^T H x
+        try:
+            sol = np.linalg.solve(G + np.eye(used.size) * (1e-9 * np.trace(G) + 1e-300), bvec)
+        except np.linalg.LinAlgError:
+            break
+        L = np.clip(np.rint(sol), qmin, qmax)
+        for _sweep in range(3):  # integer coordinate descent on the quadratic of this assignment
+            moved = False
+            for j in range(used.size):
+                if G[j, j] <= 0:
+                    continue
+                v = np.clip(np.rint((bvec[j] - G[j] @ L + G[j, j] * L[j]) / G[j, j]), qmin, qmax)
+                if v != L[j]:
+                    L[j], moved = v, True
+            if not moved:
+                break
+        full = cur.copy()
+        full[used] = L
+        new = np.unique(full)
+        e = err(new)
+        if e < best_e:
+            best, best_e = new, e
+        if np.array_equal(new, cur):
+            break
+        cur = new
+    return best.astype(np.int64)
+
+
+def cov_error(u: np.ndarray, lv: np.ndarray, H: np.ndarray) -> float:
+    """The output error (u - L[a])^T H (u - L[a]) of the nearest assignment of ``u`` to the levels ``lv``."""
+    u = np.asarray(u, np.float64)
+    lv = np.unique(np.asarray(lv, np.float64))
+    d = u - lv[_assign(u, lv)]
+    return float(d @ H @ d)
+
+
 def _counts(clusters) -> Tuple[int, ...]:
     return tuple(int(k) for k in clusters) if isinstance(clusters, (tuple, list)) else (int(clusters),)
 
@@ -220,29 +289,36 @@ def _cache_key(*arrays, **params) -> str:
 
 def quantize_nonuniform(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int,
                         axis: Optional[int], bits: int, *, clusters: Optional[int] = None,
-                        lloyd_iters: Optional[int] = None, importance: Optional[np.ndarray] = None
-                        ) -> Tuple[np.ndarray, Dict[str, Any]]:
+                        lloyd_iters: Optional[int] = None, importance: Optional[np.ndarray] = None,
+                        covariance: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Integer weight (int64, the shape of ``w``) whose every output channel (``axis``; None: the tensor is
     one channel) uses at most 2**bits values of its own grid [qmin, qmax]; and a summary of the levels.
-    ``importance``: [C or 1, K] weights of the channel-major [C, K] layout (``input_importance``), or None."""
+    ``importance``: [C or 1, K] weights of the channel-major [C, K] layout (``input_importance``), or None.
+    ``covariance``: [K, K] input covariance E[x x^T] of the layer (ungrouped layers, K order), or None: the levels
+    found with ``importance`` are then refined by the full output error (:func:`refine_levels`)."""
     clusters = _counts(CLUSTERS if clusters is None else clusters)
     lloyd_iters = LLOYD_ITERS if lloyd_iters is None else int(lloyd_iters)
     w = np.asarray(w, np.float32)
-    key = _cache_key(w, np.asarray(scale, np.float32), np.asarray(zero_point, np.int64), importance, qmin=int(qmin),
-                     qmax=int(qmax), axis=axis, bits=int(bits), clusters=clusters, lloyd_iters=lloyd_iters,
-                     iters=KMEANS_ITERS)
+    k = w.size // max(w.shape[int(axis) % w.ndim] if axis is not None and w.ndim else 1, 1)
+    if covariance is not None and (COV_ITERS <= 0 or np.shape(covariance) != (k, k)):
+        covariance = None  # off, or not in this weight's K layout (grouped convolutions): the diagonal only
+    key = _cache_key(w, np.asarray(scale, np.float32), np.asarray(zero_point, np.int64), importance, covariance,
+                     qmin=int(qmin), qmax=int(qmax), axis=axis, bits=int(bits), clusters=clusters,
+                     lloyd_iters=lloyd_iters, iters=KMEANS_ITERS, cov_iters=COV_ITERS)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         q, summary = _CACHE[key]
         return q.astype(np.int64), dict(summary)
-    q, summary = _quantize_nonuniform(w, scale, zero_point, qmin, qmax, axis, bits, clusters, lloyd_iters, importance)
+    q, summary = _quantize_nonuniform(w, scale, zero_point, qmin, qmax, axis, bits, clusters, lloyd_iters, importance,
+                                      covariance)
     _CACHE[key] = (q.astype(np.int16), dict(summary))
     while sum(v[0].nbytes for v in _CACHE.values()) > CACHE_BYTES and len(_CACHE) > 1:
         _CACHE.popitem(last=False)
     return q, summary
 
 
-def _quantize_nonuniform(w, scale, zero_point, qmin, qmax, axis, bits, clusters, lloyd_iters, importance):
+def _quantize_nonuniform(w, scale, zero_point, qmin, qmax, axis, bits, clusters, lloyd_iters, importance,
+                         covariance=None):
     ax = 0 if axis is None else int(axis) % max(w.ndim, 1)
     wm = np.moveaxis(w, ax, 0).reshape(w.shape[ax] if w.ndim else 1, -1) if axis is not None \
         else w.reshape(1, -1)
@@ -255,7 +331,8 @@ def _quantize_nonuniform(w, scale, zero_point, qmin, qmax, axis, bits, clusters,
         raise ValueError(f"scale of size {np.size(scale)} does not match {c} channels")
     q = np.empty(wm.shape, np.int64)
     used = np.zeros(c, np.int64)
-    refined = 0
+    refined = cov_moved = 0
+    H = None if covariance is None else np.asarray(covariance, np.float64)
     ks: Dict[int, int] = {}
     for i in range(c):
         u = wm[i].astype(np.float32) / s[i]  # the same float32 division as nearest rounding
@@ -264,6 +341,15 @@ def _quantize_nonuniform(w, scale, zero_point, qmin, qmax, axis, bits, clusters,
         lv, ref, k_used = channel_levels(u, bits, qmin, qmax, clusters=clusters, lloyd_iters=lloyd_iters,
                                          importance=imp)
         ks[k_used] = ks.get(k_used, 0) + 1
+        if H is not None and k_used:  # k_used 0: the channel already has few enough grid values (exact)
+            starts = [lv]
+            if COV_ALL_STARTS:  # every cluster count's levels as a start, not only the diagonal error's best
+                starts += [channel_levels(u, bits, qmin, qmax, clusters=(k,), lloyd_iters=lloyd_iters,
+                                          importance=imp)[0] for k in clusters if k != k_used]
+            cands = [refine_levels(u, st, H, qmin, qmax) for st in starts]
+            lv2 = min(cands, key=lambda L: cov_error(u, L, H))
+            cov_moved += int(not np.array_equal(lv2, lv))
+            lv = lv2
         q[i] = lv[_assign(u, lv.astype(np.float64))]
         used[i] = np.unique(q[i]).size
         refined += int(ref)
@@ -274,6 +360,8 @@ def _quantize_nonuniform(w, scale, zero_point, qmin, qmax, axis, bits, clusters,
                "levels_per_channel_max": int(used.max()), "channels": int(c), "lloyd_kept_channels": int(refined),
                "clusters_used": {str(k): v for k, v in sorted(ks.items())}, "lloyd_iters": int(lloyd_iters),
                "importance": "input E[x^2]" if importance is not None else "none"}
+    if H is not None:
+        summary.update({"covariance": "input E[x x^T]", "covariance_moved_channels": int(cov_moved)})
     return np.ascontiguousarray(out), summary
 
 

@@ -77,7 +77,8 @@ def quantize_weight(w: np.ndarray, tq: TensorQuant, **ctx) -> np.ndarray:
         from .nonuniform import quantize_nonuniform
 
         q, tq.levels = quantize_nonuniform(w, scale, zp, qmin, qmax, tq.axis if tq.granularity == "per_channel"
-                                           else None, tq.levels_bits, importance=ctx.get("importance"))
+                                           else None, tq.levels_bits, importance=ctx.get("importance"),
+                                           covariance=ctx.get("covariance"))
         tq.scale = [float(s) for s in scale]
         tq.zero_point = [int(z) for z in zp]
         return q
