@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
                    "unless given)")
     b.add_argument("--shape", action="append", default=[], metavar="NAME=DxDx..",
                    help="static shape of one input, e.g. input_ids=1x64 (repeatable)")
+    b.add_argument("--tensorize", choices=("auto", "on", "off"), default="auto",
+                   help="hand-scheduled int8 conv / matmul kernels on the target's dot-product instruction (needs "
+                   "--batch): auto = where the spec declares avx512_vnni / avx_vnni / dotprod, on = also avx2 "
+                   "(only kernels it computes exactly), off = TVM's default schedules")
     b.add_argument("--weight-bits", type=int, default=8)
     b.add_argument("--activation-bits", type=int, default=8)
     b.add_argument("--quiet", "-q", action="store_true")
@@ -266,11 +270,17 @@ def _cmd_build(a) -> int:
     from .build import build
 
     m = build(a.model, a.target, calibration=a.calib, out=a.out, plan=a.plan, tune_db=a.tune_db,
-              progress=not a.quiet, batch=a.batch, shapes=_shapes(a.shape), **_quant_kwargs(a))
+              progress=not a.quiet, batch=a.batch, shapes=_shapes(a.shape),
+              tensorize={"auto": "auto", "on": True, "off": False}[a.tensorize], **_quant_kwargs(a))
     ins = ", ".join(f"{k} {v}" for k, v in m["instructions"].items() if v) or "no int8 dot-product instructions"
-    tuned = sum(1 for s in m["tuning"]["kernels"].values() if s != "untuned")
+    tuned = sum(1 for s in m["tuning"]["kernels"].values() if s != "untuned" and not s.startswith("hand-scheduled"))
+    tz = m.get("tensorize") or {}
+    n_tz = sum(r.get("status") == "tensorized" for r in tz.get("kernels", []))
     print(f"wrote {m['dir']}: {m['library']['file']} ({m['toolchain'].get('name') or 'no toolchain'}), "
-          f"{tuned}/{len(m['tuning']['kernels'])} kernels tuned, {ins}")
+          f"{tuned}/{len(m['tuning']['kernels'])} kernels tuned, {n_tz} tensorized, {ins}")
+    if a.tensorize != "off" and not n_tz:
+        whys = sorted({r.get("why") for r in tz.get("kernels", []) if r.get("why")})
+        print(f"  tensorize: {tz.get('why') or 'no int8 kernel tensorized'}" + (f" ({'; '.join(whys)})" if whys else ""))
     for f in m["findings"]:
         print(f"  finding: {f}")
     return 0

@@ -1,6 +1,8 @@
 """Tensorized int8 kernels (hago_py/backends/tvm/tensorize.py): compile only, no tuning, each test a few s."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -164,3 +166,33 @@ def test_build_cortex_a76_uses_sdot(tmp_path, monkeypatch):
     assert any(v.startswith("hand-scheduled") for v in m["tuning"]["kernels"].values())
     m = build_mod.build(small_cnn(), "arm_cortex_a76", calibration=calib(), out=tmp_path)
     assert all("dynamic input shape" in r["why"] for r in m["tensorize"]["kernels"])
+
+
+def test_cli_build_tensorize_flag(tmp_path, capsys, monkeypatch):
+    """`hago build --tensorize`: auto tensorizes the A76 build (sdot) and says how many kernels; off keeps TVM's
+    default schedules (smull / smlal); without --batch it prints why nothing was tensorized."""
+    import onnx
+
+    from models import calib, small_cnn
+
+    from hago_py import build as build_mod
+    from hago_py.cli import main
+
+    monkeypatch.setattr(build_mod, "find_cross_compiler", lambda name=build_mod.AARCH64_CC: None)
+    np.savez(tmp_path / "c.npz", **calib())
+    onnx.save(small_cnn(), str(tmp_path / "m.onnx"))
+    base = ["build", str(tmp_path / "m.onnx"), "--target", "arm_cortex_a76", "--calib", str(tmp_path / "c.npz"),
+            "--batch", "1", "-q"]
+    assert main(base + ["--out", str(tmp_path / "on")]) == 0
+    out = capsys.readouterr().out
+    n = len(json.loads((tmp_path / "on" / "arm_cortex_a76" / "manifest.json").read_text())["tensorize"]["kernels"])
+    assert n > 0 and f"{n} tensorized" in out and "sdot" in out, out
+    assert main(base + ["--out", str(tmp_path / "off"), "--tensorize", "off"]) == 0
+    out = capsys.readouterr().out
+    man = json.loads((tmp_path / "off" / "arm_cortex_a76" / "manifest.json").read_text())
+    on = json.loads((tmp_path / "on" / "arm_cortex_a76" / "manifest.json").read_text())["instructions"]
+    assert "0 tensorized" in out and man["tensorize"]["why"] == "off", out
+    # LLVM's own vectorizer emits a few sdot in the default schedules; the tensorized build is made of them
+    assert man["instructions"]["smlal"] > 0 and on["smlal"] == 0 and on["sdot"] > 5 * man["instructions"]["sdot"]
+    assert main(base[:-3] + ["-q", "--out", str(tmp_path / "dyn")]) == 0   # no --batch: why not, printed
+    assert "dynamic input shape" in capsys.readouterr().out
