@@ -2,6 +2,7 @@
 
     python -m benchmarks.tvm_suite [--models resnet20,lite0,minilm] [--target host] [--limit N]
                                    [--trials N] [--build-targets all|none|a,b] [--repeats 200]
+                                   [--tensorize avx2|avx_vnni|avx512_vnni|dotprod] [--quant-options JSON]
 
 Per model: hago_py quantizes it for ``--target`` (the spec's plan; latency not measured, so every run is the
 same plan); the ORT and TVM models are scored on the full test set (``--limit`` for a subset); TVM compiles the
@@ -129,6 +130,63 @@ def _builds(model_q, plan_json: str, targets: List[str], work: Path) -> Dict[str
     return out
 
 
+class _Batch1Session:
+    """ORT-session look-alike over a VM compiled for batch 1: runs a batch one sample at a time."""
+
+    def __init__(self, vm, inputs):
+        self.vm, self.inputs = vm, list(inputs)
+
+    def get_inputs(self):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name=n) for n in self.inputs]
+
+    def run(self, output_names, feeds):
+        import tvm
+
+        n = len(next(iter(feeds.values())))
+        outs: List[List[np.ndarray]] = []
+        for i in range(n):
+            r = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(feeds[k][i:i + 1])) for k in self.inputs])
+            r = list(r) if isinstance(r, (list, tuple)) or hasattr(r, "__len__") and not hasattr(r, "numpy") else [r]
+            outs.append([t.numpy() for t in r])
+        return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+
+def _tensorized_vm(model_q, target_dict, isa_name: str, feed):
+    """(VM or None, record, compile s): the integerized hago model for the timing feed's static shapes (batch 1)
+    with its int8 conv2d / matmul replaced by the hand-scheduled kernels of ``isa_name`` (tensorize.py)."""
+    import tvm
+    from tvm import relax
+    from hago_py.backends.tvm.importer import import_qdq, static_shapes
+    from hago_py.backends.tvm.integerize import integerize
+    from hago_py.backends.tvm.tensorize import ISAS, tensorize_module
+
+    t0 = time.perf_counter()
+    mod = import_qdq(static_shapes(model_q, 1, {k: list(v.shape) for k, v in feed.items()}))
+    mod, _ = integerize(mod)
+    new, recs = tensorize_module(mod, ISAS[isa_name])
+    n = sum(r["status"] == "tensorized" for r in recs)
+    why = sorted({r["why"] for r in recs if r["status"] != "tensorized"})
+    rec = {"isa": isa_name, "tensorized": n, "kernels": len(recs), "why": f"{n} of {len(recs)} int8 kernels "
+           f"tensorized with {ISAS[isa_name].instruction}" + (f"; others: {'; '.join(why)}" if why else "")}
+    if not n:
+        return None, rec, time.perf_counter() - t0
+    with tvm.transform.PassContext(opt_level=3):
+        ex = relax.build(new, target=tvm.target.Target(target_dict))
+    return relax.VirtualMachine(ex, tvm.cpu()), rec, time.perf_counter() - t0
+
+
+def _same_outputs(a, b, bm, n: int) -> bool:
+    """Whether two sessions give identical outputs on the first ``n`` calibration samples (one at a time)."""
+    feeds = bm.calib_feeds(n, batch=1)
+    for f in feeds:
+        f = {k: v for k, v in f.items() if k in a.artifact.inputs}
+        if not all(np.array_equal(x, y) for x, y in zip(a.run(None, f), b.run(None, f))):
+            return False
+    return True
+
+
 def bench_model(bm, args) -> Dict[str, Any]:
     import hago_py
     from hago_py.backends.tvm.backend import TvmBackend, TvmSession
@@ -140,7 +198,10 @@ def bench_model(bm, args) -> Dict[str, Any]:
     res: Dict[str, Any] = {"model": bm.name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                            "machine": machine_info(1), "target": args.target, "limit": args.limit}
     t0 = time.perf_counter()
-    q = hago_py.quantize(str(bm.model_path), bm.calib_feeds(bm.default_calib), args.target, measure_latency=False)
+    qopts = json.loads(args.quant_options or "{}")
+    res["quant_options"] = qopts
+    q = hago_py.quantize(str(bm.model_path), bm.calib_feeds(bm.default_calib), args.target, measure_latency=False,
+                         **qopts)
     res["quantize_s"] = time.perf_counter() - t0
     res["spec"] = q.report.get("target") if isinstance(q.report, dict) else None
     fp = load_model(str(bm.model_path))
@@ -151,13 +212,23 @@ def bench_model(bm, args) -> Dict[str, Any]:
     for label, m, integer in (("tvm_fp32", fp, False), ("tvm_int8", q.model, True)):
         arts[label], res[f"{label}_compile_s"] = _tvm_compile(be_eval, m, integer)
     res["integerize"] = {k: arts["tvm_int8"].info.get(k) for k in ("counts", "float_ops", "left_float")}
+    sessions: Dict[str, Any] = {"ort_fp32": make_session(fp, args.eval_threads),
+                                "ort_int8": make_session(q.model, args.eval_threads),
+                                "tvm_fp32": TvmSession(be_eval, arts["tvm_fp32"]),
+                                "tvm_int8": TvmSession(be_eval, arts["tvm_int8"])}
+    if args.tensorize:
+        tz_vm, res["tensorize"], res["tvm_int8_tz_compile_s"] = _tensorized_vm(q.model, tdict, args.tensorize,
+                                                                            bm.timing_feed())
+        if tz_vm is not None:
+            sessions["tvm_int8_tz"] = _Batch1Session(tz_vm, arts["tvm_int8"].inputs)
+            res["tensorize"]["equal_to_tvm_int8"] = _same_outputs(sessions["tvm_int8"], sessions["tvm_int8_tz"],
+                                                                  bm, args.check_samples)
+            print(f"  {bm.name} tensorized: {res['tensorize']['why']}; outputs equal to the default int8 build on "
+                  f"{args.check_samples} samples: {res['tensorize']['equal_to_tvm_int8']}", flush=True)
     # accuracy on the same data
     metrics: Dict[str, float] = {}
     wanted = [e for e in args.evals.split(",") if e]
-    for label, sess in (("ort_fp32", make_session(fp, args.eval_threads)),
-                        ("ort_int8", make_session(q.model, args.eval_threads)),
-                        ("tvm_fp32", TvmSession(be_eval, arts["tvm_fp32"])),
-                        ("tvm_int8", TvmSession(be_eval, arts["tvm_int8"]))):
+    for label, sess in sessions.items():
         if label not in wanted:
             continue
         t1 = time.perf_counter()
@@ -184,6 +255,10 @@ def bench_model(bm, args) -> Dict[str, Any]:
             args_t = [tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in a.inputs]
             fn = a.vm["main"]
             calls[label] = (lambda fn=fn, args_t=args_t: fn(*args_t))
+        if "tvm_int8_tz" in sessions:
+            tz = sessions["tvm_int8_tz"]
+            args_tz = [tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in tz.inputs]
+            calls["tvm_int8_tz"] = (lambda fn=tz.vm["main"], args_t=args_tz: fn(*args_t))
         for label, info in (res.get("tuning") or {}).items():
             if "db" in info:
                 try:
@@ -219,7 +294,7 @@ def format_report(results: List[Dict[str, Any]]) -> str:
                   f"target {r['target']}; {'first ' + str(r['limit']) if r['limit'] else 'full test set'})", "",
                   "| model | metric | compile s | batch-1 latency ms | speed vs ORT FP32 (p10-p90) |", "|---|---|---|---|---|"]
         lat = r.get("latency", {})
-        for k in ("ort_fp32", "ort_int8", "tvm_fp32", "tvm_int8", "tvm_fp32_tuned", "tvm_int8_tuned"):
+        for k in ("ort_fp32", "ort_int8", "tvm_fp32", "tvm_int8", "tvm_int8_tz", "tvm_fp32_tuned", "tvm_int8_tuned"):
             L = lat.get(k, {})
             if k not in m and not L:
                 continue
@@ -230,6 +305,11 @@ def format_report(results: List[Dict[str, Any]]) -> str:
         d = r.get("tvm_int8_minus_ort_int8")
         lines += ["", f"TVM int8 - ORT int8 metric: {'-' if d is None else format(d, '+.4f')}; integer ops: {c}; "
                   f"TVM int8 vs TVM FP32 speed: {r.get('latency_tvm_int8_vs_tvm_fp32', float('nan')):.2f}x"]
+        if r.get("quant_options"):
+            lines.append(f"quantize options: {r['quant_options']}")
+        if r.get("tensorize"):
+            lines.append(f"tvm_int8_tz: {r['tensorize']['why']}; outputs identical to tvm_int8: "
+                         f"{r['tensorize'].get('equal_to_tvm_int8')}")
         if r.get("tuning"):
             lines.append(f"tuning: { {k: v.get('error') or round(v['seconds']) for k, v in r['tuning'].items()} }")
         for t, b in (r.get("builds") or {}).items():
@@ -252,6 +332,13 @@ def main(argv=None) -> int:
                     help="which models are scored on the test set (untuned TVM FP32 of MiniLM takes about an hour "
                          "on 2 cores; the timing and builds run for all four regardless)")
     ap.add_argument("--build-targets", default="all", help="all | none | comma list of spec names")
+    ap.add_argument("--tensorize", default=None, choices=("avx2", "avx_vnni", "avx512_vnni", "dotprod"),
+                    help="also a batch-1 build with hand-scheduled int8 kernels of this instruction family "
+                         "(tvm_int8_tz: scored with --evals, timed, checked identical to tvm_int8); it must run "
+                         "on this host (avx2 here needs 7-bit weights: --quant-options "
+                         "'{\"saturation_remedy\": \"reduce_range\"}')")
+    ap.add_argument("--check-samples", type=int, default=32, help="samples on which tvm_int8_tz must equal tvm_int8")
+    ap.add_argument("--quant-options", default=None, help="JSON of extra hago_py.quantize options")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--data", default=None)
     a = ap.parse_args(argv)
