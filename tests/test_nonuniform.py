@@ -154,6 +154,21 @@ def test_covariance_refinement_never_worse_and_on_grid():
     assert lower >= 6, lower
 
 
+def test_batched_refinement_equals_one_channel_at_a_time(monkeypatch):
+    """refine_levels_batch over many channels (in chunks, channels leaving the batch as they converge) gives
+    every channel exactly what it gets alone, and errors equal to cov_error of the returned levels."""
+    H, _ = _correlated(40, seed=9)
+    rng = np.random.default_rng(10)
+    U = np.clip(rng.laplace(0, 30, (11, 40)), -127, 127)
+    LV = np.stack([numod._pad_levels(channel_levels(u, 3, -127, 127, importance=np.diag(H))[0], 8) for u in U])
+    monkeypatch.setattr(numod, "_BATCH_ELEMENTS", 40 * 8 * 4)          # chunks of 4 channels
+    L, E = numod.refine_levels_batch(U, LV, H, -127, 127)
+    for i in range(len(U)):
+        Li, Ei = numod.refine_levels_batch(U[i:i + 1], LV[i:i + 1], H, -127, 127)
+        assert np.array_equal(L[i], Li[0]) and E[i] == pytest.approx(Ei[0])
+        assert E[i] == pytest.approx(cov_error(U[i], L[i], H)) and E[i] <= cov_error(U[i], LV[i], H) + 1e-9
+
+
 def test_covariance_lowers_the_layer_output_error(monkeypatch):
     """quantize_nonuniform with the layer's E[x x^T]: the output error on the very inputs is lower than with the
     diagonal importance alone; each channel still uses at most 16 values of its own INT8 grid; COV_ITERS = 0 or a

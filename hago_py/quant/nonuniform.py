@@ -165,14 +165,15 @@ def _mse(x: np.ndarray, h: np.ndarray, lv: np.ndarray) -> float:
 
 
 def channel_levels(u: np.ndarray, bits: int, qmin: int, qmax: int, *, clusters=None,
-                   lloyd_iters: Optional[int] = None, importance: Optional[np.ndarray] = None
-                   ) -> Tuple[np.ndarray, bool, int]:
+                   lloyd_iters: Optional[int] = None, importance: Optional[np.ndarray] = None,
+                   candidates: Optional[list] = None) -> Tuple[np.ndarray, bool, int]:
     """The snapped integer levels (sorted, unique, within [qmin, qmax], at most 2**bits) for one channel's
     values ``u`` in grid units (w / s + zero point); whether the Lloyd refinement was kept; the cluster count
     used (``clusters``: an int, or a tuple of counts tried, the lowest error kept).
     ``clusters`` / ``lloyd_iters``: None = the module constants CLUSTERS / LLOYD_ITERS. ``importance``: a weight
     per value (e.g. E[x^2] of the input it multiplies): the levels then minimize the importance-weighted squared
-    error (populations become importance mass); every value is still assigned to its nearest level."""
+    error (populations become importance mass); every value is still assigned to its nearest level.
+    ``candidates`` (a list) receives the levels found for each cluster count tried (starts for refine_levels)."""
     clusters = _counts(CLUSTERS if clusters is None else clusters)
     lloyd_iters = LLOYD_ITERS if lloyd_iters is None else int(lloyd_iters)
     u = np.asarray(u, np.float64).reshape(-1)
@@ -196,13 +197,16 @@ def channel_levels(u: np.ndarray, bits: int, qmin: int, qmax: int, *, clusters=N
         init = _uniform_levels(x, b, steps)
         base = _snap(init, qmin, qmax)
         m = _mse(x, h, base)
-        if m < best_mse:
-            best, best_mse, refined, best_k = base, m, False, b.size - 1
+        k_best, k_mse, k_ref = base, m, False
         if lloyd_iters > 0:  # kept only if it lowers the error
             cand = _grid_lloyd(x, h, _snap(_lloyd(x, h, init, lloyd_iters), qmin, qmax), qmin, qmax, lloyd_iters)
             m = _mse(x, h, cand)
-            if m < best_mse:
-                best, best_mse, refined, best_k = cand, m, True, b.size - 1
+            if m < k_mse:
+                k_best, k_mse, k_ref = cand, m, True
+        if candidates is not None:
+            candidates.append(k_best)
+        if k_mse < best_mse:
+            best, best_mse, refined, best_k = k_best, k_mse, k_ref, b.size - 1
     return best, refined, best_k
 
 
@@ -211,53 +215,88 @@ def refine_levels(x: np.ndarray, lv: np.ndarray, H: np.ndarray, qmin: int, qmax:
     """Integer levels (sorted, unique, within [qmin, qmax], at most ``lv.size``) of one channel whose values ``x``
     (grid units, in the K order of ``H``) are assigned to the nearest level, chosen by the layer's output error
     e(L) = (x - L[a])^T H (x - L[a]) with a = nearest(x, L) and ``H`` = E[x x^T] of the layer's input (correlations
-    and the mean shift E[d^T x]^2 included, which the diagonal importance leaves out). Alternates: for the
-    current assignment the least-squares levels L = (A^T H A)^-1 A^T H x (A: one-hot [K, m]), on the integer grid
-    by coordinate descent from the rounded solution; then the nearest assignment to them. Starts from ``lv``
-    and returns the best met (never a higher e than ``lv``'s)."""
+    and the mean shift E[d^T x]^2 included, which the diagonal importance leaves out). One channel of
+    :func:`refine_levels_batch`; returns the best levels met (never a higher e than ``lv``'s)."""
+    best, _ = refine_levels_batch(np.asarray(x, np.float64)[None], np.sort(np.asarray(lv, np.float64))[None], H,
+                                  qmin, qmax, iters)
+    return np.unique(best[0]).astype(np.int64)
+
+
+_BATCH_ELEMENTS = 1 << 22   # channels x K x levels of the one-hot assignment held at once
+
+
+def _assign_rows(U: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """Nearest level index per value, row by row (``L`` [C, m] sorted; ties to the lower level, as _assign)."""
+    thr = (L[:, :-1] + L[:, 1:]) / 2
+    return (U[:, :, None] > thr[:, None, :]).sum(axis=2)
+
+
+def _row_errors(U: np.ndarray, L: np.ndarray, a: np.ndarray, H: np.ndarray) -> np.ndarray:
+    d = U - np.take_along_axis(L, a, axis=1)
+    return ((d @ H) * d).sum(axis=1)
+
+
+def refine_levels_batch(U: np.ndarray, LV: np.ndarray, H: np.ndarray, qmin: int, qmax: int,
+                        iters: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Output-error refinement of the levels of many channels of one layer at once: ``U`` [C, K] values in grid
+    units, ``LV`` [C, m] sorted starting levels (a row may repeat a level), ``H`` [K, K] = E[x x^T].
+    Alternates, for every channel: for the current nearest assignment A (one-hot [K, m]) the least-squares
+    levels L = (A^T H A)^-1 A^T H u, placed on the integer grid by coordinate descent from the rounded solution
+    (an empty level keeps its place); then the nearest assignment to the new levels. Returns the best levels met
+    per channel [C, m] (sorted, may repeat) and their errors (u - L[a])^T H (u - L[a]) [C] — never above the
+    start's. The products with H are one matrix multiply per chunk of channels (BLAS), not a loop."""
     iters = COV_ITERS if iters is None else int(iters)
-    order = np.argsort(np.asarray(x, np.float64), kind="stable")
-    x = np.asarray(x, np.float64)[order]      # sorted: every level's cell is a contiguous run
-    Hs = np.asarray(H, np.float64)[np.ix_(order, order)]
-
-    def err(L):
-        d = x - L[_assign(x, L)]
-        return float(d @ Hs @ d)
-
-    cur = np.unique(np.asarray(lv, np.float64))
-    best, best_e = cur, err(cur)
-    for _ in range(iters):
-        a = _assign(x, cur)
-        used = np.unique(a)                   # the levels that hold values (an empty one keeps its place)
-        starts = np.searchsorted(a, used)
-        HA = np.add.reduceat(Hs, starts, axis=1)        # H A  [K, m_used]
-        G = np.add.reduceat(HA, starts, axis=0)         # A^T H A
-        bvec = HA.T @ x                                 # A^T H x
-        try:
-            sol = np.linalg.solve(G + np.eye(used.size) * (1e-9 * np.trace(G) + 1e-300), bvec)
-        except np.linalg.LinAlgError:
-            break
-        L = np.clip(np.rint(sol), qmin, qmax)
-        for _sweep in range(3):  # integer coordinate descent on the quadratic of this assignment
-            moved = False
-            for j in range(used.size):
-                if G[j, j] <= 0:
-                    continue
-                v = np.clip(np.rint((bvec[j] - G[j] @ L + G[j, j] * L[j]) / G[j, j]), qmin, qmax)
-                if v != L[j]:
-                    L[j], moved = v, True
-            if not moved:
+    U = np.asarray(U, np.float64)
+    H = np.asarray(H, np.float64)
+    c, k = U.shape
+    m = LV.shape[1]
+    step = max(1, _BATCH_ELEMENTS // max(k * m, 1))
+    best_all, err_all = np.empty((c, m)), np.empty(c)
+    eye = np.eye(m)[None]
+    for lo in range(0, c, step):
+        u = U[lo:lo + step]
+        cur = np.sort(np.asarray(LV[lo:lo + step], np.float64), axis=1)
+        a = _assign_rows(u, cur)
+        best, best_e = cur.copy(), _row_errors(u, cur, a, H)
+        act = np.arange(len(u))           # channels whose levels still move
+        for _ in range(iters):
+            ua, ca, aa = u[act], cur[act], a[act]
+            A = (aa[:, :, None] == np.arange(m)).astype(np.float64)                    # [c, K, m]
+            HA = (H @ A.transpose(1, 0, 2).reshape(k, -1)).reshape(k, len(act), m).transpose(1, 0, 2)
+            G = np.matmul(A.transpose(0, 2, 1), HA)                                     # A^T H A  [c, m, m]
+            b = np.matmul(HA.transpose(0, 2, 1), ua[:, :, None])[:, :, 0]               # A^T H u  [c, m]
+            live = A.sum(axis=1) > 0
+            dead = ~live
+            Gs = G + eye * (1e-9 * np.trace(G, axis1=1, axis2=2)[:, None, None] + 1e-300) + eye * dead[:, :, None]
+            try:
+                sol = np.linalg.solve(Gs, np.where(live, b, ca)[:, :, None])[:, :, 0]
+            except np.linalg.LinAlgError:
                 break
-        full = cur.copy()
-        full[used] = L
-        new = np.unique(full)
-        e = err(new)
-        if e < best_e:
-            best, best_e = new, e
-        if np.array_equal(new, cur):
-            break
-        cur = new
-    return best.astype(np.int64)
+            L = np.where(live, np.clip(np.rint(sol), qmin, qmax), ca)
+            for _sweep in range(3):   # integer coordinate descent on each channel's quadratic
+                moved = np.zeros(len(act), bool)
+                for j in range(m):
+                    gjj = G[:, j, j]
+                    ok = live[:, j] & (gjj > 0)
+                    v = np.clip(np.rint((b[:, j] - (G[:, j, :] * L).sum(axis=1) + gjj * L[:, j])
+                                        / np.where(ok, gjj, 1.0)), qmin, qmax)
+                    ch = ok & (v != L[:, j])
+                    L[:, j] = np.where(ch, v, L[:, j])
+                    moved |= ch
+                if not moved.any():
+                    break
+            new = np.sort(L, axis=1)
+            a_new = _assign_rows(ua, new)
+            e = _row_errors(ua, new, a_new, H)
+            better = e < best_e[act]
+            best[act[better]], best_e[act[better]] = new[better], e[better]
+            going = ~np.all(new == ca, axis=1)
+            cur[act], a[act] = new, a_new
+            act = act[going]
+            if not act.size:
+                break
+        best_all[lo:lo + step], err_all[lo:lo + step] = best, best_e
+    return best_all, err_all
 
 
 def cov_error(u: np.ndarray, lv: np.ndarray, H: np.ndarray) -> float:
@@ -266,6 +305,12 @@ def cov_error(u: np.ndarray, lv: np.ndarray, H: np.ndarray) -> float:
     lv = np.unique(np.asarray(lv, np.float64))
     d = u - lv[_assign(u, lv)]
     return float(d @ H @ d)
+
+
+def _pad_levels(lv: np.ndarray, m: int) -> np.ndarray:
+    """Sorted levels as a row of ``m`` (the last level repeated: an empty duplicate changes no assignment)."""
+    lv = np.sort(np.asarray(lv, np.float64))
+    return np.concatenate([lv, np.full(m - lv.size, lv[-1])]) if lv.size < m else lv[:m]
 
 
 def _counts(clusters) -> Tuple[int, ...]:
@@ -334,25 +379,40 @@ def _quantize_nonuniform(w, scale, zero_point, qmin, qmax, axis, bits, clusters,
     refined = cov_moved = 0
     H = None if covariance is None else np.asarray(covariance, np.float64)
     ks: Dict[int, int] = {}
+    U = np.empty(wm.shape, np.float64)
+    levels, starts = [], []
     for i in range(c):
         u = wm[i].astype(np.float32) / s[i]  # the same float32 division as nearest rounding
-        u = u.astype(np.float64) + float(z[i])
+        U[i] = u.astype(np.float64) + float(z[i])
         imp = None if importance is None else importance[i if importance.shape[0] > 1 else 0]
-        lv, ref, k_used = channel_levels(u, bits, qmin, qmax, clusters=clusters, lloyd_iters=lloyd_iters,
-                                         importance=imp)
+        cand: list = []
+        lv, ref, k_used = channel_levels(U[i], bits, qmin, qmax, clusters=clusters, lloyd_iters=lloyd_iters,
+                                         importance=imp, candidates=cand)
         ks[k_used] = ks.get(k_used, 0) + 1
-        if H is not None and k_used:  # k_used 0: the channel already has few enough grid values (exact)
-            starts = [lv]
-            if COV_ALL_STARTS:  # every cluster count's levels as a start, not only the diagonal error's best
-                starts += [channel_levels(u, bits, qmin, qmax, clusters=(k,), lloyd_iters=lloyd_iters,
-                                          importance=imp)[0] for k in clusters if k != k_used]
-            cands = [refine_levels(u, st, H, qmin, qmax) for st in starts]
-            lv2 = min(cands, key=lambda L: cov_error(u, L, H))
-            cov_moved += int(not np.array_equal(lv2, lv))
-            lv = lv2
-        q[i] = lv[_assign(u, lv.astype(np.float64))]
-        used[i] = np.unique(q[i]).size
         refined += int(ref)
+        levels.append(lv)
+        # k_used 0: the channel already has few enough grid values (exact): nothing to refine
+        starts.append(([lv] + (cand if COV_ALL_STARTS else [])) if k_used else [])
+    todo = [i for i in range(c) if starts[i]]
+    if H is not None and todo:
+        # every channel from each of its starts (the best levels under the diagonal error, then every cluster
+        # count's), all channels of the layer at once; a channel keeps the lowest full error met
+        m = 1 << int(bits)
+        best_e = np.full(len(todo), np.inf)
+        best_l = np.zeros((len(todo), m))
+        for j in range(max(len(starts[i]) for i in todo)):
+            LV = np.stack([_pad_levels(starts[i][min(j, len(starts[i]) - 1)], m) for i in todo])
+            Lr, Er = refine_levels_batch(U[todo], LV, H, qmin, qmax)
+            better = Er < best_e
+            best_l[better], best_e[better] = Lr[better], Er[better]
+        for t, i in enumerate(todo):
+            new = np.unique(best_l[t]).astype(np.int64)
+            cov_moved += int(not np.array_equal(new, levels[i]))
+            levels[i] = new
+    for i in range(c):
+        lv = levels[i]
+        q[i] = lv[_assign(U[i], lv.astype(np.float64))]
+        used[i] = np.unique(q[i]).size
     out = q.reshape((c,) + tuple(np.delete(np.array(w.shape), ax))) if axis is not None else q.reshape(w.shape)
     if axis is not None:
         out = np.moveaxis(out, 0, ax)
