@@ -1,7 +1,7 @@
 """Depthwise int8 kernels (backends/tvm/tensorize.py ``depthwise_conv2d_kernel``) vs TVM 0.27's untuned default.
 
-EfficientNet-Lite0-like layers, batch 1, uint8 activations x int8 weights -> int32 (``relax.nn.conv2d`` with
-groups = channels): 3x3 stride 1 pad 1 and 5x5 stride 2 pad 2, 144 channels, 56x56. Each variant is a Relax module
+EfficientNet-Lite0 depthwise layers (:data:`LAYERS`), batch 1, uint8 activations x int8 weights -> int32
+(``relax.nn.conv2d`` with groups = channels). Each variant is a Relax module
 with that one conv, built at opt_level 3 for ``--mcpu`` (haswell: AVX2) and run through the Relax VM:
 ``default`` (legalized, untuned), and ``tensorize_module(mod, --isa)`` with the kernel's layout forced to
 ``nchwc`` / ``nchw`` and left on ``auto`` (what hago uses). All outputs checked identical to numpy. Timing: round
@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-LAYERS = [(144, 56, 3, 1), (144, 56, 5, 2)]   # channels, H = W, kernel, stride (pad = kernel // 2)
+#: channels, H = W, kernel, stride (pad = kernel // 2): EfficientNet-Lite0 depthwise layers at 224x224
+LAYERS = [(144, 56, 3, 1), (144, 56, 5, 2), (96, 112, 3, 2), (480, 14, 5, 1)]
 
 
 def _model(c, hw, k, stride, x_dtype, w):
