@@ -167,9 +167,12 @@ def _tensorized_vm(model_q, target_dict, isa_name: str, feed):
     mod, _ = integerize(mod)
     new, recs = tensorize_module(mod, ISAS[isa_name])
     n = sum(r["status"] == "tensorized" for r in recs)
+    n_dw = sum(r["status"] == "tensorized" and not r.get("dot_product", True) for r in recs)
     why = sorted({r["why"] for r in recs if r["status"] != "tensorized"})
-    rec = {"isa": isa_name, "tensorized": n, "kernels": len(recs), "why": f"{n} of {len(recs)} int8 kernels "
-           f"tensorized with {ISAS[isa_name].instruction}" + (f"; others: {'; '.join(why)}" if why else "")}
+    rec = {"isa": isa_name, "tensorized": n, "depthwise": n_dw, "kernels": len(recs),
+           "why": f"{n} of {len(recs)} int8 kernels hand-scheduled: {n - n_dw} tensorized with "
+                  f"{ISAS[isa_name].instruction}" + (f", {n_dw} depthwise with a vectorized int32 multiply-add"
+                                                     if n_dw else "") + (f"; others: {'; '.join(why)}" if why else "")}
     if not n:
         return None, rec, time.perf_counter() - t0
     with tvm.transform.PassContext(opt_level=3):

@@ -386,7 +386,8 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
         kernels = kernel_status(mod, tvm_target, tune_db if tuned else None)
         for r in tensorized.get("kernels", []):
             if r.get("kernel") in kernels:
-                kernels[r["kernel"]] = f"hand-scheduled, tensorized ({r['instruction']})"
+                kernels[r["kernel"]] = (f"hand-scheduled, tensorized ({r['instruction']})" if r.get("dot_product", True)
+                                        else f"hand-scheduled, vectorized ({r['instruction']})")
         exe = compile_module(mod, tvm_target, tune_db if tuned else None)
     except Exception as e:
         raise BackendError(f"TVM could not compile the model for target {rt.name} ({type(e).__name__}: "
@@ -497,8 +498,12 @@ def _tensorize(mod, rt, option, say) -> Dict[str, Any]:
         return {"isa": isa.name, "why": f"tensorizing failed ({type(e).__name__}: {str(e).strip()[:200]}); "
                                         "default schedules used", "kernels": []}
     n = sum(r["status"] == "tensorized" for r in recs)
-    say(f"tensorized {n} of {len(recs)} int8 kernels with {isa.instruction}")
-    out = {"isa": isa.name, "why": f"{n} of {len(recs)} int8 conv2d / matmul kernels use {isa.instruction}",
+    n_dw = sum(r["status"] == "tensorized" and not r.get("dot_product", True) for r in recs)
+    dw = (f" ({n_dw} of them depthwise: hand-scheduled vectorized multiply-add, no {isa.instruction})"
+          if n_dw else "")
+    say(f"tensorized {n} of {len(recs)} int8 kernels with {isa.instruction}{dw}")
+    out = {"isa": isa.name, "why": f"{n - n_dw} of {len(recs)} int8 conv2d / matmul kernels use {isa.instruction}"
+                                   + (f"; {n_dw} depthwise: vectorized int32 multiply-add" if n_dw else ""),
            "kernels": recs}
     if n:
         out["module"] = new

@@ -196,3 +196,127 @@ def test_cli_build_tensorize_flag(tmp_path, capsys, monkeypatch):
     assert man["instructions"]["smlal"] > 0 and on["smlal"] == 0 and on["sdot"] > 5 * man["instructions"]["sdot"]
     assert main(base[:-3] + ["-q", "--out", str(tmp_path / "dyn")]) == 0   # no --batch: why not, printed
     assert "dynamic input shape" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ depthwise
+@pytest.mark.parametrize("geo", [(3, 1, 1), (5, 2, 2)], ids=["3x3s1p1", "5x5s2p2"])
+@pytest.mark.parametrize("x_dtype", ["int8", "uint8"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512_vnni", "dotprod"])
+def test_depthwise_kernel_exact(isa, x_dtype, geo):
+    """Both depthwise layouts, 13 channels (no multiple of 4 / 8 / 16 lanes), full 8-bit weights, bit-exact
+    against conv_int. The kernels use no ISA-specific instruction, so the VNNI / sdot variants (16 / 4 lanes) run
+    here as compiled for the host; the AVX2 one for haswell."""
+    k, s, p = geo
+    lo, hi = (-128, 128) if x_dtype == "int8" else (0, 256)
+    w = rng.integers(-128, 128, (13, 1, k, k)).astype(np.int8)
+    x = rng.integers(lo, hi, (1, 13, 11, 10)).astype(x_dtype)
+    ref = conv_int(x, w, 0, (p,) * 4, (s, s), 13)
+    target = TARGETS["avx2"] if isa == "avx2" else "llvm"
+    for layout in ("nchwc", "nchw", "auto"):
+        kern = tz.depthwise_conv2d_kernel(x.shape, x_dtype, w, strides=(s, s), padding=(p,) * 4, isa=tz.ISAS[isa],
+                                          layout=layout, tensorize=False)
+        assert kern.shift == 0 and not kern.comp.any() and kern.out_shape == ref.shape
+        np.testing.assert_array_equal(_run(kern, x, target), ref, err_msg=layout)
+
+
+def _dw_module(w_dw, x_dtype="uint8", c=13, stride=1, pad=1):
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, 12, 12), x_dtype))
+    w_g = np.resize(W_CONV, (c, c // 2, 3, 3)) if c % 2 == 0 else None
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w_dw), strides=[stride] * 2, padding=[pad] * 4, groups=c,
+                                           out_dtype="int32"))
+            outs = [y]
+            if w_g is not None:   # a grouped, not depthwise conv: stays on the default schedule
+                outs.append(bb.emit(relax.op.nn.conv2d(x, relax.const(w_g), padding=[1] * 4, groups=2,
+                                                       out_dtype="int32")))
+            o = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def test_tensorize_module_depthwise_vnni_and_sdot_builds():
+    """Depthwise convs are rewritten (not left on the default path) for every ISA and compile for cascadelake /
+    the A76; their record says the truth: a vectorized multiply-add, no dot-product instruction. A grouped conv
+    that is not depthwise keeps the default schedule and says why."""
+    from tvm import relax
+
+    w = rng.integers(-128, 128, (12, 1, 3, 3)).astype(np.int8)
+    mod = _dw_module(w, c=12)
+    for isa in ("avx512_vnni", "dotprod"):
+        new, recs = tz.tensorize_module(mod, tz.ISAS[isa])
+        dw, grouped = recs
+        assert dw["status"] == "tensorized" and dw["depthwise"] and "depthwise" in dw["kernel"], recs
+        assert dw["dot_product"] is False and dw["instruction"] == tz.DEPTHWISE_INSTRUCTION
+        assert tz.ISAS[isa].instruction not in dw["instruction"]
+        assert grouped["status"] == "default" and "groups 2" in grouped["why"] and "depthwise" in grouped["why"]
+        with tvm.transform.PassContext(opt_level=3):
+            relax.build(new, target=tvm.target.Target(TARGETS[isa]))
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="runs the AVX2 kernels")
+@pytest.mark.parametrize("x_dtype,stride,pad", [("uint8", 1, 1), ("int8", 2, 2)])
+def test_tensorize_module_depthwise_exact_on_host(x_dtype, stride, pad):
+    """avx2 build of a depthwise conv with full 8-bit weights (no avx2_exact guard: no vpmaddubsw): tensorized and
+    identical to the default build and to conv_int."""
+    from tvm import relax
+
+    k = 2 * pad + 1
+    w = rng.integers(-128, 128, (13, 1, k, k)).astype(np.int8)
+    mod = _dw_module(w, x_dtype, stride=stride, pad=pad)
+    lo, hi = (-128, 128) if x_dtype == "int8" else (0, 256)
+    x = rng.integers(lo, hi, (1, 13, 12, 12)).astype(x_dtype)
+    new, recs = tz.tensorize_module(mod, tz.ISAS["avx2"])
+    assert [r["status"] for r in recs] == ["tensorized"] and recs[0]["depthwise"], recs
+
+    def run(m):
+        with tvm.transform.PassContext(opt_level=3):
+            ex = relax.build(m, target=tvm.target.Target(TARGETS["avx2"]))
+        out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
+        return out[0].numpy()
+
+    got = run(new)
+    np.testing.assert_array_equal(got, conv_int(x, w, 0, (pad,) * 4, (stride, stride), 13))
+    np.testing.assert_array_equal(got, run(mod))
+
+
+def _dw_cnn():
+    """input [N,3,8,8] -> Conv 3->8 + Relu -> depthwise 3x3 Conv (group 8) + Relu -> GlobalAveragePool -> Gemm."""
+    from onnx import helper, numpy_helper
+
+    from models import checked_model
+
+    r = np.random.default_rng(3)
+    arrs = {"w1": r.normal(0, 0.3, (8, 3, 3, 3)), "b1": r.normal(0, 0.1, 8), "wd": r.normal(0, 0.3, (8, 1, 3, 3)),
+            "bd": r.normal(0, 0.1, 8), "wf": r.normal(0, 0.3, (4, 8)), "bf": r.normal(0, 0.1, 4)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrs.items()]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "wd", "bd"], ["c2"], name="dw", pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["output"], name="fc", transB=1)]
+    return checked_model(nodes, inits, "dw_cnn", ["N", 3, 8, 8], ["N", 4])
+
+
+def test_build_reports_depthwise_as_vectorized(tmp_path, monkeypatch):
+    """`hago build` (A76, batch 1) of a model with a depthwise conv: the depthwise kernel is hand-scheduled (not
+    the default path) and reported as a vectorized multiply-add, never as an sdot kernel."""
+    from models import calib
+
+    from hago_py import build as build_mod
+
+    monkeypatch.setattr(build_mod, "find_cross_compiler", lambda name=build_mod.AARCH64_CC: None)
+    m = build_mod.build(_dw_cnn(), "arm_cortex_a76", calibration=calib(), out=tmp_path, batch=1)
+    recs = m["tensorize"]["kernels"]
+    dw = [r for r in recs if r.get("depthwise")]
+    assert len(dw) == 1 and dw[0]["status"] == "tensorized" and dw[0]["dot_product"] is False, recs
+    assert all(r["status"] == "tensorized" for r in recs) and len(recs) == 3, recs
+    assert "1 depthwise" in m["tensorize"]["why"] and m["tensorize"]["why"].startswith("2 of 3"), m["tensorize"]
+    assert m["tuning"]["kernels"][dw[0]["kernel"]].startswith("hand-scheduled, vectorized"), m["tuning"]["kernels"]
+    report = (tmp_path / "arm_cortex_a76" / "build_report.md").read_text()
+    assert f"`{dw[0]['kernel']}` ({tz.DEPTHWISE_INSTRUCTION})" in report
