@@ -320,3 +320,31 @@ def test_build_reports_depthwise_as_vectorized(tmp_path, monkeypatch):
     assert m["tuning"]["kernels"][dw[0]["kernel"]].startswith("hand-scheduled, vectorized"), m["tuning"]["kernels"]
     report = (tmp_path / "arm_cortex_a76" / "build_report.md").read_text()
     assert f"`{dw[0]['kernel']}` ({tz.DEPTHWISE_INSTRUCTION})" in report
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="runs the AVX2 kernels")
+@pytest.mark.parametrize("x_dtype", ["int8", "uint8"])
+def test_batched_3d_matmul_tensorized_exact(x_dtype):
+    """A transformer-shaped [B, S, K] x [K, N] int8 matmul (MiniLM's MatMulInteger) is tensorized with the
+    leading dimensions folded into M and reshaped back; on the host (AVX2 kernel, 7-bit weights) the result is
+    exactly numpy's; for vnni / sdot the rewrite is recorded as tensorized."""
+    from tvm import relax
+
+    w = rng.integers(-63, 64, (48, 20)).astype(np.int8)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 7, 48), x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            o = bb.emit_output(bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="int32")))
+        bb.emit_func_output(o)
+    mod = bb.get()
+    lo, hi = (-128, 128) if x_dtype == "int8" else (0, 256)
+    xv = rng.integers(lo, hi, (2, 7, 48)).astype(x_dtype)
+    new, recs = tz.tensorize_module(mod, tz.ISAS["avx2"])
+    assert [r["status"] for r in recs] == ["tensorized"], recs
+    with tvm.transform.PassContext(opt_level=3):
+        ex = relax.build(new, target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xv)).numpy()
+    np.testing.assert_array_equal(got, xv.astype(np.int64) @ w.astype(np.int64))
+    for isa in ("avx512_vnni", "dotprod"):
+        assert [r["status"] for r in tz.tensorize_module(mod, tz.ISAS[isa])[1]] == ["tensorized"]

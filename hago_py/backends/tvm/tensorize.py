@@ -533,9 +533,10 @@ def _kernel_for(call, isa: Isa, allow_saturating: bool) -> Tuple[Optional[Kernel
                           "re-quantize with reduce_range / 7-bit weights"), desc
     if op == "conv2d":
         return conv2d_kernel(shape, x_dtype, w, **geo), "", desc
-    if len(shape) != 2 or w.ndim != 2:
-        return None, f"matmul of a {len(shape)}-D input: only [M, K] x [K, N] is tensorized", desc
-    return matmul_kernel(shape[0], x_dtype, w, isa=isa), "", desc
+    if len(shape) < 2 or w.ndim != 2:
+        return None, f"matmul of a {len(shape)}-D input by a {w.ndim}-D weight: only [..., M, K] x [K, N]", desc
+    # [..., M, K] x [K, N]: the leading dimensions fold into M (tensorize_module reshapes around the kernel)
+    return matmul_kernel(int(np.prod(shape[:-1])), x_dtype, w, isa=isa), "", desc
 
 
 def tensorize_module(mod, isa: Isa, *, allow_saturating: bool = False) -> Tuple[Any, List[Dict[str, Any]]]:
@@ -564,9 +565,14 @@ def tensorize_module(mod, isa: Isa, *, allow_saturating: bool = False) -> Tuple[
         name = f"hago_{'depthwise_' if desc.get('depthwise') else ''}{desc['op']}_{isa.name}_{len(funcs)}"
         gv = bb.add_func(kernel.func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
         funcs[name] = gv
-        new = relax.call_tir(gv, [orig.args[0], relax.const(kernel.w_packed, "int8"),
-                                  relax.const(kernel.comp, "int32")],
+        x = orig.args[0]
+        lead = desc["x_shape"][:-1] if desc["op"] == "matmul" and len(desc["x_shape"]) > 2 else None
+        if lead is not None:   # [..., M, K] -> [prod, K], and the result back to [..., M, N]
+            x = relax.op.reshape(x, (int(np.prod(lead)), desc["x_shape"][-1]))
+        new = relax.call_tir(gv, [x, relax.const(kernel.w_packed, "int8"), relax.const(kernel.comp, "int32")],
                              relax.TensorType(list(kernel.out_shape), "int32"))
+        if lead is not None:
+            new = relax.op.reshape(new, tuple(lead) + (int(kernel.out_shape[-1]),))
         records.append({**desc, "status": "tensorized", "kernel": name,
                         "instruction": kernel.instruction or isa.instruction,
                         "dot_product": not kernel.instruction, "isa": isa.name, "lanes": isa.lanes,
