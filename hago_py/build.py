@@ -467,7 +467,8 @@ def build_report(manifest: Mapping[str, Any]) -> str:
     if tz.get("kernels") or tz.get("why"):
         lines += ["", f"Tensorized int8 kernels ({tz.get('isa') or 'none'}): {tz.get('why', '')}", ""]
         lines += [f"- {r['op']} {r.get('x_dtype', '')} {r.get('x_shape')} x {r.get('weight_shape')}: "
-                  + (f"`{r['kernel']}` ({r['instruction']})" if r["status"] == "tensorized" else
+                  + (f"`{r['kernel']}` ({r['instruction']})" + (f"; {r['note']}" if r.get("note") else "")
+                     if r["status"] == "tensorized" else
                      f"default schedule ({r.get('why', '')})") for r in tz.get("kernels", [])]
     ins = manifest.get("instructions") or {}
     lines += ["", "int8 instructions in the generated code: "
@@ -505,6 +506,9 @@ def _tensorize(mod, rt, option, say) -> Dict[str, Any]:
     out = {"isa": isa.name, "why": f"{n - n_dw} of {len(recs)} int8 conv2d / matmul kernels use {isa.instruction}"
                                    + (f"; {n_dw} depthwise: vectorized int32 multiply-add" if n_dw else ""),
            "kernels": recs}
+    n_dyn = sum(r["status"] == "tensorized" and bool(r.get("dynamic_zero_point")) for r in recs)
+    if n_dyn:
+        out["why"] += f"; {n_dyn} with a runtime activation zero point (dynamic zero point corrected)"
     if n:
         out["module"] = new
     return out

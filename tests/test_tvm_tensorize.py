@@ -348,3 +348,125 @@ def test_batched_3d_matmul_tensorized_exact(x_dtype):
     np.testing.assert_array_equal(got, xv.astype(np.int64) @ w.astype(np.int64))
     for isa in ("avx512_vnni", "dotprod"):
         assert [r["status"] for r in tz.tensorize_module(mod, tz.ISAS[isa])[1]] == ["tensorized"]
+
+
+# ------------------------------------------------------------------------------------------------ dynamic zero point
+def _dynamic_mm_module(w, zw, fold=False, shape=(1, 7, 48)):
+    """TVM's import of ONNX MatMulInteger with a runtime activation zero point (DynamicQuantizeLinear's):
+    matmul(astype(xq) - astype(zx), astype(W) - expand_dims(astype(zw))); ``fold``: FoldConstant on the weight side."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "uint8"))
+    z = relax.Var("z", relax.TensorType((), "uint8"))
+    with bb.function("main", [x, z]):
+        with bb.dataflow():
+            d = bb.emit(relax.op.subtract(bb.emit(relax.op.astype(x, "int32")), bb.emit(relax.op.astype(z, "int32"))))
+            w1 = bb.emit(relax.op.astype(relax.const(w), "int32"))
+            z1 = bb.emit(relax.op.expand_dims(bb.emit(relax.op.astype(relax.const(zw), "int32")), axis=[0]))
+            o = bb.emit_output(bb.emit(relax.op.matmul(d, bb.emit(relax.op.subtract(w1, z1)), out_dtype="int32")))
+        bb.emit_func_output(o)
+    mod = bb.get()
+    return relax.transform.FoldConstant()(mod) if fold else mod
+
+
+def _vm_run(mod, *args, target=None):
+    from tvm import relax
+
+    with tvm.transform.PassContext(opt_level=3):
+        ex = relax.build(mod, target=tvm.target.Target(target or TARGETS["avx2"]))
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(a) for a in args))
+    return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+
+
+W_DYN = rng.integers(-63, 64, (48, 20)).astype(np.int8)   # 7-bit: the AVX2 kernel is exact
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="runs the AVX2 kernels")
+@pytest.mark.parametrize("zw_kind,fold", [("zero", False), ("zero", True), ("wide", False)])
+def test_dynamic_zero_point_matmul_exact_on_host(zw_kind, fold):
+    """MatMulInteger with a runtime activation zero point: tensorized as kernel(xq, W) - zx * colsum(W) (plus
+    - rowsum(x - zx) * zw for a weight zero point that takes W - zw out of int8), folded or not, and exactly the
+    original module for zero points 0, 3, 128, 255."""
+    zw = np.zeros(20, np.int8) if zw_kind == "zero" else np.full(20, -100, np.int8)   # W - zw up to 163
+    mod = _dynamic_mm_module(W_DYN, zw, fold)
+    new, recs = tz.tensorize_module(mod, tz.ISAS["avx2"])
+    assert [r["status"] for r in recs] == ["tensorized"], recs
+    assert recs[0]["dynamic_zero_point"] and "dynamic zero point corrected" in recs[0]["note"], recs
+    assert recs[0]["instruction"] == "vpmaddubsw" and recs[0]["weight_zero_point"] == (zw_kind == "wide")
+    x = rng.integers(0, 256, (1, 7, 48)).astype(np.uint8)
+    ref = None
+    for z in (0, 3, 128, 255):
+        zz = np.array(z, np.uint8)
+        ref = (x.astype(np.int64) - z) @ (W_DYN.astype(np.int64) - zw.astype(np.int64))
+        got = _vm_run(new, x, zz)
+        np.testing.assert_array_equal(got, ref, err_msg=f"zx={z}")
+        np.testing.assert_array_equal(got, _vm_run(mod, x, zz), err_msg=f"zx={z}")
+
+
+def test_dynamic_zero_point_matmul_guards():
+    """Folded W - zw outside int8 has no int8 decomposition left: default, with the reason; 8-bit W - zw on
+    AVX2: default (could saturate); a runtime zero point that varies along K is not this form (left alone)."""
+    from tvm import relax
+
+    _, recs = tz.tensorize_module(_dynamic_mm_module(W_DYN, np.full(20, -100, np.int8), True), tz.ISAS["avx2"])
+    assert recs[0]["status"] == "default" and "does not fit int8" in recs[0]["why"], recs
+    _, recs = tz.tensorize_module(_dynamic_mm_module(W_DYN, np.full(20, -60, np.int8), True), tz.ISAS["avx2"])
+    assert recs[0]["status"] == "default" and "saturate" in recs[0]["why"], recs
+    _, recs = tz.tensorize_module(_dynamic_mm_module(W_DYN, np.full(20, -60, np.int8), True),
+                                  tz.ISAS["avx512_vnni"])
+    assert recs[0]["status"] == "tensorized", recs
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 7, 48), "uint8"))
+    z = relax.Var("z", relax.TensorType((48,), "int32"))
+    with bb.function("main", [x, z]):
+        with bb.dataflow():
+            d = bb.emit(relax.op.subtract(bb.emit(relax.op.astype(x, "int32")), z))
+            o = bb.emit_output(bb.emit(relax.op.matmul(d, relax.const(W_DYN.astype(np.int32)), out_dtype="int32")))
+        bb.emit_func_output(o)
+    _, recs = tz.tensorize_module(bb.get(), tz.ISAS["avx2"])
+    assert all(r["status"] == "default" for r in recs), recs
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "dotprod"])
+def test_dynamic_zero_point_matmul_vnni_and_sdot_builds(isa):
+    from tvm import relax
+
+    new, recs = tz.tensorize_module(_dynamic_mm_module(W_DYN, np.zeros(20, np.int8)), tz.ISAS[isa])
+    assert [r["status"] for r in recs] == ["tensorized"] and "dynamic zero point" in recs[0]["note"], recs
+    with tvm.transform.PassContext(opt_level=3):
+        ex = relax.build(new, target=tvm.target.Target(TARGETS[isa]))
+    counts = count_instructions(module_sources(ex)["asm"], tz.ISAS[isa].arch)
+    assert counts[tz.ISAS[isa].instruction] > 0, counts
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="runs the AVX2 kernels")
+def test_dynamic_matmulinteger_onnx_tensorized_end_to_end():
+    """ONNX DynamicQuantizeLinear + MatMulInteger (hago's dynamic-activation form, MiniLM's) imported with static
+    shapes and integerized: its matmul is tensorized (runtime zero point corrected) and the build's output is
+    identical to the untensorized build's, for inputs whose zero point is 0, 255 and in between."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hago_py.backends.tvm.importer import import_qdq, static_shapes
+    from hago_py.backends.tvm.integerize import integerize
+
+    inits = [numpy_helper.from_array(W_DYN, "w"), numpy_helper.from_array(np.zeros(20, np.int8), "wz"),
+             numpy_helper.from_array(np.float32(0.02), "ws")]
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz", "wz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "ws"], ["s"]),
+             helper.make_node("Mul", ["accf", "s"], ["y"])]
+    g = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7, 48])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, 20])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    mod, _ = integerize(import_qdq(static_shapes(m, 1)))
+    new, recs = tz.tensorize_module(mod, tz.ISAS["avx2"])
+    assert [r["status"] for r in recs] == ["tensorized"] and recs[0]["dynamic_zero_point"], recs
+    r = np.random.default_rng(5)
+    for x in (r.normal(size=(1, 7, 48)), r.uniform(0, 3, (1, 7, 48)), r.uniform(-3, 0, (1, 7, 48))):
+        x = x.astype(np.float32)
+        np.testing.assert_array_equal(_vm_run(new, x), _vm_run(mod, x))

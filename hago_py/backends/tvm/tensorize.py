@@ -26,6 +26,12 @@ Depthwise convolutions (groups = channels, multiplier 1) get :func:`depthwise_co
 vectorized int32 multiply-add over channel (or output-column) lanes, no dot-product instruction (its record's
 ``instruction`` says so and ``dot_product`` is false).
 
+Dynamic activation quantization (ONNX ``DynamicQuantizeLinear + MatMulInteger``, MiniLM) imports as
+``matmul(astype(xq, int32) - zx, W')`` with a runtime zero point ``zx`` and an int32 weight expression ``W'``
+(``astype(W) - zw``, constant-folded or not): :func:`_rewrite_dynamic_matmuls` runs the same matmul kernel on
+``xq`` and subtracts ``zx * colsum(W)`` (and ``sum(x - zx, -1) * zw`` when a weight zero point takes W - zw out of
+int8) in int32, exactly the original result.
+
 The AVX2 pair saturates: ``vpmaddubsw`` adds two u8 x s8 products into an int16, so a kernel uses it only when
 no adjacent weight pair can overflow for any u8 activation (:func:`avx2_exact`, true for 7-bit weights).
 """
@@ -544,19 +550,29 @@ def tensorize_module(mod, isa: Isa, *, allow_saturating: bool = False) -> Tuple[
     static input shape by a ``call_tir`` of a tensorized kernel for ``isa`` (exact int32 result). Returns
     (module, one record per op: {"op", "kernel", "status": "tensorized" | "default", "why", ...}).
 
+    ``matmul(astype(xq) - zx, W')`` (MatMulInteger with a runtime activation zero point) is rewritten first by
+    :func:`_rewrite_dynamic_matmuls` (record ``dynamic_zero_point`` and ``note``).
+
     The kernels are marked ``tirx.is_scheduled`` (MetaSchedule leaves them alone) and ``op_pattern`` opaque
     (FuseOps does not merge them into the requantize that follows)."""
     from tvm import relax
+    from tvm.relax.analysis import get_var2val
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
     records: List[Dict[str, Any]] = []
     funcs: Dict[str, Any] = {}
     pats = [is_op("relax.nn.conv2d")(wildcard(), is_const()), is_op("relax.matmul")(wildcard(), is_const())]
     seen: Dict[Any, Any] = {}
+    var2val: Dict[Any, Any] = {}
 
     def rewrite(orig, _m):
         if orig in seen:
             return seen[orig]
+        if not isinstance(orig, relax.Call):   # a Var bound to a match (``gv = lv``): its binding is visited too
+            return orig
+        if _op_name(orig) == "relax.matmul" and _dynamic_activation(orig.args[0], var2val) is not None:
+            seen[orig] = orig   # the MatMulInteger form: _rewrite_dynamic_matmuls has recorded it
+            return orig
         kernel, why, desc = _kernel_for(orig, isa, allow_saturating)
         if kernel is None:
             records.append({**desc, "status": "default", "why": why, "instruction": None})
@@ -583,9 +599,207 @@ def tensorize_module(mod, isa: Isa, *, allow_saturating: bool = False) -> Tuple[
     bb = relax.BlockBuilder(mod)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            new = func
+            new = _rewrite_dynamic_matmuls(func, bb, isa, allow_saturating, records, funcs)
+            var2val = get_var2val(new)
             for pat in pats:
                 new = rewrite_call(pat, rewrite, new)
             if not new.same_as(func):
                 bb.update_func(gv, new)
     return bb.get(), records
+
+
+# ------------------------------------------------------------------------------------------------ dynamic zero point
+#: what the records of :func:`_rewrite_dynamic_matmuls` say about the activation zero point
+DYNAMIC_ZP_NOTE = "dynamic zero point corrected: kernel(xq, W) - zx * colsum(W)"
+
+_FOLDABLE = ("relax.astype", "relax.subtract", "relax.add", "relax.multiply", "relax.expand_dims", "relax.reshape",
+             "relax.permute_dims")
+
+
+def _peel(expr, var2val):
+    """The value bound to a (dataflow) Var, through chains of Var = Var; other expressions as they are."""
+    from tvm import relax
+
+    seen = 0
+    while isinstance(expr, relax.Var) and expr in var2val and seen < 64:
+        expr, seen = var2val[expr], seen + 1
+    return expr
+
+
+def _op_name(expr) -> str:
+    op = getattr(expr, "op", None)
+    return str(getattr(op, "name", "")) if op is not None else ""
+
+
+def _const_eval(expr, var2val, depth: int = 0) -> Optional[np.ndarray]:
+    """numpy value of an expression built only from constants by astype / subtract / add / multiply / expand_dims /
+    reshape / permute_dims (the weight side of an imported ``MatMulInteger``, folded or not), else None. Integer
+    arithmetic wraps in the result's dtype, as TVM's does."""
+    from . import requantize as rq
+
+    if depth > 32:
+        return None
+    expr = _peel(expr, var2val)
+    c = rq.const_np(expr)
+    if c is not None:
+        return c
+    name = _op_name(expr)
+    if name not in _FOLDABLE:
+        return None
+    binary = name in ("relax.subtract", "relax.add", "relax.multiply")
+    args = [_const_eval(a, var2val, depth + 1) for a in expr.args[:2 if binary else 1]]
+    if any(a is None for a in args):
+        return None
+    out_dtype = rq.dtype_of(expr)
+    try:
+        if name == "relax.astype":
+            return args[0].astype(str(expr.attrs.dtype))
+        if name in ("relax.subtract", "relax.add", "relax.multiply"):
+            f = {"relax.subtract": np.subtract, "relax.add": np.add, "relax.multiply": np.multiply}[name]
+            a, b = (v.astype(np.int64) if v.dtype.kind in "iu" else v for v in args)
+            r = f(a, b)
+            return r.astype(out_dtype) if out_dtype else r
+        if name == "relax.expand_dims":
+            r = args[0]
+            for ax in sorted(int(v) if int(v) >= 0 else int(v) + r.ndim + 1 for v in expr.attrs.axis):
+                r = np.expand_dims(r, ax)
+            return r
+        if name == "relax.reshape":
+            shape = _static_shape(expr)
+            return None if shape is None else args[0].reshape(shape)
+        if name == "relax.permute_dims":
+            axes = expr.attrs.axes
+            return np.transpose(args[0], None if axes is None else [int(v) for v in axes])
+    except Exception:  # noqa: BLE001 - anything unexpected: not a foldable constant
+        return None
+    return None
+
+
+def _fits_int8(a: np.ndarray) -> bool:
+    return a.dtype.kind in "iu" and a.size > 0 and int(a.min()) >= -128 and int(a.max()) <= 127
+
+
+def _dynamic_weights(w_expr, var2val) -> Tuple[List[Tuple[np.ndarray, Optional[np.ndarray]]], str]:
+    """Candidate (Wq int8 [K, N], zw int32 [N] or None) with W' = Wq - zw (zw per column, broadcast over K), best
+    first, and why there is none:
+
+    * W' itself when its values fit int8 (zw all zeros, hago's symmetric weights, or any zw that keeps W - zw in
+      int8: no zw term needed);
+    * W' = subtract(A, B) (not constant-folded) with A fitting int8 and B a per-column ([N] / [1, N] / scalar)
+      constant: the zw term ``- rowsum(x - zx) * zw`` is added (for W - zw outside int8, or outside 7 bits where
+      the AVX2 kernel needs them)."""
+    weff = _const_eval(w_expr, var2val)
+    if weff is None:
+        return [], "weight is not a constant expression"
+    if weff.ndim != 2 or weff.dtype.kind not in "iu":
+        return [], f"weight of rank {weff.ndim} / dtype {weff.dtype}: only an integer [K, N]"
+    out: List[Tuple[np.ndarray, Optional[np.ndarray]]] = []
+    if _fits_int8(weff):
+        out.append((weff.astype(np.int8), None))
+    node = _peel(w_expr, var2val)
+    if _op_name(node) == "relax.subtract":
+        a, b = (_const_eval(v, var2val) for v in node.args)
+        n = weff.shape[1]
+        if a is not None and b is not None and a.shape == weff.shape and _fits_int8(a) and \
+                b.dtype.kind in "iu" and (b.size == 1 or (b.size == n and b.shape[-1] == n)):
+            zw = np.broadcast_to(b.reshape(-1).astype(np.int64), (n,))
+            if zw.any() and np.array_equal(a.astype(np.int64) - zw[None, :], weff.astype(np.int64)):
+                out.append((a.astype(np.int8), zw.astype(np.int32)))
+    return out, ("" if out else "weight does not fit int8, nor int8 minus a per-column zero point")
+
+
+def _dynamic_activation(x_expr, var2val):
+    """(xq, zx or None, zx shape) for ``subtract(astype(xq int8/uint8, int32), zx)`` / ``astype(xq, int32)``
+    where zx is int32 and constant along K (rank <= x's, last dimension 1 or scalar); else None."""
+    from . import requantize as rq
+
+    node = _peel(x_expr, var2val)
+    zx = None
+    if _op_name(node) == "relax.subtract":
+        node, zx = _peel(node.args[0], var2val), node.args[1]
+    if _op_name(node) != "relax.astype" or str(node.attrs.dtype) != "int32":
+        return None
+    xq = node.args[0]
+    if rq.dtype_of(xq) not in ("int8", "uint8"):
+        return None
+    if zx is not None:
+        zs = _static_shape(zx)
+        xs = _static_shape(xq)
+        if rq.dtype_of(zx) != "int32" or zs is None or xs is None or len(zs) > len(xs) or (zs and zs[-1] != 1):
+            return None
+    return xq, zx
+
+
+def _rewrite_dynamic_matmuls(func, bb, isa: Isa, allow_saturating: bool, records: List[Dict[str, Any]],
+                             funcs: Dict[str, Any]):
+    """``matmul(subtract(astype(xq, int32), zx), W')`` (ONNX ``MatMulInteger`` with a runtime activation zero
+    point, as TVM's frontend imports it) -> ``kernel(xq, Wq) - zx * colsum(Wq)`` (``- sum(x - zx, -1) * zw`` for a
+    weight zero point that does not leave W' in int8). int32 arithmetic throughout: exactly the original value."""
+    from tvm import relax
+    from tvm.relax.analysis import get_var2val
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    from . import requantize as rq
+
+    var2val = get_var2val(func)
+    seen: Dict[Any, Any] = {}
+
+    def rewrite(orig, _m):
+        if orig in seen:
+            return seen[orig]
+        seen[orig] = orig
+        if _op_name(orig) != "relax.matmul":
+            return orig
+        act = _dynamic_activation(orig.args[0], var2val)
+        if act is None:
+            return orig   # not this form: the plain patterns of tensorize_module look at it
+        xq, zx = act
+        shape = _static_shape(xq)
+        x_dtype = rq.dtype_of(xq)
+        cands, why = _dynamic_weights(orig.args[1], var2val)
+        if cands and isa.saturates and not allow_saturating:
+            cands = [c for c in cands if avx2_exact(c[0].T)] or cands
+        wq, zw = cands[0] if cands else (None, None)
+        desc: Dict[str, Any] = {"op": "matmul", "x_dtype": x_dtype, "x_shape": list(shape) if shape else None,
+                                "weight_shape": list(wq.shape) if wq is not None else None,
+                                "dynamic_zero_point": zx is not None}
+        if rq.dtype_of(orig) != "int32":
+            why = why or "not an int32 matmul"
+        if not why and shape is None:
+            why = "dynamic input shape: build with a static batch (batch=1) to tensorize"
+        if not why and len(shape) < 2:
+            why = f"matmul of a {len(shape)}-D input: only [..., M, K] x [K, N]"
+        if not why and isa.saturates and not allow_saturating and not avx2_exact(wq.T):
+            why = ("weights above 7 bits: vpmaddubsw's int16 pair sums could saturate (not bit-exact); "
+                   "re-quantize with reduce_range / 7-bit weights")
+        if why:
+            if desc["dynamic_zero_point"] or _const_eval(orig.args[1], var2val) is not None:
+                records.append({**desc, "status": "default", "why": why, "instruction": None})
+            return orig
+        kernel = matmul_kernel(int(np.prod(shape[:-1])), x_dtype, wq, isa=isa)
+        name = f"hago_matmul_{isa.name}_{len(funcs)}"
+        gv = bb.add_func(kernel.func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
+        funcs[name] = gv
+        n = int(wq.shape[1])
+        x = xq if len(shape) == 2 else relax.op.reshape(xq, (int(np.prod(shape[:-1])), shape[-1]))
+        new = relax.call_tir(gv, [x, relax.const(kernel.w_packed, "int8"), relax.const(kernel.comp, "int32")],
+                             relax.TensorType(list(kernel.out_shape), "int32"))
+        if len(shape) > 2:
+            new = relax.op.reshape(new, tuple(shape[:-1]) + (n,))
+        notes = []
+        if zx is not None:
+            colsum = wq.astype(np.int64).sum(0).astype(np.int32)
+            new = relax.op.subtract(new, relax.op.multiply(zx, relax.const(colsum, "int32")))
+            notes.append(DYNAMIC_ZP_NOTE)
+        if zw is not None and zw.any():
+            rows = relax.op.sum(orig.args[0], axis=[-1], keepdims=True)
+            new = relax.op.subtract(new, relax.op.multiply(rows, relax.const(zw, "int32")))
+            notes.append("weight zero point corrected: - sum(x - zx, -1) * zw")
+        records.append({**desc, "status": "tensorized", "kernel": name, "instruction": isa.instruction,
+                        "dot_product": True, "isa": isa.name, "lanes": isa.lanes,
+                        "activation_shift": kernel.shift, "weight_zero_point": zw is not None and bool(zw.any()),
+                        "note": "; ".join(notes), "why": ""})
+        seen[orig] = new
+        return new
+
+    return rewrite_call(is_op("relax.matmul")(wildcard(), wildcard()), rewrite, func)
