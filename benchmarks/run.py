@@ -398,8 +398,9 @@ def parse_args(argv=None):
     ap.add_argument("--mem-reserve", type=float, default=1500,
                     help="kill a recipe when the machine's MemAvailable falls below this many MB")
     ap.add_argument("--suite", default="default", choices=("default", "rounding", "search", "datafree", "hybrid", "nonuniform", "multipoint", "sparq",
-                                                          "embeddings"),
-                    help="which registered rows run when --recipes is not given (default: the foundation table)")
+                                                          "embeddings", "tvm"),
+                    help="which registered rows run when --recipes is not given (default: the foundation table); "
+                         "tvm: ORT vs TVM, FP32 vs int8 per model (benchmarks/tvm_suite.py and its options)")
     ap.add_argument("--quick", action="store_true", help="subset of eval data, fewer timing rounds (smoke run)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--keep-tracebacks", action="store_true", help="keep child tracebacks in the JSON")
@@ -416,7 +417,23 @@ def parse_args(argv=None):
     return a
 
 
+def _tvm_suite_args(argv):
+    """The arguments after ``--suite tvm`` / ``--suite=tvm`` for benchmarks.tvm_suite (``--no-timing``: no
+    timing rounds), or None when another suite is asked for."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--suite=tvm" or (a == "--suite" and i + 1 < len(argv) and argv[i + 1] == "tvm"):
+            rest = argv[:i] + argv[i + (1 if "=" in a else 2):]
+            return [x for x in rest if x != "--no-timing"] + (["--repeats", "0"] if "--no-timing" in rest else [])
+    return None
+
+
 def main(argv=None) -> int:
+    tvm_args = _tvm_suite_args(sys.argv[1:] if argv is None else argv)
+    if tvm_args is not None:   # the compiled side (ORT vs TVM, FP32 vs int8): its own options, see tvm_suite.py
+        from .tvm_suite import main as tvm_main
+
+        return tvm_main(tvm_args)
     args = parse_args(argv)
     root, why = locate(args.data)
     if root is None:

@@ -105,6 +105,25 @@ def test_cli_skips_cleanly_without_corpus(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tvm_suite_through_run(tmp_path, monkeypatch):
+    """`python -m benchmarks.run --suite tvm ...` hands its options to benchmarks.tvm_suite (--no-timing becomes
+    --repeats 0); other suites keep run.py's own parser. Without the corpus it skips cleanly."""
+    from benchmarks import run as run_mod
+    from benchmarks import tvm_suite
+
+    assert run_mod._tvm_suite_args(["--suite", "tvm", "--models", "resnet20", "--no-timing"]) == \
+        ["--models", "resnet20", "--repeats", "0"]
+    assert run_mod._tvm_suite_args(["--suite=tvm", "--limit", "5"]) == ["--limit", "5"]
+    assert run_mod._tvm_suite_args(["--suite", "sparq"]) is None
+    seen = []
+    monkeypatch.setattr(tvm_suite, "main", lambda argv: seen.append(argv) or 0)
+    assert run_mod.main(["--suite", "tvm", "--models", "lite0"]) == 0 and seen == [["--models", "lite0"]]
+    env = dict(os.environ, **{corpus.ENV_VAR: str(tmp_path)})
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "tvm", "--out", str(tmp_path / "out")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "SKIP" in p.stdout, (p.stdout, p.stderr)
+
+
 def test_recipe_registry():
     from benchmarks import peers
 
