@@ -23,6 +23,29 @@ W_CONV = rng.integers(-64, 64, (32, 32, 3, 3)).astype(np.int8)    # 7-bit: AVX2 
 W_DENSE = rng.integers(-64, 64, (64, 10)).astype(np.int8)
 
 
+def _vm_outputs(mod, *args, target=None):
+    """Every output of a Relax module built for ``target`` (default: the AVX2 host) and run on ``args``."""
+    from tvm import relax
+
+    with tvm.transform.PassContext(opt_level=3):
+        ex = relax.build(mod, target=tvm.target.Target(target or TARGETS["avx2"]))
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(a) for a in args))
+    return [out.numpy()] if hasattr(out, "numpy") else [t.numpy() for t in out]
+
+
+def _vm_run(mod, *args, target=None):
+    return _vm_outputs(mod, *args, target=target)[0]
+
+
+def _instruction_count(mod, isa: str) -> int:
+    """How often the ISA's dot-product instruction occurs in ``mod`` built for that ISA's target."""
+    from tvm import relax
+
+    with tvm.transform.PassContext(opt_level=3):
+        ex = relax.build(mod, target=tvm.target.Target(TARGETS[isa]))
+    return count_instructions(module_sources(ex)["asm"], tz.ISAS[isa].arch)[tz.ISAS[isa].instruction]
+
+
 def _asm(func, target):
     lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))
     return lib.mod.inspect_source("asm")
@@ -117,26 +140,16 @@ def _relax_module(w_conv, x_dtype="int8"):
 
 
 def test_tensorize_module_vnni_and_sdot_builds():
-    from tvm import relax
-
     mod = _relax_module(W_CONV)
     for isa in ("avx512_vnni", "dotprod"):
         new, recs = tz.tensorize_module(mod, tz.ISAS[isa])
         assert [r["status"] for r in recs] == ["tensorized", "tensorized"], recs
-        with tvm.transform.PassContext(opt_level=3):
-            ex = relax.build(new, target=tvm.target.Target(TARGETS[isa]))
-        counts = count_instructions(module_sources(ex)["asm"], tz.ISAS[isa].arch)
-        assert counts[tz.ISAS[isa].instruction] > 0, counts
+        assert _instruction_count(new, isa) > 0
 
 
 @pytest.mark.skipif(not _host_has("avx2"), reason="runs the AVX2 kernels")
 def test_tensorize_module_exact_on_host_and_guarded():
-    from tvm import relax
-
-    def run(m, x):
-        with tvm.transform.PassContext(opt_level=3):
-            ex = relax.build(m, target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
-        return [t.numpy() for t in relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))]
+    run = _vm_outputs
 
     mod = _relax_module(W_CONV)
     x = rng.integers(-128, 128, (1, 32, 16, 16)).astype(np.int8)
@@ -262,8 +275,6 @@ def test_tensorize_module_depthwise_vnni_and_sdot_builds():
 def test_tensorize_module_depthwise_exact_on_host(x_dtype, stride, pad):
     """avx2 build of a depthwise conv with full 8-bit weights (no avx2_exact guard: no vpmaddubsw): tensorized and
     identical to the default build and to conv_int."""
-    from tvm import relax
-
     k = 2 * pad + 1
     w = rng.integers(-128, 128, (13, 1, k, k)).astype(np.int8)
     mod = _dw_module(w, x_dtype, stride=stride, pad=pad)
@@ -272,15 +283,9 @@ def test_tensorize_module_depthwise_exact_on_host(x_dtype, stride, pad):
     new, recs = tz.tensorize_module(mod, tz.ISAS["avx2"])
     assert [r["status"] for r in recs] == ["tensorized"] and recs[0]["depthwise"], recs
 
-    def run(m):
-        with tvm.transform.PassContext(opt_level=3):
-            ex = relax.build(m, target=tvm.target.Target(TARGETS["avx2"]))
-        out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
-        return out[0].numpy()
-
-    got = run(new)
+    got = _vm_run(new, x)
     np.testing.assert_array_equal(got, conv_int(x, w, 0, (pad,) * 4, (stride, stride), 13))
-    np.testing.assert_array_equal(got, run(mod))
+    np.testing.assert_array_equal(got, _vm_run(mod, x))
 
 
 def _dw_cnn():
@@ -342,10 +347,7 @@ def test_batched_3d_matmul_tensorized_exact(x_dtype):
     xv = rng.integers(lo, hi, (2, 7, 48)).astype(x_dtype)
     new, recs = tz.tensorize_module(mod, tz.ISAS["avx2"])
     assert [r["status"] for r in recs] == ["tensorized"], recs
-    with tvm.transform.PassContext(opt_level=3):
-        ex = relax.build(new, target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xv)).numpy()
-    np.testing.assert_array_equal(got, xv.astype(np.int64) @ w.astype(np.int64))
+    np.testing.assert_array_equal(_vm_run(new, xv), xv.astype(np.int64) @ w.astype(np.int64))
     for isa in ("avx512_vnni", "dotprod"):
         assert [r["status"] for r in tz.tensorize_module(mod, tz.ISAS[isa])[1]] == ["tensorized"]
 
@@ -368,15 +370,6 @@ def _dynamic_mm_module(w, zw, fold=False, shape=(1, 7, 48)):
         bb.emit_func_output(o)
     mod = bb.get()
     return relax.transform.FoldConstant()(mod) if fold else mod
-
-
-def _vm_run(mod, *args, target=None):
-    from tvm import relax
-
-    with tvm.transform.PassContext(opt_level=3):
-        ex = relax.build(mod, target=tvm.target.Target(target or TARGETS["avx2"]))
-    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(a) for a in args))
-    return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
 
 
 W_DYN = rng.integers(-63, 64, (48, 20)).astype(np.int8)   # 7-bit: the AVX2 kernel is exact
@@ -430,14 +423,9 @@ def test_dynamic_zero_point_matmul_guards():
 
 @pytest.mark.parametrize("isa", ["avx512_vnni", "dotprod"])
 def test_dynamic_zero_point_matmul_vnni_and_sdot_builds(isa):
-    from tvm import relax
-
     new, recs = tz.tensorize_module(_dynamic_mm_module(W_DYN, np.zeros(20, np.int8)), tz.ISAS[isa])
     assert [r["status"] for r in recs] == ["tensorized"] and "dynamic zero point" in recs[0]["note"], recs
-    with tvm.transform.PassContext(opt_level=3):
-        ex = relax.build(new, target=tvm.target.Target(TARGETS[isa]))
-    counts = count_instructions(module_sources(ex)["asm"], tz.ISAS[isa].arch)
-    assert counts[tz.ISAS[isa].instruction] > 0, counts
+    assert _instruction_count(new, isa) > 0
 
 
 @pytest.mark.skipif(not _host_has("avx2"), reason="runs the AVX2 kernels")
