@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--embedding-scheme", default="none", choices=("none", "rowwise", "codebook"),
                    help="embedding tables (Gather from a constant table): 4-bit row-wise (greedy ranges) or codebook")
     q.add_argument("--embedding-bits", type=int, default=4, choices=(4, 8), help="bits of --embedding-scheme rowwise")
+    q.add_argument("--embedding-small-rows", type=int, default=1024,
+                   help="tables with at most this many rows stay 8-bit row-wise (0: every table at --embedding-bits)")
+    q.add_argument("--embedding-plain", action="store_true",
+                   help="rowwise as in the paper only: no column-mean centring")
+    q.add_argument("--embedding-block", type=int, default=0,
+                   help="rowwise: one grid per this many values of a row (0: one per row, as in the paper)")
     q.add_argument("--synthetic-samples", type=int, default=256, help="samples synthesized with --calib synthetic")
     q.add_argument("--synthetic-method", default="retro", choices=("retro", "zeroq", "gaussian"),
                    help="data-free generator with --calib synthetic (default retro: retro-synthesis)")
@@ -196,6 +202,8 @@ def _cmd_quantize(a) -> int:
                        sparq_pairs=not a.sparq_no_pairs,
                        synthetic_samples=a.synthetic_samples, synthetic_method=a.synthetic_method,
                        embedding_scheme=a.embedding_scheme, embedding_bits=a.embedding_bits,
+                       embedding_small_rows=a.embedding_small_rows, embedding_center=not a.embedding_plain,
+                       embedding_block=a.embedding_block,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,
                        bias_correction={"auto": None, "on": True, "off": False}[a.bias_correction],
                        equalize=a.equalize, smooth=not a.no_smooth, smooth_alpha=a.smooth_alpha,

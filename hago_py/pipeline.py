@@ -320,7 +320,8 @@ class Pipeline:
             qmodel, plan.embeddings = quantize_embeddings(qmodel, opts.embedding_scheme, opts.embedding_bits,
                                                           opts.embedding_codebook,
                                                           small_rows=opts.embedding_small_rows,
-                                                          cache=self._emb_cache)
+                                                          cache=self._emb_cache, center=opts.embedding_center,
+                                                          block=opts.embedding_block)
             self.timings["embeddings"] = self.timings.get("embeddings", 0.0) + time.perf_counter() - t
         if opts.activation_scheme == "sparq":  # SPARQ windows on the weighted layers' 8-bit inputs (quant/sparq.py)
             from .quant.sparq import insert_sparq

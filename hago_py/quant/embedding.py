@@ -7,6 +7,13 @@ Method: Guan, Malevich, Yang, Park, Yuen 2019, "Post-training 4-bit quantization
   search: starting from [min, max], each step shrinks the range by one step (range / NUM_BINS) on the side
   whose shrinking gives the lower squared error, until the range is RATIO of the original; the best range
   seen is kept (FBGEMM's defaults: 200 bins, ratio 0.16).
+  Two options beyond the paper (quantize_embeddings):
+  - ``center`` (on by default): the table's column mean (one [dim] float vector) is subtracted before the rows are
+    quantized and added back after the Gather (one Add). Columns with a common offset across rows (typical of
+    position tables) then no longer widen every row's range; the centred form is kept only where it lowers the
+    table's squared error.
+  - ``block``: one grid (scale, offset, greedy range) per ``block`` consecutive values of a row instead of one per
+    row (the layout of ONNX Runtime's GatherBlockQuantized); 0 = the paper's one grid per row.
 * ``codebook``: k-means with 2**bits centroids (16 at 4 bits) per row or per table; each entry stores its
   centroid index.
 
@@ -63,8 +70,14 @@ def greedy_ranges(w: np.ndarray, bits: int, num_bins: int = NUM_BINS, ratio: flo
     return best_lo, best_hi
 
 
-def rowwise_quantize(w: np.ndarray, bits: int, search: bool = True):
-    """(q uint8 [rows, dim] in [0, 2**bits - 1], scale float32 [rows, 1], lo float32 [rows, 1])."""
+def rowwise_quantize(w: np.ndarray, bits: int, search: bool = True, block: int = 0):
+    """(q uint8 [rows, dim] in [0, 2**bits - 1], scale float32 [rows, n], lo float32 [rows, n]): one grid per
+    row (``block`` 0 or >= dim: n = 1), or per ``block`` consecutive values of a row (n = ceil(dim / block), the
+    last block shorter), each with its own greedy range."""
+    if 0 < block < w.shape[1]:
+        parts = [rowwise_quantize(np.ascontiguousarray(w[:, s:s + block]), bits, search)
+                 for s in range(0, w.shape[1], block)]
+        return tuple(np.concatenate([p[i] for p in parts], axis=1) for i in range(3))
     lo, hi = greedy_ranges(w, bits) if search else (w.min(1, keepdims=True), w.max(1, keepdims=True))
     levels = 2 ** bits - 1
     scale = (np.maximum(hi - lo, 1e-12) / levels).astype(np.float32)
@@ -73,8 +86,25 @@ def rowwise_quantize(w: np.ndarray, bits: int, search: bool = True):
     return q, scale, lo
 
 
-def rowwise_dequantize(q, scale, lo) -> np.ndarray:
+def rowwise_dequantize(q, scale, lo, block: int = 0) -> np.ndarray:
+    """Reconstruction of rowwise_quantize's output (``block``: the one it was given)."""
+    if scale.shape[1] > 1:  # one grid per block of a row
+        cols = np.arange(q.shape[1]) // int(block)
+        scale, lo = scale[:, cols], lo[:, cols]
     return (q.astype(np.float32) * scale + lo).astype(np.float32)
+
+
+def _rowwise_table(w: np.ndarray, bits: int, search: bool, center: bool, block: int = 0):
+    """(q, scale, lo, column mean or None): the table row-wise quantized (``block``: see rowwise_quantize),
+    centred on its column mean when ``center`` and that lowers the squared error of the reconstruction."""
+    got = rowwise_quantize(w, bits, search=search, block=block) + (None,)
+    if not center:
+        return got
+    mean = w.mean(axis=0).astype(np.float32)
+    cen = rowwise_quantize(w - mean, bits, search=search, block=block) + (mean,)
+    e_plain = float(np.sum((rowwise_dequantize(*got[:3], block) - w) ** 2))
+    e_cen = float(np.sum((rowwise_dequantize(*cen[:3], block) + mean - w) ** 2))
+    return cen if e_cen < e_plain else got
 
 
 # ------------------------------------------------------------------------------------------ codebook (k-means)
@@ -221,13 +251,18 @@ def _replace(model: onnx.ModelProto, node: onnx.NodeProto, b: _Builder) -> None:
 
 def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per: str = "row",
                         search: bool = True, only=None, small_rows: int = 0,
-                        cache: Optional[Dict] = None) -> Tuple[onnx.ModelProto, Dict]:
+                        cache: Optional[Dict] = None, center: bool = True,
+                        block: int = 0) -> Tuple[onnx.ModelProto, Dict]:
     """Rewrite every eligible embedding Gather (embedding_tables; ``only``: these node names) of ``model`` (a copy
     is returned) with ``scheme`` in EMBEDDING_SCHEMES. Tables with at most ``small_rows`` rows are quantized
-    row-wise at 8 bits instead (their rows are read by every token: MiniLM's token-type row at 4 bits costs
-    ~0.001 Spearman rho for 0.6 KB). ``cache`` (a dict kept by the caller) holds each table's quantization across
+    row-wise at 8 bits instead (their rows are read by every token). ``center`` / ``block``: the row-wise options
+    of the module docstring. ``cache`` (a dict kept by the caller) holds each table's quantization across
     rebuilds of one model (a search builds many plans). Returns (model, {node: record}) with sizes and errors."""
     from ..errors import OptionError
+
+    if block < 0:
+        raise OptionError(f"option embedding_block={block!r} is invalid; use 0 (one grid per row) or a block "
+                          "length such as 128")
 
     if scheme not in EMBEDDING_SCHEMES:
         raise OptionError(f"option embedding_scheme={scheme!r} is invalid; use one of {', '.join(EMBEDDING_SCHEMES)}")
@@ -258,25 +293,33 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
             t_scheme, t_bits = "rowwise", 8
         else:
             t_scheme, t_bits = scheme, bits
-        key = (e["table"], t_scheme, t_bits, per, search)
+        t_block = block if t_scheme == "rowwise" and 0 < block < dim else 0
+        key = (e["table"], t_scheme, t_bits, per, search, bool(center), t_block)
         if cache is None or key not in cache:  # the table's quantization does not depend on the plan
-            got = rowwise_quantize(w, t_bits, search=search) if t_scheme == "rowwise" else \
+            got = _rowwise_table(w, t_bits, search, center, t_block) if t_scheme == "rowwise" else \
                 codebook_quantize(w, t_bits, per=per)
             if cache is not None:
                 cache[key] = got
         got = cache[key] if cache is not None else got
         if t_scheme == "rowwise":
-            q, scale, lo = got
-            w_hat = rowwise_dequantize(q, scale, lo)
+            q, scale, lo, mean = got
+            w_hat = rowwise_dequantize(q, scale, lo, t_block) + (0 if mean is None else mean)
             rows = b.op("Gather", [b.init("table_q", pack4(q) if t_bits == 4 else q), ids], "rows", axis=0)
             vals = _unpack_rows(b, rows, ids, dim, opset) if t_bits == 4 else rows
             f = b.op("Cast", [vals], "vals_f", to=TensorProto.FLOAT)
             s = b.op("Gather", [b.init("row_scale", scale), ids], "scale", axis=0)
             o = b.op("Gather", [b.init("row_offset", lo), ids], "offset", axis=0)
-            res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq",
-                       out=y if out_dtype == TensorProto.FLOAT else None)
-            extra = scale.nbytes + lo.nbytes
-            detail = {"range_search": "greedy (Guan et al. 2019)" if search else "min-max"}
+            if t_block:  # [..., n] block grids -> [..., dim]: each column reads its block's scale / offset
+                cols = b.init("block_of_column", np.arange(dim, dtype=np.int64) // t_block)
+                s = b.op("Gather", [s, cols], "scale_cols", axis=-1)
+                o = b.op("Gather", [o, cols], "offset_cols", axis=-1)
+            final = out_dtype == TensorProto.FLOAT
+            res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq", out=y if final and mean is None else None)
+            if mean is not None:  # the column mean the rows were quantized without
+                res = b.op("Add", [res, b.init("column_mean", mean)], "uncentred", out=y if final else None)
+            extra = scale.nbytes + lo.nbytes + (0 if mean is None else mean.nbytes)
+            detail = {"range_search": "greedy (Guan et al. 2019)" if search else "min-max",
+                      "centred": mean is not None, "grids_per_row": int(scale.shape[1])}
         else:
             idx, cb = got
             w_hat = (cb[np.arange(w.shape[0])[:, None], idx] if per == "row" else cb[idx]).astype(np.float32)
