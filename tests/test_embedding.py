@@ -58,7 +58,7 @@ def test_pack_unpack_roundtrip_odd_dim():
     p = pack4(q)
     assert p.shape == (5, 4) and p.dtype == np.uint8
     assert np.array_equal(unpack4(p, 7), q)
-    assert p[0, 0] == q[0, 0] | (q[0, 1] << 4)  # element 0 in the low nibble
+    assert p[0, 0] == q[0, 0] | (q[0, 4] << 4)  # byte j: element j (low nibble) and j + 4 (high)
 
 
 def _sse(w, lo, hi, bits):
@@ -220,7 +220,7 @@ def test_centring_removes_a_common_column_offset():
     assert any(t.name.endswith("column_mean_" + t.name.rsplit("_", 1)[-1]) for t in q.graph.initializer)
 
 
-@pytest.mark.parametrize("dim,block", [(40, 16), (37, 8)])
+@pytest.mark.parametrize("dim,block", [(40, 16), (37, 8), (48, 16)])
 def test_block_grids_are_exact_and_lower_the_error(dim, block):
     """block > 0: one grid per `block` values of a row (the last block shorter when it does not divide dim); the
     ONNX realization reproduces the numpy reconstruction bit for bit; more grids, lower error, a few bytes more."""

@@ -19,7 +19,7 @@ Method: Guan, Malevich, Yang, Park, Yuen 2019, "Post-training 4-bit quantization
 
 Realized with standard ONNX ops on the *gathered rows only*, so the runtime never expands the table: 4-bit
 indices / codes are packed two per byte (low nibble first) in a uint8 table, the Gather picks the packed rows,
-BitShift / Sub unpack them, and the row's scale / offset (or codebook row) is gathered beside them. The file
+Mod / BitShift + Concat unpack them, and the row's scale / offset (or codebook row) is gathered beside them. The file
 and the resident table shrink to ~1/8 (4-bit) of FP32; the arithmetic after the Gather is a few elementwise
 ops on [batch, seq, dim].
 """
@@ -153,16 +153,16 @@ def codebook_quantize(w: np.ndarray, bits: int, per: str = "row") -> Tuple[np.nd
 
 
 def pack4(q: np.ndarray) -> np.ndarray:
-    """[rows, dim] values < 16 -> uint8 [rows, ceil(dim / 2)], element 2j in the low nibble of byte j."""
+    """[rows, dim] values < 16 -> uint8 [rows, h = ceil(dim / 2)]: byte j holds element j in its low nibble and
+    element j + h in its high nibble (so unpacking is one Concat of the two nibble planes, no interleave)."""
     if q.shape[1] % 2:
         q = np.concatenate([q, np.zeros((q.shape[0], 1), q.dtype)], axis=1)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    h = q.shape[1] // 2
+    return (q[:, :h] | (q[:, h:] << 4)).astype(np.uint8)
 
 
 def unpack4(p: np.ndarray, dim: int) -> np.ndarray:
-    out = np.empty((p.shape[0], p.shape[1] * 2), np.uint8)
-    out[:, 0::2], out[:, 1::2] = p & 15, p >> 4
-    return out[:, :dim]
+    return np.concatenate([p & 15, p >> 4], axis=1)[:, :dim]
 
 
 # ------------------------------------------------------------------------------------------ graph
@@ -220,25 +220,29 @@ class _Builder:
         return o
 
 
-def _unpack_rows(b: _Builder, packed_rows: str, indices: str, dim: int, opset: int) -> str:
-    """uint8 [..., ceil(dim/2)] packed rows -> uint8 [..., dim] 4-bit values (low nibble first)."""
-    four = b.init("four", np.array(4, np.uint8))
-    hi = b.op("BitShift", [packed_rows, four], "hi", direction="RIGHT")
-    lo = b.op("Sub", [packed_rows, b.op("BitShift", [hi, four], "hi_shl", direction="LEFT")], "lo")
-    if opset >= 13:
-        ax = b.init("axis_last", np.array([-1], np.int64))
-        lo_u, hi_u = b.op("Unsqueeze", [lo, ax], "lo_u"), b.op("Unsqueeze", [hi, ax], "hi_u")
-    else:
-        lo_u, hi_u = b.op("Unsqueeze", [lo], "lo_u", axes=[-1]), b.op("Unsqueeze", [hi], "hi_u", axes=[-1])
-    pairs = b.op("Concat", [lo_u, hi_u], "pairs", axis=-1)                      # [..., ceil(dim/2), 2]
-    even = dim + dim % 2
-    shape = b.op("Concat", [b.op("Shape", [indices], "ids_shape"), b.init("dim", np.array([even], np.int64))],
-                 "shape", axis=0)
-    vals = b.op("Reshape", [pairs, shape], "vals")
+def _unpack_rows(b: _Builder, packed_rows: str, dim: int) -> str:
+    """uint8 [..., h] packed rows (pack4) -> uint8 [..., dim] 4-bit values: Concat(Mod 16, >> 4) on the last axis."""
+    lo = b.op("Mod", [packed_rows, b.init("sixteen", np.array(16, np.uint8))], "lo")
+    hi = b.op("BitShift", [packed_rows, b.init("four", np.array(4, np.uint8))], "hi", direction="RIGHT")
+    vals = b.op("Concat", [lo, hi], "vals", axis=-1)
     if dim % 2:
         vals = b.op("Slice", [vals, b.init("s0", np.array([0], np.int64)), b.init("s1", np.array([dim], np.int64)),
                               b.init("sax", np.array([-1], np.int64))], "vals_cut")
     return vals
+
+
+def _ids_rank(model: onnx.ModelProto, ids: str) -> Optional[int]:
+    """Rank of the index tensor when the graph states it (an input or a value_info), else None."""
+    for v in list(model.graph.input) + list(model.graph.value_info):
+        if v.name == ids and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
+def _unsqueeze_last(b: _Builder, value: str, opset: int) -> str:
+    if opset >= 13:
+        return b.op("Unsqueeze", [value, b.init("axis_last", np.array([-1], np.int64))], "unsq")
+    return b.op("Unsqueeze", [value], "unsq", axes=[-1])
 
 
 def _replace(model: onnx.ModelProto, node: onnx.NodeProto, b: _Builder) -> None:
@@ -305,16 +309,27 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
             q, scale, lo, mean = got
             w_hat = rowwise_dequantize(q, scale, lo, t_block) + (0 if mean is None else mean)
             rows = b.op("Gather", [b.init("table_q", pack4(q) if t_bits == 4 else q), ids], "rows", axis=0)
-            vals = _unpack_rows(b, rows, ids, dim, opset) if t_bits == 4 else rows
+            vals = _unpack_rows(b, rows, dim) if t_bits == 4 else rows
             f = b.op("Cast", [vals], "vals_f", to=TensorProto.FLOAT)
             s = b.op("Gather", [b.init("row_scale", scale), ids], "scale", axis=0)
             o = b.op("Gather", [b.init("row_offset", lo), ids], "offset", axis=0)
-            if t_block:  # [..., n] block grids -> [..., dim]: each column reads its block's scale / offset
-                cols = b.init("block_of_column", np.arange(dim, dtype=np.int64) // t_block)
-                s = b.op("Gather", [s, cols], "scale_cols", axis=-1)
-                o = b.op("Gather", [o, cols], "offset_cols", axis=-1)
             final = out_dtype == TensorProto.FLOAT
-            res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq", out=y if final and mean is None else None)
+            last = y if final and mean is None else None
+            rank = _ids_rank(m, ids)
+            if t_block and dim % t_block == 0 and rank is not None:
+                # [..., dim] -> [..., n, block] (a view; Reshape's 0 keeps the index dims), times the [..., n, 1]
+                # grids, back to [..., dim]
+                f = b.op("Reshape", [f, b.init("blocks", np.array([0] * rank + [dim // t_block, t_block], np.int64))],
+                         "vals_blocks")
+                s, o = (_unsqueeze_last(b, v, opset) for v in (s, o))
+                res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq_blocks")
+                res = b.op("Reshape", [res, b.init("row", np.array([0] * rank + [dim], np.int64))], "deq", out=last)
+            else:
+                if t_block:  # a shorter last block (or unknown index rank): each column gathers its grid
+                    cols = b.init("block_of_column", np.arange(dim, dtype=np.int64) // t_block)
+                    s = b.op("Gather", [s, cols], "scale_cols", axis=-1)
+                    o = b.op("Gather", [o, cols], "offset_cols", axis=-1)
+                res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq", out=last)
             if mean is not None:  # the column mean the rows were quantized without
                 res = b.op("Add", [res, b.init("column_mean", mean)], "uncentred", out=y if final else None)
             extra = scale.nbytes + lo.nbytes + (0 if mean is None else mean.nbytes)
@@ -324,7 +339,7 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
             idx, cb = got
             w_hat = (cb[np.arange(w.shape[0])[:, None], idx] if per == "row" else cb[idx]).astype(np.float32)
             rows = b.op("Gather", [b.init("table_idx", pack4(idx)), ids], "rows", axis=0)
-            i64 = b.op("Cast", [_unpack_rows(b, rows, ids, dim, opset)], "idx", to=TensorProto.INT64)
+            i64 = b.op("Cast", [_unpack_rows(b, rows, dim)], "idx", to=TensorProto.INT64)
             if per == "row":
                 cbr = b.op("Gather", [b.init("codebook", cb), ids], "codebook_rows", axis=0)
                 res = b.op("GatherElements", [cbr, i64], "deq", axis=-1,

@@ -1,0 +1,92 @@
+"""How much MiniLM's STS-B Spearman rho moves between equally good 4-bit embedding tables.
+
+The greedy range search of the row-wise scheme (quant/embedding.py, Guan et al. 2019) steps by range / NUM_BINS;
+the paper's 200 bins is one choice among many equally reasonable ones. Each setting of NUM_BINS gives tables of
+practically the same error but different roundings, and the rho of the resulting model is one draw of how a
+4-bit table's noise lands on 1,379 sentence pairs. This script quantizes the W8A8 default once, then quantizes
+the embedding tables for each variant x NUM_BINS and scores the full STS-B test set: the spread of rho across
+bins is the resolution at which two variants (or a target like "drop <= 0.002") can be told apart.
+
+    python -m benchmarks.embedding_spread --bins 190,200,210 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+#: name -> quantize_embeddings keyword arguments (small_rows=0: every table 4-bit; 1024: tables of <= 1024 rows
+#: -- MiniLM's position and token-type tables -- 8-bit)
+VARIANTS = {
+    "all4_row_paper": dict(center=False, block=0, small_rows=0),
+    "all4_row_centred": dict(center=True, block=0, small_rows=0),
+    "all4_block128_centred": dict(center=True, block=128, small_rows=0),
+    "word4_row_centred": dict(center=True, block=0, small_rows=1024),
+    "word4_block128_centred": dict(center=True, block=128, small_rows=1024),
+}
+
+
+def main(argv=None):
+    import hago_py
+    from hago_py.quant import embedding as E
+    from benchmarks.corpus import MiniLmStsb, locate
+    from benchmarks.run import machine_info, versions
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--bins", default="190,200,210")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--target", default="x86_avx2", help="spec of the W8A8 base (the embeddings suite's)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "embeddings" / "spread.json"))
+    a = p.parse_args(argv)
+    root, why = locate()
+    if root is None:
+        print(f"skipped: {why}")
+        return 0
+    M = MiniLmStsb(root)
+    t0 = time.time()
+    fp32 = M.evaluate(str(M.model_path), threads=a.threads)
+    res = hago_py.quantize(str(M.model_path), calibration=M.calib_arrays(256), target=a.target,
+                           measure_latency=False)
+    base = res.model
+    w8 = M.evaluate(base, threads=a.threads)
+    print(f"FP32 {fp32:.4f}  W8A8 {w8:.4f} ({w8 - fp32:+.4f})", flush=True)
+    out = {"machine": machine_info(a.threads), "versions": versions(), "fp32": fp32, "w8a8": w8,
+           "target": a.target, "variants": {}}
+    bins = [int(b) for b in a.bins.split(",")]
+    for name in a.variants.split(","):
+        rows = []
+        for nb in bins:
+            E.NUM_BINS = nb
+            m, rec = E.quantize_embeddings(base, "rowwise", 4, **VARIANTS[name])
+            rho = M.evaluate(m, threads=a.threads)
+            err = {k.split("/")[-2]: round(v["relative_error"], 4) for k, v in rec.items()}
+            rows.append({"num_bins": nb, "rho": rho, "drop": rho - fp32, "relative_error": err})
+            print(f"{name:18s} bins {nb}: rho {rho:.4f} ({rho - fp32:+.4f})  {err}", flush=True)
+        E.NUM_BINS = 200
+        drops = [r["drop"] for r in rows]
+        out["variants"][name] = {"options": VARIANTS[name], "runs": rows, "drop_mean": statistics.mean(drops),
+                                 "drop_sd": statistics.stdev(drops) if len(drops) > 1 else 0.0,
+                                 "drop_min": min(drops), "drop_max": max(drops)}
+    out["wall_s"] = time.time() - t0
+    lines = ["| variant | rho drop vs FP32: mean | sd | worst | best | runs |", "|---|---|---|---|---|---|"]
+    for name, v in out["variants"].items():
+        lines.append(f"| {name} | {v['drop_mean']:+.4f} | {v['drop_sd']:.4f} | {v['drop_min']:+.4f} | "
+                     f"{v['drop_max']:+.4f} | {len(v['runs'])} |")
+    md = "\n".join(lines) + f"\n\nFP32 {fp32:.4f}, W8A8 default {w8:.4f} ({w8 - fp32:+.4f}); NUM_BINS {bins}; " \
+        f"{out['machine'].get('cpu')}; {time.strftime('%Y-%m-%d')}\n"
+    print(md)
+    path = Path(a.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+    path.with_suffix(".md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
