@@ -195,38 +195,88 @@ def test_covariance_lowers_the_layer_output_error(monkeypatch):
 
 
 # -- the ONNX expansion --------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,axis,bits", [((8, 5, 3, 3), 0, 4), ((64, 24), 1, 4), ((12, 7), 0, 3)])
-def test_codebook_expansion_bit_exact_in_ort(shape, axis, bits):
-    rng = np.random.default_rng(1)
+def _snapped(shape, axis, bits, seed=1, dtype=np.int8):
+    rng = np.random.default_rng(seed)
     w = rng.normal(0, 1, shape).astype(np.float32)
     s = np.abs(np.moveaxis(w, axis, 0).reshape(shape[axis], -1)).max(1) / 127
     q, _ = quantize_nonuniform(w, s, np.zeros(shape[axis], np.int64), -127, 127, axis, bits)
-    q8 = q.astype(np.int8)
+    return (q + 128).astype(np.uint8) if dtype == np.uint8 else q.astype(dtype)
+
+
+def _expand_in_ort(weights, opset=17):
+    """weights: [(q, axis, bits)] -> (the writer's model proto, [ORT output of each expanded weight]), ORT with
+    every optimization off (nothing folded)."""
+    from hago_py.ir.names import NameAllocator
+
+    x = ir.Value(name="x", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
+    ident = ir.Node("", "Identity", [x], name="id", num_outputs=1)
+    ident.outputs[0].name, ident.outputs[0].shape, ident.outputs[0].type = "y", x.shape, x.type
+    graph = ir.Graph([x], [ident.outputs[0]], nodes=[ident], opset_imports={"": opset}, name="g")
+    writer = CodebookWriter(graph, NameAllocator.for_graph(graph))
+    vals = []
+    for i, (q, axis, bits) in enumerate(weights):
+        val, storage = writer.weight(q, axis, bits, f"w{i}", force="codebook4")
+        assert storage == "codebook4" and val.producer() is None  # built by finish()
+        vals.append(val)
+    writer.finish()
+    for val, (q, _, _) in zip(vals, weights):
+        assert val.producer() is not None and val.name.endswith("_quantized")
+        val.shape, val.type = ir.Shape(list(q.shape)), ir.TensorType(ir.DataType.from_numpy(q.dtype))
+        graph.outputs.append(val)
+    graph.sort()
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=8))
+    onnx.checker.check_model(proto, full_check=True)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return proto, sess.run([v.name for v in vals], {"x": np.zeros(1, np.float32)})
+
+
+@pytest.mark.parametrize("shape,axis,bits", [((8, 5, 3, 3), 0, 4), ((64, 24), 1, 4), ((12, 7), 0, 3)])
+def test_codebook_expansion_bit_exact_in_ort(shape, axis, bits):
+    q8 = _snapped(shape, axis, bits)
     # numpy reference of the packing
     moved = np.moveaxis(q8, axis, 0).reshape(shape[axis], -1)
     packed, book = pack(moved, bits)
     assert packed.shape == (shape[axis], (moved.shape[1] + 1) // 2) and book.shape == (shape[axis], 2 ** bits)
     assert np.array_equal(unpack(packed, book, moved.shape[1]), moved)
     # the ONNX chain, run by ORT with every optimization off
-    x = ir.Value(name="x", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
-    ident = ir.Node("", "Identity", [x], name="id", num_outputs=1)
-    ident.outputs[0].name = "y"
-    graph = ir.Graph([x], [ident.outputs[0]], nodes=[ident], opset_imports={"": 17})
-    from hago_py.ir.names import NameAllocator
-
-    val, storage = CodebookWriter(graph, NameAllocator.for_graph(graph)).weight(q8, axis, bits, "w", ident,
-                                                                                 force="codebook4")
-    assert storage == "codebook4"
-    val.shape, val.type = ir.Shape(list(shape)), ir.TensorType(ir.DataType.INT8)
-    graph.outputs.append(val)
-    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=8))
-    ops = {n.op_type for n in proto.graph.node}
-    assert {"BitShift", "GatherElements", "Cast", "Concat"} <= ops
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    out = sess.run([val.name], {"x": np.zeros(1, np.float32)})[0]
+    proto, (out,) = _expand_in_ort([(q8, axis, bits)])
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert {"BitShift", "GatherElements", "Cast", "Concat"} <= set(ops) and "Split" not in ops  # a group of one
     assert out.dtype == np.int8 and np.array_equal(out, q8)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_equal_k_layers_share_one_chain_bit_exact(opset):
+    """Layers with the same row length K, dtype and bits share one chain (indices and codebooks concatenated,
+    Split after GatherElements; split sizes an attribute before opset 13, an input from 13); other K, another
+    dtype or other bits get their own. Every expanded weight equals its int8 array bit for bit."""
+    weights = [(_snapped((8, 5, 3, 3), 0, 4, 1), 0, 4),          # K=45 (odd: Slice)
+               (_snapped((16, 5, 3, 3), 0, 4, 2), 0, 4),         # K=45
+               (_snapped((45, 24), 1, 4, 3), 1, 4),              # [K, N] MatMul weight, K=45: Transpose
+               (_snapped((12, 45), 0, 4, 4), 0, 4),              # [C, K] Gemm weight: the Split output itself
+               (_snapped((6, 5, 3, 3), 0, 4, 5, np.uint8), 0, 4),  # K=45 but uint8: its own chain
+               (_snapped((6, 5, 3, 3), 0, 3, 6), 0, 3),          # K=45 but 3 bits: its own chain
+               (_snapped((10, 8, 3, 3), 0, 4, 7), 0, 4),         # K=72
+               (_snapped((72, 20), 1, 4, 8), 1, 4),              # K=72, [K, N]
+               (_snapped((12, 7), 0, 3, 9), 0, 3)]               # K=7, alone
+    proto, outs = _expand_in_ort(weights, opset)
+    for (q, _, _), out in zip(weights, outs):
+        assert out.dtype == q.dtype and np.array_equal(out, q)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["GatherElements"] == 5 and ops["BitShift"] == 15 and ops["Split"] == 2
+    splits = [n for n in proto.graph.node if n.op_type == "Split"]
+    sizes = sorted(len(n.output) for n in splits)
+    assert sizes == [2, 4]
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert sum(k.endswith("_nu_index") for k in inits) == 5
+    big = next(n for n in splits if len(n.output) == 4)
+    if opset >= 13:
+        assert len(big.input) == 2 and list(inits[big.input[1]]) == [8, 16, 24, 12]
+    else:
+        attrs = {a.name: helper.get_attribute_value(a) for a in big.attribute}
+        assert len(big.input) == 1 and list(attrs["split"]) == [8, 16, 24, 12]
 
 
 def _dq_weight_inputs(model):
@@ -343,3 +393,123 @@ def test_bias_correction_is_mean_shift_and_labelled():
     assert "rounding" not in res.report  # no reconstruction ran
     lv = res.plan.layers["convA"].weight.levels
     assert lv["importance"] == "input E[x^2]" and sum(lv["clusters_used"].values()) == 64
+
+
+# -- one chain per group of equal-K layers, through realize ----------------------------------------------
+def nu_deep(seed: int = 0) -> onnx.ModelProto:
+    """input [N,16,8,8] -> cA 16->32 (K=144) -> cB 32->32, cC 32->32, cD 32->16 (K=288 each) -> cE 16->13 (K=144)
+    -> cF 13->64 (K=117, odd) -> GlobalAveragePool -> Flatten -> fc Gemm 64->48 (transB, K=64); 3x3 convs, Relu."""
+    rng = np.random.default_rng(seed)
+    N = helper.make_node
+    convs = [("cA", 16, 32), ("cB", 32, 32), ("cC", 32, 32), ("cD", 32, 16), ("cE", 16, 13), ("cF", 13, 64)]
+    nodes, inits, x = [], [], "input"
+    for name, cin, cout in convs:
+        inits += [_i(f"{name}_w", rng.normal(0, 1 / np.sqrt(9 * cin), (cout, cin, 3, 3)).astype(np.float32)),
+                  _i(f"{name}_b", rng.normal(0, 0.1, cout).astype(np.float32))]
+        nodes += [N("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], name=name, pads=[1, 1, 1, 1]),
+                  N("Relu", [f"{name}_c"], [f"{name}_r"], name=f"{name}_relu")]
+        x = f"{name}_r"
+    nodes += [N("GlobalAveragePool", [x], ["g"], name="gap"), N("Flatten", ["g"], ["f"], name="flat"),
+              N("Gemm", ["f", "fc_w", "fc_b"], ["output"], name="fc", transB=1)]
+    inits += [_i("fc_w", rng.laplace(0, 0.1, (48, 64)).astype(np.float32)),
+              _i("fc_b", rng.normal(0, 0.1, 48).astype(np.float32))]
+    return checked_model(nodes, inits, "nu_deep", ["N", 16, 8, 8], ["N", 48])
+
+
+def nu_mlp_deep(seed: int = 0) -> onnx.ModelProto:
+    """input [B,S,64] -> MatMul 64x64, 64x64, 64x63, 63x64: dynamic MatMuls with [K, N] weights, three with K=64
+    and one with K=63 (odd)."""
+    rng = np.random.default_rng(seed)
+    N = helper.make_node
+    dims = [(64, 64), (64, 64), (64, 63), (63, 64)]
+    nodes, inits, x = [], [], "input"
+    for i, (k, n) in enumerate(dims):
+        out = "output" if i == len(dims) - 1 else f"m{i}"
+        nodes.append(N("MatMul", [x, f"w{i}"], [out], name=f"mm{i}"))
+        inits.append(_i(f"w{i}", rng.normal(0, 1 / np.sqrt(k), (k, n)).astype(np.float32)))
+        x = out
+    g = helper.make_graph(nodes, "nu_mlp_deep",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "S", 64])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "S", 64])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _expanded_weights(model, names):
+    """The named values of ``model`` computed by ORT with every optimization off."""
+    probe = copy.deepcopy(model)
+    inp = probe.graph.input[0]
+    dims = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    for n in names:
+        probe.graph.output.append(helper.make_tensor_value_info(n, TensorProto.INT8, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, {inp.name: np.zeros(dims, np.float32)})))
+
+
+def _grouped_vs_plain(monkeypatch, model, calibration, **kw):
+    pipe = Pipeline(model, calibration, "x86_avx2", QuantOptions.from_kwargs(weight_scheme="nonuniform",
+                                                                              weight_bits=4, **kw))
+    built = pipe.build()
+    storage = {lp.node: lp.weight.storage for lp in built.plan.quantized_layers() if lp.weight is not None}
+    with monkeypatch.context() as mp:
+        mp.setattr(codebook, "SHARE_CHAINS", False)
+        per_layer = pipe.build().model
+    with monkeypatch.context() as mp:
+        mp.setattr(codebook, "CHAIN_OVERHEAD", 10 ** 9)
+        plain = pipe.build().model
+    return built, storage, per_layer, plain
+
+
+def test_equal_k_layers_grouped_through_realize(monkeypatch):
+    built, storage, per_layer, plain = _grouped_vs_plain(monkeypatch, nu_deep(), calib())
+    assert storage == dict.fromkeys(("cA", "cB", "cC", "cD", "cE", "cF", "fc"), "codebook4")
+    ops = Counter(n.op_type for n in built.model.graph.node)
+    # groups: K=144 {cA, cE}, K=288 {cB, cC, cD}, K=117 {cF}, K=64 {fc}: 4 chains, 2 of them split
+    assert ops["GatherElements"] == 4 and ops["Split"] == 2 and ops["BitShift"] == 12
+    assert Counter(n.op_type for n in per_layer.graph.node)["GatherElements"] == 7
+    # bit for bit the int8 weights of the plain model (same plan, int8 initializers)
+    ref = {i.name: numpy_helper.to_array(i) for i in plain.graph.initializer if i.name.endswith("_w_quantized")}
+    assert len(ref) == 7
+    got = _expanded_weights(built.model, sorted(ref))
+    for name, q in ref.items():
+        assert got[name].dtype == np.int8 and np.array_equal(got[name], q), name
+    # the same outputs, fused and simulated
+    x = calib(n=8, seed=5)
+    for opt in ("all", "basic"):
+        for a, b in zip(run(built.model, x, opt), run(plain, x, opt)):
+            assert np.array_equal(a, b)
+    # ORT folds the chains (Split included) and fuses the int8 kernels
+    fused = Counter(n.op_type for n in optimized_graph(built.model).graph.node)
+    assert fused["QLinearConv"] == 6 and fused["QGemm"] == 1
+    assert not {"GatherElements", "BitShift", "Split", "Concat", "Slice", "Conv", "Gemm"} & set(fused), fused
+    # one chain for 3 (and 2) equal-K layers instead of one each: a smaller file
+    size, size_per_layer = built.model.ByteSize(), per_layer.ByteSize()
+    assert size < size_per_layer - 700, (size, size_per_layer)
+    nodes = sum(n.ByteSize() for n in built.model.graph.node)
+    nodes_per_layer = sum(n.ByteSize() for n in per_layer.graph.node)
+    assert nodes < nodes_per_layer - 700, (nodes, nodes_per_layer)
+
+
+def test_equal_k_dynamic_matmuls_grouped(monkeypatch):
+    cal = {"input": np.random.default_rng(0).normal(0, 1, (8, 4, 64)).astype(np.float32)}
+    built, storage, per_layer, plain = _grouped_vs_plain(monkeypatch, nu_mlp_deep(), cal, activation_mode="dynamic")
+    assert storage == {f"mm{i}": "codebook4" for i in range(4)}
+    ops = Counter(n.op_type for n in built.model.graph.node)
+    assert ops["GatherElements"] == 2 and ops["Split"] == 1 and ops["Transpose"] == 4  # K=64 x3, K=63
+    ref = {i.name: numpy_helper.to_array(i) for i in plain.graph.initializer if i.name.endswith("_quantized")
+           and i.name.startswith("w")}
+    assert len(ref) == 4
+    got = _expanded_weights(built.model, sorted(ref))
+    for name, q in ref.items():
+        assert got[name].dtype == np.int8 and np.array_equal(got[name], q), name
+    x = {"input": np.random.default_rng(3).normal(0, 1, (2, 4, 64)).astype(np.float32)}
+    for opt in ("all", "basic"):
+        for a, b in zip(run(built.model, x, opt), run(plain, x, opt)):
+            assert np.array_equal(a, b)
+    fused = Counter(n.op_type for n in optimized_graph(built.model).graph.node)
+    assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] + fused["MatMulInteger"] == 4, fused
+    assert not {"GatherElements", "BitShift", "Split", "Transpose"} & set(fused), fused
+    assert built.model.ByteSize() < per_layer.ByteSize()

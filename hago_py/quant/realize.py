@@ -128,7 +128,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         key = (w_val.name, tq.dtype, tq.granularity, tq.axis, tuple(tq.scale), tuple(tq.zero_point),
                q.shape, hash(np.ascontiguousarray(q).tobytes()))
         if key not in wcache:
-            wq = _weight_value(graph, names, books, w_val.name, _int_array(q, tq.dtype), tq, tq.axis, node)
+            wq = _weight_value(graph, names, books, w_val.name, _int_array(q, tq.dtype), tq, tq.axis)
             s_val, z_val = _qparam_values(graph, names, f"{w_val.name}", tq)
             attrs = {"axis": ir.AttrInt64("axis", int(tq.axis))} if tq.granularity == "per_channel" \
                 and len(tq.scale) > 1 else {}
@@ -187,6 +187,7 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
         for user, idx in users:
             user.replace_input_with(idx, dq.outputs[0])
 
+    books.finish()  # the codebook expansion chains, one per group of equal-K layers (quant/codebook.py)
     m.graph.sort()
     RemoveUnusedNodesPass()(m)
     RemoveUnusedOpsetsPass()(m)
@@ -283,7 +284,7 @@ def _values_by_name(graph: ir.Graph) -> Dict[str, ir.Value]:
 
 
 def _weight_value(graph: ir.Graph, names: NameAllocator, books: CodebookWriter, base: str, q: np.ndarray,
-                  tq: TensorQuant, axis: Optional[int], before: ir.Node) -> ir.Value:
+                  tq: TensorQuant, axis: Optional[int]) -> ir.Value:
     """The integer weight as a graph value: a plain initializer, or for a non-uniform weight (per channel on
     ``axis``) the codebook expansion when that is smaller (tq.storage records which)."""
     if tq.scheme != "nonuniform":
@@ -291,7 +292,7 @@ def _weight_value(graph: ir.Graph, names: NameAllocator, books: CodebookWriter, 
     if axis is None or q.ndim < 2:
         val, tq.storage = new_initializer(graph, f"{base}_quantized", q, names), "int8"
         return val
-    val, tq.storage = books.weight(q, axis, tq.levels_bits, base, before)
+    val, tq.storage = books.weight(q, axis, tq.levels_bits, base)
     return val
 
 
@@ -300,6 +301,7 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
     """MatMul / Gemm with dynamic activations -> DynamicQuantizeLinear + MatMulInteger + rescale.
     MatMulInteger takes 8-bit weights only: narrower weights (W2-W4, simulated) sit in an int8 container."""
     tq = lp.weight
+    own_books = books is None  # realize passes its writer and finishes it once at the end
     books = books or CodebookWriter(graph, names)
     x = node.inputs[0]
     if node.op_type == "Gemm" and any(a.name == "transB" and a.value for a in node.attributes.values()):
@@ -314,7 +316,9 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
         cache[key] = dql
     dql = cache[key]
     w_name = node.inputs[1].name
-    wq = _weight_value(graph, names, books, w_name, _int_array(q, dtype), tq, 1 if tq.axis is not None else None, node)
+    wq = _weight_value(graph, names, books, w_name, _int_array(q, dtype), tq, 1 if tq.axis is not None else None)
+    if own_books:
+        books.finish()
     per_channel = tq.granularity == "per_channel" and len(tq.scale) > 1
     wz = new_initializer(graph, f"{w_name}_zero_point",
                          _int_array(np.asarray(tq.zero_point if per_channel else tq.zero_point[0]), dtype), names)
