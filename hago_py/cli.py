@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tables with at most this many rows stay 8-bit row-wise (0: every table at --embedding-bits)")
     q.add_argument("--embedding-plain", action="store_true",
                    help="rowwise as in the paper only: no column-mean centring")
-    q.add_argument("--embedding-block", type=int, default=0,
-                   help="rowwise: one grid per this many values of a row (0: one per row, as in the paper)")
+    q.add_argument("--embedding-block", type=int, default=None,
+                   help="rowwise: one grid per this many values of a row (0: one per row, as in the paper; "
+                        "default: the embedding_block option's default)")
     q.add_argument("--synthetic-samples", type=int, default=256, help="samples synthesized with --calib synthetic")
     q.add_argument("--synthetic-method", default="retro", choices=("retro", "zeroq", "gaussian"),
                    help="data-free generator with --calib synthetic (default retro: retro-synthesis)")
@@ -203,13 +204,13 @@ def _cmd_quantize(a) -> int:
                        synthetic_samples=a.synthetic_samples, synthetic_method=a.synthetic_method,
                        embedding_scheme=a.embedding_scheme, embedding_bits=a.embedding_bits,
                        embedding_small_rows=a.embedding_small_rows, embedding_center=not a.embedding_plain,
-                       embedding_block=a.embedding_block,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,
                        bias_correction={"auto": None, "on": True, "off": False}[a.bias_correction],
                        equalize=a.equalize, smooth=not a.no_smooth, smooth_alpha=a.smooth_alpha,
                        recon_samples=a.recon_samples,
                        saturation_remedy=a.saturation_remedy, exclude=a.exclude, simulate=a.simulate,
-                       threads=a.threads, max_calib_samples=a.max_calib_samples, **search)
+                       threads=a.threads, max_calib_samples=a.max_calib_samples, **search,
+                       **({} if a.embedding_block is None else {"embedding_block": a.embedding_block}))
     if a.search and peers is not None:
         res.report["search"]["peers"] = peers
     res.save(out, report_dir=a.report)

@@ -45,8 +45,10 @@ def _row_error(w: np.ndarray, lo: np.ndarray, hi: np.ndarray, levels: int) -> np
     return np.sum((q * scale + lo - w) ** 2, axis=1, keepdims=True)
 
 
-def greedy_ranges(w: np.ndarray, bits: int, num_bins: int = NUM_BINS, ratio: float = RATIO):
-    """Per-row [lo, hi] by the paper's greedy search (vectorised over rows). Returns (lo, hi), [rows, 1]."""
+def greedy_ranges(w: np.ndarray, bits: int, num_bins: Optional[int] = None, ratio: float = RATIO):
+    """Per-row [lo, hi] by the paper's greedy search (vectorised over rows). Returns (lo, hi), [rows, 1].
+    ``num_bins``: None = NUM_BINS, read at call time (benchmarks/embedding_spread.py varies it)."""
+    num_bins = NUM_BINS if num_bins is None else int(num_bins)
     if w.shape[0] > ROW_CHUNK:
         parts = [greedy_ranges(w[s:s + ROW_CHUNK], bits, num_bins, ratio) for s in range(0, w.shape[0], ROW_CHUNK)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
