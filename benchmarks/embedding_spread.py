@@ -40,7 +40,7 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--target", default="x86_avx2", help="spec of the W8A8 base (the embeddings suite's)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "embeddings" / "spread.json"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "embeddings" / "spread" / "spread.json"))
     a = p.parse_args(argv)
     root, why = locate()
     if root is None:

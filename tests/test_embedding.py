@@ -195,8 +195,9 @@ def test_cli_embedding_flags(tmp_path):
                  "--embedding-small-rows", "0", "--embedding-plain", "--embedding-block", "8", "--no-latency",
                  "-q"]) == 0
     q = onnx.load(str(out))
-    assert any(t.data_type == TensorProto.UINT8 and list(t.dims) == [200, 8] for t in q.graph.initializer)
-    assert any("row_scale" in t.name and list(t.dims) == [200, 2] for t in q.graph.initializer)  # 2 grids per row
+    # 2 grids of 8 per row: the packed table as [rows, blocks, 4 bytes], the grids as [rows, blocks, 1]
+    assert any(t.data_type == TensorProto.UINT8 and list(t.dims) == [200, 2, 4] for t in q.graph.initializer)
+    assert any("row_scale" in t.name and list(t.dims) == [200, 2, 1] for t in q.graph.initializer)
     assert not any("column_mean" in t.name for t in q.graph.initializer)
 
 
@@ -240,6 +241,25 @@ def test_block_grids_are_exact_and_lower_the_error(dim, block):
     assert quantize_embeddings(m, "rowwise", 4, center=False, block=dim)[1]["emb"]["grids_per_row"] == 1
     with pytest.raises(OptionError, match="embedding_block"):
         quantize_embeddings(m, "rowwise", 4, block=-1)
+
+
+def test_blocks_of_computed_indices_use_the_reshape_view():
+    """Indices computed in the graph (no stated rank, like BERT's sliced position ids) still take the [..., n,
+    block] view (Shape + Concat for the row shape), not the per-column Gather of the scales; output exact."""
+    w = table(v=50, d=32)
+    m = emb_model(w)
+    m.graph.node.insert(0, helper.make_node("Identity", ["ids_in"], ["ids"], name="ids_copy"))
+    m.graph.input[0].name = "ids_in"
+    q, rec = quantize_embeddings(m, "rowwise", 4, center=False, block=16)
+    names = {t.name for t in q.graph.initializer}
+    assert rec["emb"]["grids_per_row"] == 2 and not any("block_of_column" in n for n in names)
+    qq, s, lo = rowwise_quantize(w, 4, block=16)
+    ids = RNG.integers(0, 50, (2, 3)).astype(np.int64)
+    mm = onnx.ModelProto()
+    mm.CopyFrom(q)
+    mm.graph.output.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, ["B", "S", "D"]))
+    got = ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"]).run(["e"], {"ids_in": ids})[0]
+    np.testing.assert_array_equal(got, rowwise_dequantize(qq, s, lo, 16)[ids])
 
 
 def test_cache_reuses_the_table_quantization(monkeypatch):
