@@ -271,18 +271,17 @@ register(hago_datafree_recipe("hago_df_retro_w4a8_flexround", "W4A8 FlexRound (s
 
 # Embedding table (issue 15): the W8A8 default plus 4-bit embedding tables (quant/embedding.py), timed in the same
 # run as FP32 and the plain W8A8 model (hago_default rides along: SUITE_PEERS). MiniLM only (the CNNs have no Gather).
-register(hago_recipe("hago_emb_rowwise4", "W8A8 defaults + embedding_scheme=rowwise 4-bit (defaults: centred, a grid "
-                     "per 128 values; tables <= 1024 rows 8-bit)", models=("minilm",), suite="embeddings",
+register(hago_recipe("hago_emb_rowwise4", "W8A8 defaults + embedding_scheme=rowwise 4-bit (greedy row ranges, "
+                     "centred where it pays; tables <= 1024 rows 8-bit)", models=("minilm",), suite="embeddings",
                      embedding_scheme="rowwise"))
-register(hago_recipe("hago_emb_rowwise4_all", "W8A8 defaults + every embedding table rowwise 4-bit (centred, a grid "
-                     "per 128 values: 3 per row)", models=("minilm",), suite="embeddings", embedding_scheme="rowwise",
-                     embedding_small_rows=0))
-register(hago_recipe("hago_emb_rowwise4_all_row", "W8A8 defaults + every embedding table rowwise 4-bit, one grid per "
-                     "row (centred)", models=("minilm",), suite="embeddings", embedding_scheme="rowwise",
-                     embedding_small_rows=0, embedding_block=0))
+register(hago_recipe("hago_emb_rowwise4_all", "W8A8 defaults + every embedding table rowwise 4-bit (centred where it "
+                     "pays)", models=("minilm",), suite="embeddings", embedding_scheme="rowwise", embedding_small_rows=0))
 register(hago_recipe("hago_emb_rowwise4_all_paper", "W8A8 defaults + every embedding table rowwise 4-bit, the "
-                     "paper's form (one grid per row, no centring)", models=("minilm",), suite="embeddings",
-                     embedding_scheme="rowwise", embedding_small_rows=0, embedding_center=False, embedding_block=0))
+                     "paper's form (no centring)", models=("minilm",), suite="embeddings", embedding_scheme="rowwise",
+                     embedding_small_rows=0, embedding_center=False))
+register(hago_recipe("hago_emb_rowwise4_all_b128", "W8A8 defaults + every embedding table 4-bit, one grid per 128 "
+                     "values of a row (3 per row)", models=("minilm",), suite="embeddings", embedding_scheme="rowwise",
+                     embedding_small_rows=0, embedding_block=128))
 register(hago_recipe("hago_emb_codebook4", "W8A8 defaults + embedding_scheme=codebook (16 centroids per row)",
                      models=("minilm",), suite="embeddings", embedding_scheme="codebook"))
 

@@ -130,10 +130,10 @@ class QuantOptions:
     embedding_small_rows: int = _opt(1024, Rule(int, 0, hint="tables with at most this many rows stay 8-bit; 0: none"))
     # rowwise: centre each table on its column mean first, where that lowers its error (quant/embedding.py)
     embedding_center: bool = _opt(True, Rule(bool))
-    # rowwise: one grid per this many consecutive values of a row (0: one per row, the paper's row-wise). 128:
-    # MiniLM's 384-wide rows get 3 grids; every table 4-bit then costs 0.0011 +- 0.0004 rho on STS-B instead of
-    # 0.0028 +- 0.0006 with one grid per row (benchmarks/embedding_spread.py), for 16 more bytes per row
-    embedding_block: int = _opt(128, Rule(int, 0, hint="0 (one grid per row) or a block length such as 128"))
+    # rowwise: one grid per this many consecutive values of a row (0: one per row, the paper's row-wise). 128 gives
+    # MiniLM's 384-wide rows 3 grids for 16 more bytes per row: relative error 10.1 % -> 9.1 % (word table), 11.5 %
+    # -> 9.3 % (position), but no measurable STS-B gain (benchmarks/embedding_spread.py): not the default
+    embedding_block: int = _opt(0, Rule(int, 0, hint="0 (one grid per row) or a block length such as 128"))
     # activation range method: minmax | percentile | mse | entropy | lapq (auto = mse)
     clipping: str = _opt("auto", Rule(str, choices=CLIPPING))
     percentile: float = _opt(99.999, Rule(float, 50.0, 100.0, lo_open=True, hint="used by clipping='percentile'"))
