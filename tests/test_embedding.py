@@ -258,7 +258,8 @@ def test_blocks_of_computed_indices_use_the_reshape_view():
     mm = onnx.ModelProto()
     mm.CopyFrom(q)
     mm.graph.output.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, ["B", "S", "D"]))
-    got = ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"]).run(["e"], {"ids_in": ids})[0]
+    sess = ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(["e"], {"ids_in": ids})[0]
     np.testing.assert_array_equal(got, rowwise_dequantize(qq, s, lo, 16)[ids])
 
 

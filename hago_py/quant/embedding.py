@@ -18,8 +18,9 @@ Method: Guan, Malevich, Yang, Park, Yuen 2019, "Post-training 4-bit quantization
   centroid index.
 
 Realized with standard ONNX ops on the *gathered rows only*, so the runtime never expands the table: 4-bit
-indices / codes are packed two per byte (low nibble first) in a uint8 table, the Gather picks the packed rows,
-BitShift / Sub + Concat unpack them, and the row's scale / offset (or codebook row) is gathered beside them. The file
+indices / codes are packed two per byte in a uint8 table (byte j: value j in the low nibble, value j + h in the high
+one, h = half the row or block), the Gather picks the packed rows, a float split (row-wise) or BitShift / Sub
+(codebook) + Concat unpacks them, and the row's scale / offset (or codebook row) is gathered beside them. The file
 and the resident table shrink to ~1/8 (4-bit) of FP32; the arithmetic after the Gather is a few elementwise
 ops on [batch, seq, dim].
 """
@@ -286,7 +287,6 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
                           + (" or 8" if scheme == "rowwise" else " (16 centroids)"))
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
     inits = {t.name: t for t in m.graph.initializer}
     nodes = {n.name: n for n in m.graph.node}
     records: Dict[str, Dict[str, Any]] = {}
