@@ -168,6 +168,10 @@ def test_pipeline_option_plan_and_report():
 
     assert QuantPlan.from_json(res.plan.to_json()).embeddings == res.plan.embeddings
     assert "## Embedding tables" in render_markdown(res.report)
+    res = hago_py.quantize(m, calib, embedding_scheme="rowwise", embedding_small_rows=0, embedding_block=16,
+                           measure_latency=False)
+    assert res.plan.embeddings["emb"]["grids_per_row"] == 2
+    assert "2 grids per row" in render_markdown(res.report)
     base = hago_py.quantize(m, calib, measure_latency=False)
     assert not base.plan.embeddings and "W" in {t.name for t in base.model.graph.initializer}
     with pytest.raises(OptionError, match="embedding_scheme"):

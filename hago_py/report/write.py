@@ -121,7 +121,10 @@ def render_embeddings_markdown(emb: Dict[str, Any]) -> List[str]:
         if e.get("scheme") == "none":
             lines.append(f"| `{node}` | `{e['table']}` | kept | | | | | {_cell(e.get('why', ''))} |")
             continue
+        grids = e.get("grids_per_row", 1)
         how = "; ".join(x for x in (e.get("range_search") or f"{e.get('centroids')} centroids per {e.get('codebook')}",
+                                    f"{grids} grids per row" if grids > 1 else None,
+                                    "centred on the column mean" if e.get("centred") else None,
                                     e.get("why")) if x)
         lines.append(f"| `{node}` | `{e['table']}` | {e['scheme']} {e['bits']}-bit | {e['rows']} x {e['dim']} | "
                      f"{e['bytes_before'] / 1e6:.2f} | {e['bytes_after'] / 1e6:.2f} | {e['relative_error']:.4f} | "
