@@ -18,6 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 #: name -> quantize_embeddings keyword arguments (small_rows=0: every table 4-bit; 1024: tables of <= 1024 rows
 #: -- MiniLM's position and token-type tables -- 8-bit)
 VARIANTS = {
@@ -26,6 +28,8 @@ VARIANTS = {
     "all4_block128_centred": dict(center=True, block=128, small_rows=0),
     "word4_row_centred": dict(center=True, block=0, small_rows=1024),
     "word4_block128_centred": dict(center=True, block=128, small_rows=1024),
+    "all4_row_hot8": dict(center=True, block=0, small_rows=0, hot_rows=8),
+    "all4_block128_hot8": dict(center=True, block=128, small_rows=0, hot_rows=8),
 }
 
 
@@ -52,6 +56,9 @@ def main(argv=None):
     res = hago_py.quantize(str(M.model_path), calibration=M.calib_arrays(256), target=a.target,
                            measure_latency=False)
     base = res.model
+    calib = M.calib_arrays(256)
+    reads = {e["node"]: np.bincount(calib[e["indices"]].ravel(), minlength=e["rows"])
+             for e in E.embedding_tables(base) if e["indices"] in calib}  # hot_rows variants: reads per row
     w8 = M.evaluate(base, threads=a.threads)
     print(f"FP32 {fp32:.4f}  W8A8 {w8:.4f} ({w8 - fp32:+.4f})", flush=True)
     out = {"machine": machine_info(a.threads), "versions": versions(), "fp32": fp32, "w8a8": w8,
@@ -61,7 +68,7 @@ def main(argv=None):
         rows = []
         for nb in bins:
             E.NUM_BINS = nb
-            m, rec = E.quantize_embeddings(base, "rowwise", 4, **VARIANTS[name])
+            m, rec = E.quantize_embeddings(base, "rowwise", 4, read_counts=reads, **VARIANTS[name])
             rho = M.evaluate(m, threads=a.threads)
             err = {k.split("/")[-2]: round(v["relative_error"], 4) for k, v in rec.items()}
             rows.append({"num_bins": nb, "rho": rho, "drop": rho - fp32, "relative_error": err})

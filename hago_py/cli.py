@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="tables with at most this many rows stay 8-bit row-wise (0: every table at --embedding-bits)")
     q.add_argument("--embedding-plain", action="store_true",
                    help="rowwise as in the paper only: no column-mean centring")
+    q.add_argument("--embedding-hot-rows", type=int, default=None,
+                   help="the N rows the calibration data reads most are restored exactly (tables indexed by an input)")
     q.add_argument("--embedding-block", type=int, default=None,
                    help="rowwise: one grid per this many values of a row (0: one per row, as in the paper; "
                         "default: the embedding_block option's default)")
@@ -210,7 +212,8 @@ def _cmd_quantize(a) -> int:
                        recon_samples=a.recon_samples,
                        saturation_remedy=a.saturation_remedy, exclude=a.exclude, simulate=a.simulate,
                        threads=a.threads, max_calib_samples=a.max_calib_samples, **search,
-                       **({} if a.embedding_block is None else {"embedding_block": a.embedding_block}))
+                       **({} if a.embedding_block is None else {"embedding_block": a.embedding_block}),
+                       **({} if a.embedding_hot_rows is None else {"embedding_hot_rows": a.embedding_hot_rows}))
     if a.search and peers is not None:
         res.report["search"]["peers"] = peers
     res.save(out, report_dir=a.report)

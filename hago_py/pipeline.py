@@ -321,7 +321,9 @@ class Pipeline:
                                                           opts.embedding_codebook,
                                                           small_rows=opts.embedding_small_rows,
                                                           cache=self._emb_cache, center=opts.embedding_center,
-                                                          block=opts.embedding_block)
+                                                          block=opts.embedding_block,
+                                                          hot_rows=opts.embedding_hot_rows,
+                                                          read_counts=self._embedding_reads(qmodel, opts))
             self.timings["embeddings"] = self.timings.get("embeddings", 0.0) + time.perf_counter() - t
         if opts.activation_scheme == "sparq":  # SPARQ windows on the weighted layers' 8-bit inputs (quant/sparq.py)
             from .quant.sparq import insert_sparq
@@ -432,6 +434,24 @@ class Pipeline:
         from .data import static_batch_size
 
         return _first_batches(self.calib, n_samples, exact=exact and static_batch_size(self.inputs) is None)
+
+    def _embedding_reads(self, qmodel, opts) -> Dict[str, np.ndarray]:
+        """{Gather node: reads per table row over the calibration data} for embedding tables indexed by a model
+        input (embedding_hot_rows); computed tables' indices (e.g. sliced position ids) are not counted."""
+        if opts.embedding_hot_rows <= 0:
+            return {}
+        from .quant.embedding import embedding_tables
+
+        names = {spec.name for spec in self.inputs}
+        tables = [e for e in embedding_tables(qmodel) if not e["skip"] and e["indices"] in names]
+        counts = {e["node"]: np.zeros(e["rows"], np.int64) for e in tables}
+        for feed in self.calib:
+            for e in tables:
+                ids = np.asarray(feed[e["indices"]]).ravel().astype(np.int64)
+                ids = np.where(ids < 0, ids + e["rows"], ids)
+                ids = ids[(ids >= 0) & (ids < e["rows"])]
+                counts[e["node"]] += np.bincount(ids, minlength=e["rows"])
+        return counts
 
 
 SANITY_ROUNDS = 3

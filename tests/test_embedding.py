@@ -267,6 +267,35 @@ def test_blocks_of_computed_indices_use_the_reshape_view():
     np.testing.assert_array_equal(got, rowwise_dequantize(qq, s, lo, 16)[ids])
 
 
+def test_hot_rows_are_restored_exactly():
+    """The most-read rows (by the counts given) come out exact; the others are the plain 4-bit reconstruction;
+    the residual's bytes are accounted; rows never read are never hot; the pipeline counts reads on its
+    calibration data."""
+    w = table(v=60, d=32)
+    m = emb_model(w)
+    counts = np.zeros(60, np.int64)
+    counts[[7, 3, 11]] = [50, 40, 1]
+    q0, r0 = quantize_embeddings(m, "rowwise", 4)
+    q, r = quantize_embeddings(m, "rowwise", 4, hot_rows=2, read_counts={"emb": counts})
+    assert r["emb"]["hot_rows"] == 2 and r["emb"]["hot_read_share"] == round(90 / 91, 4)
+    assert r["emb"]["bytes_after"] == r0["emb"]["bytes_after"] + 60 * 4 + 3 * 32 * 4
+    assert r["emb"]["relative_error"] < r0["emb"]["relative_error"]
+    ids = np.array([[7, 3, 11, 0]], np.int64)
+    got, plain = run_gather(q, ids), run_gather(q0, ids)
+    np.testing.assert_allclose(got[0, :2], w[[7, 3]], rtol=0, atol=1e-6)  # hot: exact (up to float addition)
+    np.testing.assert_array_equal(got[0, 2:], plain[0, 2:])  # cold rows unchanged
+    _, r1 = quantize_embeddings(m, "rowwise", 4, hot_rows=10, read_counts={"emb": counts})
+    assert r1["emb"]["hot_rows"] == 3  # only rows that were read
+    with pytest.raises(OptionError, match="embedding_hot_rows"):
+        quantize_embeddings(m, "rowwise", 4, hot_rows=-1)
+    ids_cal = np.full((16, 5), 42, np.int64)
+    ids_cal[:, 0] = 9
+    res = hago_py.quantize(m, {"ids": ids_cal}, embedding_scheme="rowwise", embedding_small_rows=0,
+                           embedding_hot_rows=1, measure_latency=False)
+    assert res.plan.embeddings["emb"]["hot_rows"] == 1 and res.plan.embeddings["emb"]["hot_read_share"] == 0.8
+    np.testing.assert_allclose(run_gather(res.model, np.array([[42]], np.int64))[0, 0], w[42], rtol=0, atol=1e-6)
+
+
 def test_cache_reuses_the_table_quantization(monkeypatch):
     """A cache dict (the pipeline keeps one per run) serves rebuilds: same model bytes, no second search."""
     from hago_py.quant import embedding as E

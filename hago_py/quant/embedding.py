@@ -14,6 +14,8 @@ Method: Guan, Malevich, Yang, Park, Yuen 2019, "Post-training 4-bit quantization
     table's squared error by at least 5 % (CENTER_GAIN; the Add is not free).
   - ``block``: one grid (scale, offset, greedy range) per ``block`` consecutive values of a row instead of one per
     row (the layout of ONNX Runtime's GatherBlockQuantized); 0 = the paper's one grid per row.
+  - ``hot_rows``: the rows the calibration data reads most (e.g. [CLS], [SEP], frequent words: read by almost every
+    input, so their quantization error is systematic, not noise) are restored exactly by a small residual table.
 * ``codebook``: k-means with 2**bits centroids (16 at 4 bits) per row or per table; each entry stores its
   centroid index.
 
@@ -265,18 +267,20 @@ def _replace(model: onnx.ModelProto, node: onnx.NodeProto, b: _Builder) -> None:
 
 def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per: str = "row",
                         search: bool = True, only=None, small_rows: int = 0,
-                        cache: Optional[Dict] = None, center: bool = True,
-                        block: int = 0) -> Tuple[onnx.ModelProto, Dict]:
+                        cache: Optional[Dict] = None, center: bool = True, block: int = 0,
+                        hot_rows: int = 0, read_counts: Optional[Dict[str, np.ndarray]] = None
+                        ) -> Tuple[onnx.ModelProto, Dict]:
     """Rewrite every eligible embedding Gather (embedding_tables; ``only``: these node names) of ``model`` (a copy
     is returned) with ``scheme`` in EMBEDDING_SCHEMES. Tables with at most ``small_rows`` rows are quantized
     row-wise at 8 bits instead (their rows are read by every token). ``center`` / ``block``: the row-wise options
-    of the module docstring. ``cache`` (a dict kept by the caller) holds each table's quantization across
+    of the module docstring. ``hot_rows`` > 0 with ``read_counts`` ({node: reads per row, from calibration data}):
+    the ``hot_rows`` most-read rows of a table are restored exactly (a residual added after the dequantization). ``cache`` (a dict kept by the caller) holds each table's quantization across
     rebuilds of one model (a search builds many plans). Returns (model, {node: record}) with sizes and errors."""
     from ..errors import OptionError
 
-    if block < 0:
-        raise OptionError(f"option embedding_block={block!r} is invalid; use 0 (one grid per row) or a block "
-                          "length such as 128")
+    if block < 0 or hot_rows < 0:
+        bad = f"embedding_block={block!r}" if block < 0 else f"embedding_hot_rows={hot_rows!r}"
+        raise OptionError(f"option {bad} is invalid; use 0 (off) or a positive count / block length")
 
     if scheme not in EMBEDDING_SCHEMES:
         raise OptionError(f"option embedding_scheme={scheme!r} is invalid; use one of {', '.join(EMBEDDING_SCHEMES)}")
@@ -317,8 +321,6 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
         if t_scheme == "rowwise":
             q, scale, lo, mean = got
             w_hat = rowwise_dequantize(q, scale, lo, t_block) + (0 if mean is None else mean)
-            final = out_dtype == TensorProto.FLOAT
-            last = y if final and mean is None else None
             rank = _ids_rank(m, ids)
             n_blk = dim // t_block if t_block else 1
             if t_block and dim % t_block == 0 and t_block % 2 == 0:
@@ -337,7 +339,7 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
                 else:
                     row = b.op("Concat", [b.op("Shape", [ids], "ids_shape"), b.init("dim", np.array([dim], np.int64))],
                                "row_shape", axis=0)
-                res = b.op("Reshape", [res, row], "deq", out=last)
+                res = b.op("Reshape", [res, row], "deq")
             else:
                 rows = b.op("Gather", [b.init("table_q", pack4(q) if t_bits == 4 else q), ids], "rows", axis=0)
                 f = _unpack_rows(b, rows, dim, as_float=True) if t_bits == 4 else \
@@ -348,9 +350,9 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
                     cols = b.init("block_of_column", np.arange(dim, dtype=np.int64) // t_block)
                     s = b.op("Gather", [s, cols], "scale_cols", axis=-1)
                     o = b.op("Gather", [o, cols], "offset_cols", axis=-1)
-                res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq", out=last)
+                res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq")
             if mean is not None:  # the column mean the rows were quantized without
-                res = b.op("Add", [res, b.init("column_mean", mean)], "uncentred", out=y if final else None)
+                res = b.op("Add", [res, b.init("column_mean", mean)], "uncentred")
             extra = scale.nbytes + lo.nbytes + (0 if mean is None else mean.nbytes)
             detail = {"range_search": "greedy (Guan et al. 2019)" if search else "min-max",
                       "centred": mean is not None, "grids_per_row": int(scale.shape[1])}
@@ -361,15 +363,34 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
             i64 = b.op("Cast", [_unpack_rows(b, rows, dim)], "idx", to=TensorProto.INT64)
             if per == "row":
                 cbr = b.op("Gather", [b.init("codebook", cb), ids], "codebook_rows", axis=0)
-                res = b.op("GatherElements", [cbr, i64], "deq", axis=-1,
-                           out=y if out_dtype == TensorProto.FLOAT else None)
+                res = b.op("GatherElements", [cbr, i64], "deq", axis=-1)
             else:
-                res = b.op("Gather", [b.init("codebook", cb), i64], "deq", axis=0,
-                           out=y if out_dtype == TensorProto.FLOAT else None)
+                res = b.op("Gather", [b.init("codebook", cb), i64], "deq", axis=0)
             extra = cb.nbytes
             detail = {"codebook": per, "centroids": int(2 ** t_bits)}
+        counts = (read_counts or {}).get(e["node"])
+        if hot_rows > 0 and counts is not None and np.size(counts) == e["rows"] and np.sum(counts) > 0:
+            # the most-read rows (calibration data) get their exact value back: a [K + 1, dim] residual table
+            # (row 0 zeros) gathered through a [rows] slot map; 3 small ops, K * dim * 4 + rows * 4 bytes
+            counts = np.asarray(counts, np.int64)
+            hot = np.argsort(-counts, kind="stable")[:hot_rows]
+            hot = hot[counts[hot] > 0]
+            slot = np.zeros(e["rows"], np.int32)
+            slot[hot] = np.arange(1, hot.size + 1, dtype=np.int32)
+            resid = np.zeros((hot.size + 1, dim), np.float32)
+            resid[1:] = w[hot] - w_hat[hot]
+            fix = b.op("Gather", [b.init("hot_residual", resid),
+                                  b.op("Gather", [b.init("hot_slot", slot), ids], "slots", axis=0)], "fix", axis=0)
+            res = b.op("Add", [res, fix], "hot_fixed")
+            w_hat = w_hat.copy()
+            w_hat[hot] = (w_hat[hot] + resid[1:]).astype(np.float32)
+            extra += slot.nbytes + resid.nbytes
+            detail.update({"hot_rows": int(hot.size),
+                           "hot_read_share": round(float(counts[hot].sum() / counts.sum()), 4)})
         if out_dtype != TensorProto.FLOAT:
             b.op("Cast", [res], "out", out=y, to=out_dtype)
+        else:
+            b.nodes[-1].output[0] = y  # the last op made ``res``: it writes the Gather's output directly
         _replace(m, node, b)
         m.graph.initializer.remove(t)
         before = int(w.size * (2 if out_dtype == TensorProto.FLOAT16 else 4))

@@ -134,6 +134,8 @@ class QuantOptions:
     # MiniLM's 384-wide rows 3 grids for 16 more bytes per row: relative error 10.1 % -> 9.1 % (word table), 11.5 %
     # -> 9.3 % (position), but no measurable STS-B gain (benchmarks/embedding_spread.py): not the default
     embedding_block: int = _opt(0, Rule(int, 0, hint="0 (one grid per row) or a block length such as 128"))
+    # the rows the calibration data reads most (tables indexed by a model input) are restored exactly (residual)
+    embedding_hot_rows: int = _opt(0, Rule(int, 0, hint="0 (off) or a row count such as 8"))
     # activation range method: minmax | percentile | mse | entropy | lapq (auto = mse)
     clipping: str = _opt("auto", Rule(str, choices=CLIPPING))
     percentile: float = _opt(99.999, Rule(float, 50.0, 100.0, lo_open=True, hint="used by clipping='percentile'"))

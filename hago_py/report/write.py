@@ -125,6 +125,8 @@ def render_embeddings_markdown(emb: Dict[str, Any]) -> List[str]:
         how = "; ".join(x for x in (e.get("range_search") or f"{e.get('centroids')} centroids per {e.get('codebook')}",
                                     f"{grids} grids per row" if grids > 1 else None,
                                     "centred on the column mean" if e.get("centred") else None,
+                                    f"{e['hot_rows']} most-read rows exact ({100 * e['hot_read_share']:.0f} % of "
+                                    "calibration reads)" if e.get("hot_rows") else None,
                                     e.get("why")) if x)
         lines.append(f"| `{node}` | `{e['table']}` | {e['scheme']} {e['bits']}-bit | {e['rows']} x {e['dim']} | "
                      f"{e['bytes_before'] / 1e6:.2f} | {e['bytes_after'] / 1e6:.2f} | {e['relative_error']:.4f} | "
