@@ -282,6 +282,9 @@ register(hago_recipe("hago_emb_rowwise4_all_paper", "W8A8 defaults + every embed
 register(hago_recipe("hago_emb_rowwise4_all_b128", "W8A8 defaults + every embedding table 4-bit, one grid per 128 "
                      "values of a row (3 per row)", models=("minilm",), suite="embeddings", embedding_scheme="rowwise",
                      embedding_small_rows=0, embedding_block=128))
+register(hago_recipe("hago_emb_rowwise4_all_b128_hot8", "W8A8 defaults + every embedding table 4-bit, 3 grids per row, "
+                     "the 8 most-read rows of each input-indexed table exact", models=("minilm",), suite="embeddings",
+                     embedding_scheme="rowwise", embedding_small_rows=0, embedding_block=128, embedding_hot_rows=8))
 register(hago_recipe("hago_emb_codebook4", "W8A8 defaults + embedding_scheme=codebook (16 centroids per row)",
                      models=("minilm",), suite="embeddings", embedding_scheme="codebook"))
 
