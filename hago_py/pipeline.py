@@ -76,6 +76,7 @@ class Pipeline:
         self._mp_cov: Dict[str, np.ndarray] = {}
         self._mp_cov_mean: Dict[str, np.ndarray] = {}
         self._emb_cache: Dict[tuple, tuple] = {}  # embedding_scheme: each table's quantization (quant/embedding.py)
+        self._emb_reads: Optional[Dict[str, np.ndarray]] = None  # embedding_hot_rows: reads per row, counted once
         if isinstance(calibration, str) and calibration == "synthetic":
             calibration = self._synthesize()
         self.calib = load_calibration(calibration, self.inputs, batch_size=self.opts.calib_batch_size,
@@ -437,9 +438,12 @@ class Pipeline:
 
     def _embedding_reads(self, qmodel, opts) -> Dict[str, np.ndarray]:
         """{Gather node: reads per table row over the calibration data} for embedding tables indexed by a model
-        input (embedding_hot_rows); computed tables' indices (e.g. sliced position ids) are not counted."""
+        input (embedding_hot_rows); computed tables' indices (e.g. sliced position ids) are not counted. Counted on
+        the first call only: every plan of a search rebuilds the same tables from the same calibration data."""
         if opts.embedding_hot_rows <= 0:
             return {}
+        if self._emb_reads is not None:
+            return self._emb_reads
         from .quant.embedding import embedding_tables
 
         names = {spec.name for spec in self.inputs}
@@ -451,6 +455,7 @@ class Pipeline:
                 ids = np.where(ids < 0, ids + e["rows"], ids)
                 ids = ids[(ids >= 0) & (ids < e["rows"])]
                 counts[e["node"]] += np.bincount(ids, minlength=e["rows"])
+        self._emb_reads = counts
         return counts
 
 

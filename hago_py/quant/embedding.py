@@ -274,8 +274,9 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
     is returned) with ``scheme`` in EMBEDDING_SCHEMES. Tables with at most ``small_rows`` rows are quantized
     row-wise at 8 bits instead (their rows are read by every token). ``center`` / ``block``: the row-wise options
     of the module docstring. ``hot_rows`` > 0 with ``read_counts`` ({node: reads per row, from calibration data}):
-    the ``hot_rows`` most-read rows of a table are restored exactly (a residual added after the dequantization). ``cache`` (a dict kept by the caller) holds each table's quantization across
-    rebuilds of one model (a search builds many plans). Returns (model, {node: record}) with sizes and errors."""
+    the ``hot_rows`` most-read rows of a table are restored exactly (a residual added after the dequantization).
+    ``cache`` (a dict kept by the caller) holds each table's quantization across rebuilds of one model (a search
+    builds many plans). Returns (model, {node: record}) with sizes and errors."""
     from ..errors import OptionError
 
     if block < 0 or hot_rows < 0:
@@ -321,36 +322,34 @@ def quantize_embeddings(model: onnx.ModelProto, scheme: str, bits: int = 4, per:
         if t_scheme == "rowwise":
             q, scale, lo, mean = got
             w_hat = rowwise_dequantize(q, scale, lo, t_block) + (0 if mean is None else mean)
-            rank = _ids_rank(m, ids)
-            n_blk = dim // t_block if t_block else 1
-            if t_block and dim % t_block == 0 and t_block % 2 == 0:
-                # the table stored as [rows, n, block(/2 packed)] and the grids as [rows, n, 1]: the gathered
-                # [..., n, block] values meet their grids by broadcasting; one Reshape back to [..., dim]
-                qb = q.reshape(-1, t_block)
-                qb = (pack4(qb) if t_bits == 4 else qb).reshape(q.shape[0], n_blk, -1)
-                rows = b.op("Gather", [b.init("table_q", qb), ids], "rows", axis=0)
-                f = _unpack_rows(b, rows, t_block, as_float=True) if t_bits == 4 else \
-                    b.op("Cast", [rows], "vals_f", to=TensorProto.FLOAT)
-                s = b.op("Gather", [b.init("row_scale", scale[:, :, None]), ids], "scale", axis=0)
-                o = b.op("Gather", [b.init("row_offset", lo[:, :, None]), ids], "offset", axis=0)
-                res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq_blocks")
+            # with blocks that divide the row, the table is stored as [rows, n, block(/2 packed)] and the grids as
+            # [rows, n, 1]: the gathered [..., n, block] values meet their grids by broadcasting, then one Reshape
+            # back to [..., dim]; otherwise [rows, dim(/2)] with [rows, n] grids
+            view = bool(t_block) and dim % t_block == 0 and t_block % 2 == 0
+            width = t_block if view else dim
+            qt = q.reshape(-1, width)
+            packed = pack4(qt) if t_bits == 4 else qt
+            if view:
+                packed = packed.reshape(q.shape[0], dim // t_block, -1)
+            grids = (scale[:, :, None], lo[:, :, None]) if view else (scale, lo)
+            rows = b.op("Gather", [b.init("table_q", packed), ids], "rows", axis=0)
+            f = _unpack_rows(b, rows, width, as_float=True) if t_bits == 4 else \
+                b.op("Cast", [rows], "vals_f", to=TensorProto.FLOAT)
+            s = b.op("Gather", [b.init("row_scale", grids[0]), ids], "scale", axis=0)
+            o = b.op("Gather", [b.init("row_offset", grids[1]), ids], "offset", axis=0)
+            if t_block and not view:  # a shorter last block: each column gathers its grid (~75 us a Gather on MiniLM)
+                cols = b.init("block_of_column", np.arange(dim, dtype=np.int64) // t_block)
+                s = b.op("Gather", [s, cols], "scale_cols", axis=-1)
+                o = b.op("Gather", [o, cols], "offset_cols", axis=-1)
+            res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq")
+            if view:
+                rank = _ids_rank(m, ids)
                 if rank is not None:  # Reshape's 0 keeps the index dims
                     row = b.init("row", np.array([0] * rank + [dim], np.int64))
                 else:
                     row = b.op("Concat", [b.op("Shape", [ids], "ids_shape"), b.init("dim", np.array([dim], np.int64))],
                                "row_shape", axis=0)
-                res = b.op("Reshape", [res, row], "deq")
-            else:
-                rows = b.op("Gather", [b.init("table_q", pack4(q) if t_bits == 4 else q), ids], "rows", axis=0)
-                f = _unpack_rows(b, rows, dim, as_float=True) if t_bits == 4 else \
-                    b.op("Cast", [rows], "vals_f", to=TensorProto.FLOAT)
-                s = b.op("Gather", [b.init("row_scale", scale), ids], "scale", axis=0)
-                o = b.op("Gather", [b.init("row_offset", lo), ids], "offset", axis=0)
-                if t_block:  # a shorter last block: each column gathers its grid (slower: ~75 us per Gather on MiniLM)
-                    cols = b.init("block_of_column", np.arange(dim, dtype=np.int64) // t_block)
-                    s = b.op("Gather", [s, cols], "scale_cols", axis=-1)
-                    o = b.op("Gather", [o, cols], "offset_cols", axis=-1)
-                res = b.op("Add", [b.op("Mul", [f, s], "scaled"), o], "deq")
+                res = b.op("Reshape", [res, row], "deq_rows")
             if mean is not None:  # the column mean the rows were quantized without
                 res = b.op("Add", [res, b.init("column_mean", mean)], "uncentred")
             extra = scale.nbytes + lo.nbytes + (0 if mean is None else mean.nbytes)
