@@ -49,7 +49,12 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
     t0 = time.perf_counter()
     opts = QuantOptions.from_kwargs(**options)
     _check_call(search, search_options, measure_latency, progress, evaluate)
-    own_eval = None if opts.granularity == "hybrid" else evaluate  # hybrid judges sensitivity with evaluate too
+    # hybrid granularity and the non-uniform size budget judge their layers' sensitivity with evaluate too
+    mixed = opts.nonuniform_size is not None
+    own_eval = None if opts.granularity == "hybrid" or mixed else evaluate
+    if mixed and (search or opts.granularity == "hybrid"):
+        raise OptionError("option nonuniform_size chooses 3- / 4-bit layers without a search and cannot be combined "
+                          f"with {'search=True' if search else 'granularity=hybrid'}; drop one of them")
     if not search and (any(x is not None for x in (own_eval, accuracy_budget, latency_budget, time_budget,
                                                      checkpoint, search_options)) or resume):
         raise OptionError("evaluate / accuracy_budget / latency_budget / time_budget / checkpoint / resume / "
@@ -72,6 +77,10 @@ def quantize(model, calibration, target: str | Mapping | Path = "x86_avx2", *, p
                 from .quant.hybrid import build_hybrid
 
                 built = build_hybrid(pipe, evaluate=evaluate, measure_latency=measure_latency)
+            elif mixed:  # 3- / 4-bit non-uniform layers under a size budget (quant/nu_mix.py)
+                from .quant.nu_mix import build_mixed
+
+                built = build_mixed(pipe, evaluate=evaluate)
             else:
                 built = pipe.build()
             result = finish(pipe, built, measure_latency=measure_latency, backend=latency_backend)

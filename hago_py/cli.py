@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-scheme", default="uniform", choices=("uniform", "nonuniform", "multipoint"),
                    help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 4-bit + codebook; multipoint: "
                         "each channel a sum of --weight-bits points, extra points as extra kernel rows")
+    q.add_argument("--nonuniform-size", type=float, default=None,
+                   help="with --weight-scheme nonuniform --weight-bits 4: stored bytes of the non-uniform weights as a "
+                        "fraction of their INT8 bytes; the least sensitive layers go to 3 bits until it holds")
     q.add_argument("--sparq", action="store_true", help="SPARQ activations: 8-bit inputs of weighted layers trimmed "
                    "to 4-bit windows at their leading one, pairs with a zero keep 8 bits (simulated)")
     q.add_argument("--sparq-options", type=int, default=5, choices=(2, 3, 5), help="SPARQ window placements")
@@ -200,7 +203,7 @@ def _cmd_quantize(a) -> int:
                        weight_bits=a.weight_bits, activation_bits=a.activation_bits, per_channel=not a.per_tensor,
                        granularity="hybrid" if a.hybrid else a.granularity, weight_scheme=a.weight_scheme,
                        hybrid_budget=a.hybrid_budget, multipoint_points=a.multipoint_points,
-                       complexity_budget=a.complexity_budget,
+                       complexity_budget=a.complexity_budget, nonuniform_size=a.nonuniform_size,
                        activation_scheme="sparq" if a.sparq else "uniform", sparq_options=a.sparq_options,
                        sparq_pairs=not a.sparq_no_pairs,
                        synthetic_samples=a.synthetic_samples, synthetic_method=a.synthetic_method,

@@ -65,6 +65,7 @@ class Pipeline:
         self.inputs = model_input_specs(self.proto)
         self.synthetic: Optional[Dict[str, Any]] = None  # report["synthetic"] when calibration="synthetic"
         self.hybrid_per_channel: Dict[str, bool] = {}  # granularity="hybrid": per-layer defaults (quant/hybrid.py)
+        self.nonuniform_bits: Dict[str, int] = {}  # nonuniform_size: per-layer weight_bits defaults (quant/nu_mix.py)
         # weight_scheme="nonuniform" (_nonuniform_weights): input energy / mean per layer, and the levels per
         # (node, grid), kept across the remedy trials and sanity rebuilds of one run
         self._nu_importance: Dict[str, np.ndarray] = {}
@@ -165,6 +166,8 @@ class Pipeline:
             merged.setdefault(node, {}).update(ov)
         for node, pc in self.hybrid_per_channel.items():  # granularity="hybrid" (quant/hybrid.py)
             merged.setdefault(node, {}).setdefault("per_channel", pc)
+        for node, bits in self.nonuniform_bits.items():  # nonuniform_size (quant/nu_mix.py)
+            merged.setdefault(node, {}).setdefault("weight_bits", bits)
         edge = changes.get("edge_weight_bits", self.opts.edge_weight_bits)
         if edge is not None:  # the first and last weighted layers, unless a per-layer setting names them
             for node in self.edge_layers():

@@ -87,7 +87,7 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True, backen
     if plan.embeddings:
         report["embeddings"] = plan.embeddings
     for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback", "ort_fallback", "hybrid", "multipoint",
-              "sparq"):
+              "sparq", "nonuniform_mix"):
         if k in built.info:
             report[k] = built.info[k]
     if opts.check_artifact:

@@ -104,20 +104,19 @@ def _weights_as_inputs(model: onnx.ModelProto, names: List[str]) -> onnx.ModelPr
     return m
 
 
-def sensitivities(pipe, plan_pc: QuantPlan, plan_pt: QuantPlan, cands: List[str], *,
-                  evaluate: Optional[Callable] = None, samples: int = PROXY_SAMPLES) -> Dict[str, Any]:
-    """Extra divergence (or metric drop) of each candidate when only it is per-tensor, over an all-per-channel
-    weight-only background."""
+def weight_sensitivities(pipe, w_ref: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
+                         alt: Mapping[str, Tuple[str, np.ndarray]], *, evaluate: Optional[Callable] = None,
+                         samples: int = PROXY_SAMPLES) -> Dict[str, Any]:
+    """Extra damage of each candidate ``alt`` {node: (weight tensor, its alternative weight)} over a weight-only
+    ``base`` {tensor: weight} background (every other tensor as in the FP32 model): the drop of ``evaluate``
+    when given, else the divergence of the outputs (_divergence) from the FP32 ones (``w_ref``: the FP32 values
+    of base's tensors) on the first calibration samples. One ORT session serves every variant (the weights are
+    graph inputs). Returns {metric: "evaluate" | "kl" | "nsr", background, sensitivity: {node: extra},
+    samples, reference (evaluate only)}."""
     from onnx import numpy_helper
 
     from ..backends.ort import OrtBackend
 
-    inits = {t.name: t for t in pipe.prepared.graph.initializer}
-    wq = {lp.weight.tensor: lp.weight for lp in plan_pc.quantized_layers()
-          if lp.weight is not None and lp.weight.tensor in inits}
-    w = {t: numpy_helper.to_array(inits[t]).astype(np.float32) for t in wq}
-    base = {t: fake_weight(w[t], tq) for t, tq in wq.items()}
-    pt = {n: fake_weight(w[plan_pt.layers[n].weight.tensor], plan_pt.layers[n].weight) for n in cands}
     sens: Dict[str, float] = {}
     if evaluate is not None:
         def score(ws):
@@ -130,16 +129,13 @@ def sensitivities(pipe, plan_pc: QuantPlan, plan_pt: QuantPlan, cands: List[str]
 
         ref = score({})
         s_base = score(base)
-        for n in cands:
-            sens[n] = s_base - score({**base, plan_pc.layers[n].weight.tensor: pt[n]})
-        scale = max(abs(ref), 1e-12)
-        return {"metric": "evaluate", "definition": "drop of the user's evaluate(model) when only this layer is "
-                "per-tensor (weights only, over an all-per-channel background)", "reference": ref,
-                "background": ref - s_base, "sensitivity": sens, "samples": None,
-                "budget": _budget(pipe, METRIC_BUDGET) * scale}
+        for n, (t, a) in alt.items():
+            sens[n] = s_base - score({**base, t: a})
+        return {"metric": "evaluate", "reference": ref, "background": ref - s_base, "sensitivity": sens,
+                "samples": None}
     per_sample = sum(int(np.prod(v.shape[1:])) for v in pipe.calib.first_batch().values()) or 1
     batches = pipe.first_batches(int(max(32, min(samples, PROXY_INPUT_ELEMS // per_sample))), exact=True)
-    model = _weights_as_inputs(pipe.prepared, list(wq))
+    model = _weights_as_inputs(pipe.prepared, list(w_ref))
     be = OrtBackend(threads=pipe.opts.threads)
     sess = be.compile(model)
 
@@ -147,16 +143,40 @@ def sensitivities(pipe, plan_pc: QuantPlan, plan_pt: QuantPlan, cands: List[str]
         res = [be.run(sess, {**b, **ws}) for b in batches]
         return [np.concatenate([r[k] for r in res], 0) for k in range(len(res[0]))]
 
-    ref = outs(w)
-    d_base, kind = _divergence(ref, outs(base))
-    for n in cands:
-        d, _ = _divergence(ref, outs({**base, plan_pc.layers[n].weight.tensor: pt[n]}))
+    ref = outs(dict(w_ref))
+    d_base, kind = _divergence(ref, outs(dict(base)))
+    for n, (t, a) in alt.items():
+        d, _ = _divergence(ref, outs({**base, t: a}))
         sens[n] = d - d_base
     n_s = sum(len(next(iter(b.values()))) for b in batches)
-    label = "KL(softmax FP32 || softmax quantized), nats" if kind == "kl" else "noise-to-signal ratio of the outputs"
-    return {"metric": kind, "definition": f"extra {label} on {n_s} calibration samples when only this layer's "
-            "weights are per-tensor (weights only, over an all-per-channel background)", "background": d_base,
-            "sensitivity": sens, "budget": _budget(pipe, KL_BUDGET if kind == "kl" else NSR_BUDGET), "samples": n_s}
+    return {"metric": kind, "background": d_base, "sensitivity": sens, "samples": n_s}
+
+
+def sensitivities(pipe, plan_pc: QuantPlan, plan_pt: QuantPlan, cands: List[str], *,
+                  evaluate: Optional[Callable] = None, samples: int = PROXY_SAMPLES) -> Dict[str, Any]:
+    """Extra divergence (or metric drop) of each candidate when only it is per-tensor, over an all-per-channel
+    weight-only background."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in pipe.prepared.graph.initializer}
+    wq = {lp.weight.tensor: lp.weight for lp in plan_pc.quantized_layers()
+          if lp.weight is not None and lp.weight.tensor in inits}
+    w = {t: numpy_helper.to_array(inits[t]).astype(np.float32) for t in wq}
+    base = {t: fake_weight(w[t], tq) for t, tq in wq.items()}
+    alt = {n: (plan_pc.layers[n].weight.tensor,
+               fake_weight(w[plan_pt.layers[n].weight.tensor], plan_pt.layers[n].weight)) for n in cands}
+    out = weight_sensitivities(pipe, w, base, alt, evaluate=evaluate, samples=samples)
+    if out["metric"] == "evaluate":
+        out["definition"] = ("drop of the user's evaluate(model) when only this layer is per-tensor (weights only, "
+                             "over an all-per-channel background)")
+        out["budget"] = _budget(pipe, METRIC_BUDGET) * max(abs(out["reference"]), 1e-12)
+        return out
+    label = "KL(softmax FP32 || softmax quantized), nats" if out["metric"] == "kl" else \
+        "noise-to-signal ratio of the outputs"
+    out["definition"] = (f"extra {label} on {out['samples']} calibration samples when only this layer's weights are "
+                         "per-tensor (weights only, over an all-per-channel background)")
+    out["budget"] = _budget(pipe, KL_BUDGET if out["metric"] == "kl" else NSR_BUDGET)
+    return out
 
 
 def _budget(pipe, default: float) -> float:

@@ -120,6 +120,11 @@ class QuantOptions:
     sparq_rounding: str = _opt("round", Rule(str, choices=("round", "truncate")))
     # the first and last weighted layers too (the paper keeps them at plain 8 bits: its code never trims them)
     sparq_edges: bool = _opt(False, Rule(bool))
+    # weight_scheme="nonuniform", weight_bits=4: bound on the stored bytes (indices + codebooks) of the non-uniform
+    # layers as a fraction of their INT8 bytes; the least sensitive layers per byte go to 3 bits until it holds
+    # (quant/nu_mix.py). None: every layer at weight_bits
+    nonuniform_size: Optional[float] = _opt(None, Rule(float, 0.05, 1.0, nullable=True,
+                                                       hint="e.g. 0.5; None: every layer at weight_bits"))
     # granularity="hybrid": the summed sensitivity the per-tensor layers may use (None: 2e-3 nats of KL for class
     # scores, 2e-3 noise-to-signal otherwise, 1e-3 relative metric drop with evaluate=; quant/hybrid.py)
     hybrid_budget: Optional[float] = _opt(None, Rule(float, 0.0, None, nullable=True, hint="None: the default budget"))
@@ -234,6 +239,9 @@ class QuantOptions:
         if self.weight_scheme == "nonuniform" and self.weight_bits not in (3, 4):
             raise OptionError(f"option weight_bits={_show(self.weight_bits)} is invalid with weight_scheme='nonuniform'"
                               f"; use weight_bits=3 or 4 (non-uniform levels run on the int8 kernel), {fix}")
+        if self.nonuniform_size is not None and (self.weight_scheme != "nonuniform" or self.weight_bits != 4):
+            raise OptionError(f"option nonuniform_size={_show(self.nonuniform_size)} mixes 3- and 4-bit non-uniform "
+                              "layers; use it with weight_scheme='nonuniform' and weight_bits=4, or drop it")
         nu_layers = [n for n, ov in self.layers.items() if ov.get("weight_scheme") == "nonuniform"]
         for node in nu_layers:
             b = self.layers[node].get("weight_bits")

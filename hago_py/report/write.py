@@ -99,6 +99,8 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
         lines += [""] + render_search_markdown(r["search"], pareto_image)
     if r.get("hybrid"):
         lines += [""] + render_hybrid_markdown(r["hybrid"])
+    if r.get("nonuniform_mix"):
+        lines += [""] + render_nonuniform_mix_markdown(r["nonuniform_mix"])
     if r.get("embeddings"):
         lines += [""] + render_embeddings_markdown(r["embeddings"])
     lines += ["", "## Per-layer decisions", "",
@@ -131,6 +133,28 @@ def render_embeddings_markdown(emb: Dict[str, Any]) -> List[str]:
         lines.append(f"| `{node}` | `{e['table']}` | {e['scheme']} {e['bits']}-bit | {e['rows']} x {e['dim']} | "
                      f"{e['bytes_before'] / 1e6:.2f} | {e['bytes_after'] / 1e6:.2f} | {e['relative_error']:.4f} | "
                      f"{_cell(how)} |")
+    return lines
+
+
+def render_nonuniform_mix_markdown(m: Dict[str, Any]) -> List[str]:
+    """nonuniform_size (quant/nu_mix.py): per non-uniform layer, its bits, stored bytes and sensitivity."""
+    int8 = max(m["int8_bytes"], 1)
+    lines = ["## Non-uniform weights under a size budget", "",
+             f"- nonuniform_size {m['size']}: {m['low_bits']} layer(s) at 3 bits, stored "
+             f"{m['bytes_final']} B = {m['bytes_final'] / int8:.3f} of the {m['int8_bytes']} INT8 bytes "
+             f"({'met' if m['reached'] else '**not met**'}; all at their own bits {m['bytes_start'] / int8:.3f}); "
+             f"chosen in {m['seconds']:.1f} s"]
+    if m.get("sensitivity"):
+        lines.append(f"- sensitivity: {m['sensitivity']['definition']}; background {_g(m['sensitivity']['background'])}")
+    if m.get("note"):
+        lines.append(f"- {m['note']}")
+    if m.get("layers"):
+        lines += ["", "| node | op | weights | bits | stored B | saved at 3 bits | sensitivity | why |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in m["layers"]:
+            sens = "-" if row["sensitivity"] is None else _g(row["sensitivity"])
+            lines.append(f"| `{row['node']}` | {row['op']} | {row['weights']} | {row['bits']} | {row['bytes']} | "
+                         f"{row['bytes_saved_at_3']} | {sens} | {_cell(row['why'])} |")
     return lines
 
 
