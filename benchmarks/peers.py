@@ -427,7 +427,7 @@ SUITE_PEERS = {"hybrid": ("ort_minmax_pc", "ort_minmax_pt"), "datafree": ("ort_m
 
 
 # Non-uniform table (issue 14): weight_scheme="nonuniform" (quant/nonuniform.py) — 3-4 bit non-uniform levels
-# snapped onto the per-channel int8 grid, stored as packed 4-bit indices + an int8 codebook (quant/codebook.py)
+# snapped onto the per-channel int8 grid, stored as packed 4/3-bit indices + an int8 codebook (quant/codebook.py)
 # and run on the int8 kernels — against W8A8 and uniform W4A8 nearest (simulated: no W4 kernel on ORT CPU).
 # The runner records each artifact's file size (row["model_bytes"]).
 register(hago_recipe("hago_nu_w8a8", "W8A8 defaults", suite="nonuniform", measure_latency=False))

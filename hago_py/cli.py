@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--hybrid-budget", type=float, default=None,
                    help="with --hybrid: summed sensitivity the per-tensor layers may use (default 2e-3 nats of KL)")
     q.add_argument("--weight-scheme", default="uniform", choices=("uniform", "nonuniform", "multipoint"),
-                   help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 4-bit + codebook; multipoint: "
+                   help="nonuniform: clustered 3-4 bit levels on the INT8 grid, packed 3/4-bit + codebook; multipoint: "
                         "each channel a sum of --weight-bits points, extra points as extra kernel rows")
     q.add_argument("--nonuniform-size", type=float, default=None,
                    help="with --weight-scheme nonuniform --weight-bits 4: stored bytes of the non-uniform weights as a "

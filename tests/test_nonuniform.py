@@ -1,5 +1,6 @@
-"""weight_scheme="nonuniform": 3-4 bit non-uniform levels on the per-channel INT8 grid, stored as packed 4-bit
-indices + an int8 codebook, expanded by constant-foldable ONNX ops that ORT folds and fuses into int8 kernels."""
+"""weight_scheme="nonuniform": 3-4 bit non-uniform levels on the per-channel INT8 grid, stored as packed 4-bit (or
+3-bit) indices + an int8 codebook, expanded by constant-foldable ONNX ops that ORT folds and fuses into int8
+kernels."""
 import copy
 from collections import Counter
 
@@ -15,7 +16,7 @@ from hago_py.errors import OptionError
 from hago_py.pipeline import Pipeline
 from hago_py.quant import codebook
 from hago_py.quant.artifact import optimized_graph
-from hago_py.quant.codebook import CodebookWriter, pack, unpack
+from hago_py.quant.codebook import CodebookWriter, codebook_bytes, pack, unpack
 from hago_py.quant import nonuniform as numod
 from hago_py.quant.nonuniform import (allocate_steps, channel_levels, cov_error, quantize_nonuniform, refine_levels,
                                       uniform_nearest)
@@ -75,7 +76,8 @@ def calib(n=32, shape=(16, 8, 8), seed=1):
 def cnn_runs():
     m = nu_cnn()
     return {"w8": hago_py.quantize(m, calib(), "x86_avx2", **FAST),
-            "w4": hago_py.quantize(m, calib(), "x86_avx2", weight_scheme="nonuniform", weight_bits=4, **FAST)}
+            "w4": hago_py.quantize(m, calib(), "x86_avx2", weight_scheme="nonuniform", weight_bits=4, **FAST),
+            "w3": hago_py.quantize(m, calib(), "x86_avx2", weight_scheme="nonuniform", weight_bits=3, **FAST)}
 
 
 # -- the math ------------------------------------------------------------------------------------------
@@ -232,18 +234,33 @@ def _expand_in_ort(weights, opset=17):
     return proto, sess.run([v.name for v in vals], {"x": np.zeros(1, np.float32)})
 
 
-@pytest.mark.parametrize("shape,axis,bits", [((8, 5, 3, 3), 0, 4), ((64, 24), 1, 4), ((12, 7), 0, 3)])
-def test_codebook_expansion_bit_exact_in_ort(shape, axis, bits):
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("shape,axis,bits", [((8, 5, 3, 3), 0, 4), ((64, 24), 1, 4), ((12, 7), 0, 3),
+                                             ((12, 1), 0, 3), ((6, 3), 0, 3), ((9, 1, 3, 3), 0, 3),
+                                             ((27, 10), 1, 3), ((5, 16, 2, 2), 0, 3), ((3, 40), 0, 3)])
+def test_codebook_expansion_bit_exact_in_ort(shape, axis, bits, opset):
+    """K = 1, 3, 7, 9, 27, 40, 45, 64: odd, below 8, not a multiple of 8 or of 4, and whole planes."""
     q8 = _snapped(shape, axis, bits)
-    # numpy reference of the packing
+    # numpy reference of the packing: nibbles at 4 bits, a 2-bit and a 1-bit plane at 3 bits
     moved = np.moveaxis(q8, axis, 0).reshape(shape[axis], -1)
-    packed, book = pack(moved, bits)
-    assert packed.shape == (shape[axis], (moved.shape[1] + 1) // 2) and book.shape == (shape[axis], 2 ** bits)
-    assert np.array_equal(unpack(packed, book, moved.shape[1]), moved)
+    c, k = moved.shape
+    planes, book = pack(moved, bits)
+    per_byte = (2,) if bits == 4 else (4, 8)
+    assert [p.shape for p in planes] == [(c, -(-k // n)) for n in per_byte] and book.shape == (c, 2 ** bits)
+    assert all(p.dtype == np.uint8 for p in planes)
+    assert sum(p.nbytes for p in planes) + book.nbytes == codebook_bytes(shape, axis, bits)[0]
+    assert np.array_equal(unpack(planes, book, k), moved)
     # the ONNX chain, run by ORT with every optimization off
-    proto, (out,) = _expand_in_ort([(q8, axis, bits)])
+    proto, (out,) = _expand_in_ort([(q8, axis, bits)], opset)
     ops = Counter(n.op_type for n in proto.graph.node)
-    assert {"BitShift", "GatherElements", "Cast", "Concat"} <= set(ops) and "Split" not in ops  # a group of one
+    need = {"Concat"} if bits == 4 else {"Reshape", "Mul", "Add"}
+    assert {"BitShift", "GatherElements", "Cast"} | need <= set(ops) and "Split" not in ops  # a group of one
+    assert ops["BitShift"] == (3 if bits == 4 else 4)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    names = ["w0_nu_index"] if bits == 4 else ["w0_nu_index2", "w0_nu_index1"]
+    assert [n for n in inits if "_nu_index" in n] == names
+    for n, p in zip(names, planes):  # the stored planes (3 bits: [C, 1, m], same bytes)
+        assert inits[n].tobytes() == p.tobytes()
     assert out.dtype == np.int8 and np.array_equal(out, q8)
 
 
@@ -257,7 +274,8 @@ def test_equal_k_layers_share_one_chain_bit_exact(opset):
                (_snapped((45, 24), 1, 4, 3), 1, 4),              # [K, N] MatMul weight, K=45: Transpose
                (_snapped((12, 45), 0, 4, 4), 0, 4),              # [C, K] Gemm weight: the Split output itself
                (_snapped((6, 5, 3, 3), 0, 4, 5, np.uint8), 0, 4),  # K=45 but uint8: its own chain
-               (_snapped((6, 5, 3, 3), 0, 3, 6), 0, 3),          # K=45 but 3 bits: its own chain
+               (_snapped((6, 5, 3, 3), 0, 3, 6), 0, 3),          # K=45 but 3 bits: its own chain ...
+               (_snapped((45, 10), 1, 3, 10), 1, 3),             # ... shared with a 3-bit [K, N] weight
                (_snapped((10, 8, 3, 3), 0, 4, 7), 0, 4),         # K=72
                (_snapped((72, 20), 1, 4, 8), 1, 4),              # K=72, [K, N]
                (_snapped((12, 7), 0, 3, 9), 0, 3)]               # K=7, alone
@@ -265,12 +283,16 @@ def test_equal_k_layers_share_one_chain_bit_exact(opset):
     for (q, _, _), out in zip(weights, outs):
         assert out.dtype == q.dtype and np.array_equal(out, q)
     ops = Counter(n.op_type for n in proto.graph.node)
-    assert ops["GatherElements"] == 5 and ops["BitShift"] == 15 and ops["Split"] == 2
+    # 3 chains of 4 bits (3 BitShift each), 2 of 3 bits (4 each)
+    assert ops["GatherElements"] == 5 and ops["BitShift"] == 17 and ops["Split"] == 3
     splits = [n for n in proto.graph.node if n.op_type == "Split"]
     sizes = sorted(len(n.output) for n in splits)
-    assert sizes == [2, 4]
+    assert sizes == [2, 2, 4]
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    assert sum(k.endswith("_nu_index") for k in inits) == 5
+    assert sum(k.endswith("_nu_index") for k in inits) == 3
+    assert sorted(k for k in inits if k.endswith(("_nu_index2", "_nu_index1"))) == \
+        ["nu3_nu_index1", "nu3_nu_index2", "w9_nu_index1", "w9_nu_index2"]
+    assert inits["nu3_nu_index2"].shape == (6 + 10, 1, 12) and inits["nu3_nu_index1"].shape == (16, 1, 6)
     big = next(n for n in splits if len(n.output) == 4)
     if opset >= 13:
         assert len(big.input) == 2 and list(inits[big.input[1]]) == [8, 16, 24, 12]
@@ -284,8 +306,10 @@ def _dq_weight_inputs(model):
             and any(n.output[0] == c.input[1] for c in model.graph.node if c.op_type in ("Conv", "Gemm"))]
 
 
-def test_realized_weights_exact_and_equal_to_plain_int8(monkeypatch):
-    pipe = Pipeline(nu_cnn(), calib(), "x86_avx2", QuantOptions.from_kwargs(weight_scheme="nonuniform", weight_bits=4))
+@pytest.mark.parametrize("bits", [4, 3])
+def test_realized_weights_exact_and_equal_to_plain_int8(monkeypatch, bits):
+    pipe = Pipeline(nu_cnn(), calib(), "x86_avx2", QuantOptions.from_kwargs(weight_scheme="nonuniform",
+                                                                              weight_bits=bits))
     built = pipe.build()
     assert built.plan.layers["convA"].weight.storage == "codebook4"
     assert "GatherElements" in {n.op_type for n in built.model.graph.node}
@@ -306,7 +330,7 @@ def test_realized_weights_exact_and_equal_to_plain_int8(monkeypatch):
     for w in ("wa", "wf"):
         got = next(v for k, v in outs.items() if k.startswith(w))
         assert got.dtype == np.int8 and np.array_equal(got, ref[f"{w}_quantized"])
-        assert all(np.unique(got[c]).size <= 16 for c in range(got.shape[0]))
+        assert all(np.unique(got[c]).size <= 2 ** bits for c in range(got.shape[0]))
     # and the two models compute exactly the same outputs, fused and simulated
     x = calib(n=8, seed=5)
     for opt in ("all", "basic"):
@@ -314,17 +338,20 @@ def test_realized_weights_exact_and_equal_to_plain_int8(monkeypatch):
             assert np.array_equal(a, b)
 
 
-def test_fused_int8_kernels_no_gather_left(cnn_runs):
-    res = cnn_runs["w4"]
+@pytest.mark.parametrize("bits", [4, 3])
+def test_fused_int8_kernels_no_gather_left(cnn_runs, bits):
+    res = cnn_runs[f"w{bits}"]
     assert res.report["artifact_check"]["ok"], res.report["artifact_check"]["fallbacks"]
+    if bits == 3:  # the 3-bit planes, really in the file
+        assert {"wa_nu_index2", "wa_nu_index1"} <= {i.name for i in res.model.graph.initializer}
     ops = Counter(n.op_type for n in optimized_graph(res.model).graph.node)
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1
-    assert not {"GatherElements", "BitShift", "Conv", "Gemm", "FusedConv"} & set(ops)
+    assert not {"GatherElements", "BitShift", "Conv", "Gemm", "FusedConv", "Mul", "Add", "Reshape"} & set(ops)
     assert res.plan.layers["fc"].weight.storage == "codebook4"
     for lp in res.plan.quantized_layers():  # the kernel is the spec's int8 scheme, not simulated
         if lp.weight is not None:
             assert not lp.simulated and lp.weight.dtype == "int8" and lp.weight.bits in (7, 8)
-            assert lp.weight.scheme == "nonuniform" and lp.weight.levels_bits == 4
+            assert lp.weight.scheme == "nonuniform" and lp.weight.levels_bits == bits
 
 
 def test_dynamic_matmul_codebook_fuses():
@@ -344,6 +371,39 @@ def test_file_smaller_than_w8(cnn_runs):
     inits = {i.name: i.ByteSize() for i in cnn_runs["w4"].model.graph.initializer}
     w8_inits = {i.name: i.ByteSize() for i in cnn_runs["w8"].model.graph.initializer}
     assert inits["wa_nu_index"] + inits["wa_nu_codebook"] < 0.65 * w8_inits["wa_quantized"]  # K=144: 88 vs 144 B
+
+
+def _codebook_payload(model) -> int:
+    """Bytes of the index planes and codebooks of ``model`` (tensor data only)."""
+    return sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer
+               if i.name.endswith(("_nu_index", "_nu_index2", "_nu_index1", "_nu_codebook")))
+
+
+def test_3bit_storage_rule():
+    """codebook_bytes counts 3-bit indices at 3 bits; a 3-bit chain costs more nodes, so the rule asks more."""
+    assert codebook_bytes((10, 64), 0, 3) == (10 * (8 + 16 + 8), 640) and codebook_bytes((10, 64), 0, 4) == (480, 640)
+    assert codebook_bytes((9, 1, 3, 3), 0, 3) == (9 * (8 + 3 + 2), 81)  # depthwise 3x3: never smaller
+    assert not codebook.codebook_pays((10, 64), 0, 3)  # saves 320 B: less than a lone 3-bit chain (~810 B)
+    assert codebook.codebook_pays((16, 64), 0, 3) and codebook.codebook_pays((64, 16, 3, 3), 0, 3)  # 512 B, 5 KB
+    assert not codebook.codebook_pays((9, 1, 3, 3), 0, 3) and not codebook.codebook_pays((10, 64), 0, 4)
+
+
+def test_w3_file_smaller_than_w4(cnn_runs):
+    """3-bit indices take 3 bits (a 2-bit and a 1-bit plane, an 8-entry codebook): convA (C=64, K=144) and fc
+    (C=48, K=64) are codebook-stored at both widths, the depthwise layer (K=9) is int8 at both."""
+    w3, w4 = cnn_runs["w3"], cnn_runs["w4"]
+    for res in (w3, w4):
+        assert {lp.node: lp.weight.storage for lp in res.plan.quantized_layers() if lp.weight is not None} == \
+            {"convA": "codebook4", "dw": "int8", "fc": "codebook4"}
+    p3 = 64 * (8 + 144 // 4 + 144 // 8) + 48 * (8 + 64 // 4 + 64 // 8)  # C * (8 + ceil(K/4) + ceil(K/8))
+    p4 = 64 * (16 + 144 // 2) + 48 * (16 + 64 // 2)                     # C * (16 + ceil(K/2))
+    assert _codebook_payload(w3.model) == p3 == 5504 and _codebook_payload(w4.model) == p4 == 7936
+    assert codebook_bytes((64, 16, 3, 3), 0, 3)[0] + codebook_bytes((48, 64), 0, 3)[0] == p3
+    assert codebook_bytes((64, 16, 3, 3), 0, 4)[0] + codebook_bytes((48, 64), 0, 4)[0] == p4
+    # the file shrinks by the payload difference less the 3-bit chains' extra nodes (2 chains x 6 nodes, ~250 B
+    # each chain) and constants (~140 B)
+    d = len(w4.model.SerializeToString()) - len(w3.model.SerializeToString())
+    assert p4 - p3 - 900 < d < p4 - p3, (d, p4 - p3)
 
 
 def test_per_layer_nonuniform_and_depthwise_int8_storage(cnn_runs):
@@ -449,9 +509,9 @@ def _expanded_weights(model, names):
     return dict(zip(names, sess.run(names, {inp.name: np.zeros(dims, np.float32)})))
 
 
-def _grouped_vs_plain(monkeypatch, model, calibration, **kw):
+def _grouped_vs_plain(monkeypatch, model, calibration, bits=4, **kw):
     pipe = Pipeline(model, calibration, "x86_avx2", QuantOptions.from_kwargs(weight_scheme="nonuniform",
-                                                                              weight_bits=4, **kw))
+                                                                              weight_bits=bits, **kw))
     built = pipe.build()
     storage = {lp.node: lp.weight.storage for lp in built.plan.quantized_layers() if lp.weight is not None}
     with monkeypatch.context() as mp:
@@ -463,12 +523,13 @@ def _grouped_vs_plain(monkeypatch, model, calibration, **kw):
     return built, storage, per_layer, plain
 
 
-def test_equal_k_layers_grouped_through_realize(monkeypatch):
-    built, storage, per_layer, plain = _grouped_vs_plain(monkeypatch, nu_deep(), calib())
+@pytest.mark.parametrize("bits", [4, 3])
+def test_equal_k_layers_grouped_through_realize(monkeypatch, bits):
+    built, storage, per_layer, plain = _grouped_vs_plain(monkeypatch, nu_deep(), calib(), bits)
     assert storage == dict.fromkeys(("cA", "cB", "cC", "cD", "cE", "cF", "fc"), "codebook4")
     ops = Counter(n.op_type for n in built.model.graph.node)
     # groups: K=144 {cA, cE}, K=288 {cB, cC, cD}, K=117 {cF}, K=64 {fc}: 4 chains, 2 of them split
-    assert ops["GatherElements"] == 4 and ops["Split"] == 2 and ops["BitShift"] == 12
+    assert ops["GatherElements"] == 4 and ops["Split"] == 2 and ops["BitShift"] == (12 if bits == 4 else 16)
     assert Counter(n.op_type for n in per_layer.graph.node)["GatherElements"] == 7
     # bit for bit the int8 weights of the plain model (same plan, int8 initializers)
     ref = {i.name: numpy_helper.to_array(i) for i in plain.graph.initializer if i.name.endswith("_w_quantized")}

@@ -22,7 +22,7 @@ inputs; assignment stays nearest. ``mean_shift`` is the optional, labelled bias 
 
 So the layer still runs on the target's INT8 kernel (per-channel int8 weights, unchanged scales); only the
 set of int8 values a channel uses is restricted to at most ``2**bits``, which is what lets realize store the
-weight as 4-bit indices plus a per-channel int8 codebook (quant/codebook.py).
+weight as 4-bit (or 3-bit) indices plus a per-channel int8 codebook (quant/codebook.py).
 """
 from __future__ import annotations
 

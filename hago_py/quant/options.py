@@ -17,7 +17,7 @@ ROUNDING = ("nearest", "adaround", "adaquant", "flexround", "gptq", "brecq")
 # per-layer overrides (QuantOptions.layers[node] = {...}): what a search or a user may set per layer
 LAYER_REMEDIES = ("none", "reduce_range", "u8u8")
 # weight grids: uniform (one step per tensor / channel) | nonuniform (clustered levels snapped onto the INT8 grid,
-# stored as packed 4-bit indices + an int8 codebook, weight_bits 3-4)
+# stored as packed 3- or 4-bit indices + an int8 codebook, weight_bits 3-4)
 # | multipoint (each channel a sum of weight_bits points, the count per channel by its output error, realized as
 # extra rows of the same integer kernel: quant/multipoint.py)
 WEIGHT_SCHEMES = ("uniform", "nonuniform", "multipoint")

@@ -32,7 +32,7 @@ class TensorQuant:
     stats: Dict[str, Any] = field(default_factory=dict)
     # weight grid (weights only): "uniform", or "nonuniform" (at most 2**levels_bits values of the int8 grid per
     # output channel, quant/nonuniform.py); storage: how realize wrote it ("int8" initializer, or "codebook4":
-    # packed 4-bit indices + an int8 codebook, quant/codebook.py); levels: per-channel levels-used summary
+    # packed 4- or 3-bit indices + an int8 codebook, quant/codebook.py); levels: per-channel levels-used summary
     scheme: str = "uniform"
     levels_bits: Optional[int] = None
     storage: Optional[str] = None

@@ -45,10 +45,9 @@ def _codebook_pays(shape, axis, bits) -> bool:
     (the test realize's CodebookWriter applies too)."""
     if axis is None or len(shape) < 2:
         return False
-    from .codebook import CHAIN_OVERHEAD, codebook_bytes
+    from .codebook import codebook_pays
 
-    cb, plain = codebook_bytes(shape, axis, bits)
-    return cb + CHAIN_OVERHEAD < plain
+    return codebook_pays(shape, axis, bits)
 
 
 def quantize_weight(w: np.ndarray, tq: TensorQuant, **ctx) -> np.ndarray:
