@@ -1,9 +1,9 @@
 """Mixed 3 / 4-bit non-uniform weights under a size budget (weight_scheme="nonuniform", nonuniform_size=...).
 
 A 4-bit non-uniform layer is stored as 4-bit indices plus a 16-entry int8 codebook per output channel
-(quant/codebook.py); at 3 bits, 3-bit indices plus 8 entries. ``nonuniform_size`` bounds the stored bytes of all
-non-uniform layers (indices + codebooks, or int8 where that is smaller) as a fraction of their INT8 bytes; layers
-go to 3 bits, cheapest first, until the bound holds. The order is the hybrid granularity's test (same paper,
+(quant/codebook.py); at 3 bits, 3-bit indices (2-bit + 1-bit planes) plus 8 entries. ``nonuniform_size`` bounds
+the stored bytes of all non-uniform layers (indices + codebooks, or int8 where that is smaller) as a fraction of
+their INT8 bytes; layers go to 3 bits, cheapest first, until the bound holds. The order is the hybrid granularity's test (same paper,
 quant/hybrid.py) applied to the bit width: each candidate's *sensitivity* is the extra output divergence (KL of
 class scores, noise-to-signal otherwise; the metric's drop with the user's ``evaluate``) when only that layer's
 weights are 3-bit, over a weight-only background of every non-uniform layer at 4 bits, on the calibration proxy;
@@ -25,11 +25,11 @@ LOW, HIGH = 3, 4   # the bit widths mixed
 
 def stored_bytes(shape, axis: int, bits: int) -> int:
     """Bytes a non-uniform weight of ``shape`` (channels on ``axis``) takes in the file at ``bits``: the
-    codebook form when it is smaller than plain int8 by more than the chain overhead, else plain int8."""
-    from .codebook import CHAIN_OVERHEAD, codebook_bytes
+    codebook form where it pays for its chain (codebook.codebook_pays), else plain int8."""
+    from .codebook import codebook_bytes, codebook_pays
 
     cb, plain = codebook_bytes(shape, axis, bits)
-    return cb if cb + CHAIN_OVERHEAD < plain else plain
+    return cb if codebook_pays(shape, axis, bits) else plain
 
 
 def dequantize(q: np.ndarray, tq: TensorQuant) -> np.ndarray:
