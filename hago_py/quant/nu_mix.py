@@ -1,15 +1,15 @@
 """Mixed 3 / 4-bit non-uniform weights under a size budget (weight_scheme="nonuniform", nonuniform_size=...).
 
 A 4-bit non-uniform layer is stored as 4-bit indices plus a 16-entry int8 codebook per output channel
-(quant/codebook.py); at 3 bits, 3-bit indices (2-bit + 1-bit planes) plus 8 entries. ``nonuniform_size`` bounds
-the stored bytes of all non-uniform layers (indices + codebooks, or int8 where that is smaller) as a fraction of
-their INT8 bytes; layers go to 3 bits, cheapest first, until the bound holds. The order is the hybrid
-granularity's test (same paper, quant/hybrid.py) applied to the bit width: each candidate's *sensitivity* is
-the extra output divergence (KL of class scores, noise-to-signal otherwise; the metric's drop with the user's ``evaluate``) when only that layer's
-weights are 3-bit, over a weight-only background of every non-uniform layer at 4 bits, on the calibration proxy;
-the layers are switched in order of sensitivity per byte saved. Both level sets are the ones the build uses
-(Pipeline._nonuniform_weights, cached), so the selection costs one extra level fit per layer and one ORT pass
-per candidate.
+(quant/codebook.py); at 3 bits, 3-bit indices (2-bit + 1-bit planes) plus 8 entries. ``nonuniform_size`` bounds the
+stored bytes of all non-uniform layers (indices + codebooks, or int8 where that is smaller) as a fraction of their
+INT8 bytes; layers go to 3 bits, cheapest first, until the bound holds. The order is the hybrid granularity's test
+(same paper, quant/hybrid.py) applied to the bit width: each candidate's *sensitivity* is the extra output
+divergence (KL of class scores, noise-to-signal otherwise; the metric's drop with the user's ``evaluate``) when only
+that layer's weights are 3-bit, over a weight-only background of every non-uniform layer at 4 bits, on the
+calibration proxy; the layers are switched in order of sensitivity per byte saved. Both level sets are the ones the
+build uses (Pipeline._nonuniform_weights, cached), so the selection costs one extra level fit per layer and one ORT
+pass per candidate.
 """
 from __future__ import annotations
 
