@@ -138,3 +138,20 @@ def conv_int(xq, w, zx, pads, strides, groups, dilation=(1, 1)):
                            j * dilation[1]: j * dilation[1] + strides[1] * (ow - 1) + 1: strides[1]]
                 out[:, gi * og:(gi + 1) * og] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
     return out
+
+
+def with_bias_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a realized model in the old int32-bias form: every DequantizeLinear of an int32 initializer
+    without a zero point gets an explicit all-zero int32 one of the bias's shape (what realize wrote before)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    for n in m.graph.node:
+        src = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if src is None or src.data_type != onnx.TensorProto.INT32 or (len(n.input) > 2 and n.input[2]):
+            continue
+        z = numpy_helper.from_array(np.zeros(tuple(src.dims), np.int32), f"{n.input[0]}_zero_point_legacy")
+        m.graph.initializer.append(z)
+        del n.input[2:]
+        n.input.append(z.name)
+    return m

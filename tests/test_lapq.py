@@ -231,3 +231,27 @@ def test_narrow_activations_are_optimised_and_simulated_exactly(prepared):
     for name, tq in plan.activations.items():
         if tq.mode == "static":
             assert qrange(tq.dtype, tq.bits, tq.narrow)[1] - qrange(tq.dtype, tq.bits, tq.narrow)[0] == 15
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_simulation_handles_bias_dequantize_with_and_without_zero_point(prepared, monkeypatch, legacy):
+    # realize writes the int32 bias DequantizeLinear without its (optional, all-zero) zero point; a model in the
+    # old form with an explicit one must simulate the same
+    from models import with_bias_zero_points
+
+    data = batches()
+    plan = make_plan(prepared, "mse", data)
+    if legacy:
+        monkeypatch.setattr(lapq_mod, "realize", lambda *a, **k: with_bias_zero_points(realize(*a, **k)))
+    built = []
+    make = lapq_mod._Simulator._simulation_model
+    monkeypatch.setattr(lapq_mod._Simulator, "_simulation_model", lambda self, *a: built.append(make(self, *a))
+                        or built[-1])
+    sim = lapq_mod._Simulator(prepared, plan, data, lapq_mod._loss_fn("mse")[1], threads=1)
+    assert sim.fast and len(built) == 1
+    bias_dqs = [n for n in built[0].graph.node if n.name.endswith("/bias_dq")]
+    assert len(bias_dqs) == 3 and all(n.input[0].startswith("lapq/") for n in bias_dqs)
+    assert {len(n.input) for n in bias_dqs} == {3 if legacy else 2}
+    qp = {plan.resolve(t).tensor: (float(plan.resolve(t).scale[0]), int(plan.resolve(t).zero_point[0]))
+          for t in sim.static}
+    assert sim.loss(qp) == pytest.approx(network_loss(prepared, plan, data), rel=1e-9, abs=1e-15)

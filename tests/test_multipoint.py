@@ -121,6 +121,8 @@ def test_widened_layers_run_on_integer_kernels():
                for lp in q.plan.quantized_layers() if lp.op_type == "Conv")
     ops = Counter(n.op_type for n in optimized_graph(q.model).graph.node)
     assert ops["QLinearConv"] == 2 and ops["Conv"] == 0 and ops["FusedConv"] == 0
+    bias_dqs = [n for n in q.model.graph.node if n.name.endswith("/bias_dq")]
+    assert bias_dqs and all(len(n.input) == 2 for n in bias_dqs)  # widened rows too: no all-zero int32 zero point
     a = hago_py.quantize(small_cnn(), data, weight_scheme="multipoint", weight_bits=4, multipoint_points=1.5, **FAST)
     ops = Counter(n.op_type for n in optimized_graph(a.model).graph.node)
     widened = sum(lp.weight.multipoint["rows"] > len(lp.weight.multipoint["points"])

@@ -12,7 +12,7 @@ from hago_py.errors import DataError, ModelError, OptionError, SpecError
 from hago_py.quant.artifact import optimized_graph
 from hago_py.quant.plan import QuantPlan
 
-from models import calib, residual_layernorm, run, small_cnn, small_transformer_mlp, sqnr
+from models import calib, residual_layernorm, run, small_cnn, small_transformer_mlp, sqnr, with_bias_zero_points
 
 FAST = dict(measure_latency=False)
 
@@ -35,6 +35,27 @@ def test_every_planned_layer_runs_as_integer_kernel(cnn_result):
     ops = Counter(n.op_type for n in optimized_graph(cnn_result.model).graph.node)
     assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1
     assert ops["Conv"] == 0 and ops["FusedConv"] == 0
+
+
+def test_int32_bias_dequantize_has_no_zero_point(cnn_result):
+    m = cnn_result.model
+    inits = {i.name: i for i in m.graph.initializer}
+    bias_dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear"
+                and inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == onnx.TensorProto.INT32]
+    assert sorted(n.name for n in bias_dqs) == ["conv1/bias_dq", "conv2/bias_dq", "fc/bias_dq"]
+    assert all(len(n.input) == 2 for n in bias_dqs)  # the optional zero point (0) is left out
+    zero_int32 = [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT32
+                  and not numpy_helper.to_array(i).any()]
+    assert zero_int32 == []
+    # ORT still fuses the integer kernels, and the outputs equal the old explicit-zero-point form's bit for bit
+    old = with_bias_zero_points(m)
+    assert len(old.SerializeToString()) > len(m.SerializeToString())
+    for model in (m, old):
+        ops = Counter(n.op_type for n in optimized_graph(model).graph.node)
+        assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1 and ops["Conv"] == ops["Gemm"] == 0
+    x = calib(seed=7, n=16)
+    for opt in ("all", "basic"):
+        np.testing.assert_array_equal(run(m, x, opt)[0], run(old, x, opt)[0])
 
 
 def test_weight_scales_exact_per_channel(cnn_result):

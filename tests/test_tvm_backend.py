@@ -187,6 +187,29 @@ def test_fixed_point_differs_from_float_scale_where_it_should():
     assert np.any(_y_int(y4, sy, zy) != _y_int(y32, sy, zy))
 
 
+def _without_bias_zero_point(model):
+    """``model`` with its int32 bias DequantizeLinear written as hago's realize writes it: no zero point (0)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    int32 = {i.name for i in m.graph.initializer if i.data_type == TensorProto.INT32}
+    dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int32]
+    assert len(dqs) == 1 and len(dqs[0].input) == 3
+    del dqs[0].input[2:]
+    return m
+
+
+@pytest.mark.parametrize("name", ["int8_sym_perchannel_relu", "uint8_asym_pertensor_pads"])
+def test_conv_bias_without_zero_point_is_the_same_integer_layer(name):
+    model, x, acc, M, (sy, zy, lo, hi) = _conv_model(np.random.default_rng(5), CONV_CASES[name])
+    y3, _ = _run_tvm(model, {"x": x}, ORT_RQ)
+    y2, info = _run_tvm(_without_bias_zero_point(model), {"x": x}, ORT_RQ)
+    rec = info["layers"][0]
+    assert rec["status"] == "integer" and info["left_float"] == [], info
+    assert "+bias" in rec["pattern"] and not any("bias rescaled" in n for n in rec["notes"]), rec
+    np.testing.assert_array_equal(y2, y3)
+    np.testing.assert_array_equal(_y_int(y2, sy, zy), _requant(acc, M, ORT_RQ, zy, lo, hi))
+
+
 # ----------------------------------------------------------------------------------------------- gemm / matmul
 @pytest.mark.parametrize("form", ["gemm_transB_int32bias_q", "matmul_rank3_floatbias_q", "gemm_float_output"])
 def test_matmul_bit_exact(form):

@@ -331,8 +331,8 @@ class _Simulator:
                 helper.make_node("Clip", [pre + "/round", pre + "/lo", pre + "/hi"], [pre + "/clip"],
                                  name=pre + "/clip"),
                 helper.make_node("Cast", [pre + "/clip"], [pre + "/bq"], to=TensorProto.INT32, name=pre + "/cast_q"),
-                helper.make_node("DequantizeLinear", [pre + "/bq", pre + "/bs", bdq.input[2]], list(bdq.output),
-                                 axis=0, name=bdq.name),
+                helper.make_node("DequantizeLinear", [pre + "/bq", pre + "/bs"] + [z for z in bdq.input[2:3] if z],
+                                 list(bdq.output), axis=0, name=bdq.name),
             ]
             pos = list(g.node).index(bdq)
             g.node.remove(bdq)

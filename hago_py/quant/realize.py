@@ -145,8 +145,8 @@ def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[s
             bq = np.clip(np.rint(bias.astype(np.float64) / bs), -2**31, 2**31 - 1).astype(np.int32)
             bq_val = new_initializer(graph, f"{b_name}_quantized", bq, names)
             bs_val = new_initializer(graph, f"{b_name}_scale", bs.astype(np.float32), names)
-            bz_val = new_initializer(graph, f"{b_name}_zero_point", np.zeros(bias.shape, np.int32), names)
-            bdq = _named_node(names, "DequantizeLinear", [bq_val, bs_val, bz_val], f"{lp.node}/bias_dq",
+            # no zero point: DequantizeLinear's is optional (absent = 0), and ORT fuses QLinearConv / QGemm without it
+            bdq = _named_node(names, "DequantizeLinear", [bq_val, bs_val], f"{lp.node}/bias_dq",
                               [f"{b_name}_dequantized"], {"axis": ir.AttrInt64("axis", 0)})
             graph.insert_before(node, bdq)
             node.replace_input_with(2, bdq.outputs[0])

@@ -67,8 +67,8 @@ def widen(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q: np.ndarra
                 b_rows[row] = bias[ch]
             bs = (np.float64(sx) * np.asarray(tq.scale, np.float64)).astype(np.float32)
             bq = np.clip(np.rint(b_rows / bs), -2**31, 2**31 - 1).astype(np.int32)
-            bdq = _named_node(names, "DequantizeLinear", [init(f"{base}_rows_bias_quantized", bq), init(f"{base}_rows_bias_scale", bs),
-                                                          init(f"{base}_rows_bias_zero_point", np.zeros(r, np.int32))],
+            bdq = _named_node(names, "DequantizeLinear", [init(f"{base}_rows_bias_quantized", bq),
+                                                          init(f"{base}_rows_bias_scale", bs)],  # zero point: 0
                               f"{base}/bias_dq", [f"{base}_rows_bias_dequantized"], {"axis": ir.AttrInt64("axis", 0)})
             graph.insert_before(node, bdq)
             node.replace_input_with(2, bdq.outputs[0])
