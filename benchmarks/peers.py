@@ -440,6 +440,11 @@ for _bits in (4, 3):
     register(hago_recipe(f"hago_nu_w{_bits}a8_bc", f"W{_bits}A8 non-uniform + mean-shift bias correction",
                          suite="nonuniform", weight_scheme="nonuniform", weight_bits=_bits, bias_correction=True,
                          measure_latency=False))
+# mixed 3 / 4-bit under a bound on the non-uniform layers' stored bytes (quant/nu_mix.py): 0.52 of their INT8
+# bytes is what ResNet-20 needs for a file <= 0.6x of its W8A8 model (4-bit alone stores 0.55)
+register(hago_recipe("hago_nu_w4a8_size052", "W4A8 non-uniform, nonuniform_size=0.52 (least sensitive layers 3-bit)",
+                     suite="nonuniform", weight_scheme="nonuniform", weight_bits=4, nonuniform_size=0.52,
+                     measure_latency=False))
 # end of the non-uniform table
 
 
