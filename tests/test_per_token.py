@@ -27,6 +27,15 @@ def _x(shape, seed=0, scale=1.0):
     return {"input": (scale * np.random.default_rng(seed).normal(0, 1, shape)).astype(np.float32)}
 
 
+def _with_output(model, name):
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.ValueInfoProto(name=name))
+    return m
+
+
 def _inits(model):
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
@@ -43,8 +52,9 @@ def test_per_token_matches_numpy_reference(opset):
     assert (len(rmax.input) == 2) == (opset >= 18)  # axes: an input from opset 18, an attribute before
     mmi = next(n for n in res.model.graph.node if n.op_type == "MatMulInteger")
     inits = _inits(res.model)
-    wq, wz = inits[mmi.input[1]], inits[mmi.input[3]]
-    assert wq.dtype == np.int8 and mmi.input[2] == "" and not wz.any()  # symmetric int8 weights, no A zero point
+    wq, wz, xz = inits[mmi.input[1]], inits[mmi.input[3]], inits[mmi.input[2]]
+    assert wq.dtype == np.int8 and not wz.any()  # symmetric int8 weights, as with per-tensor activations
+    assert xz.dtype == np.uint8 and xz.shape == () and xz == 128  # the int8 grid carried as uint8 - 128
     mul = next(n for n in res.model.graph.node if n.op_type == "Mul" and n.output[0] == "output")
     ws = inits[mul.input[1]]
     assert ws.shape == (12,)  # per-channel weight scale, as with per_tensor activations
@@ -52,6 +62,8 @@ def test_per_token_matches_numpy_reference(opset):
     x[1, 2] = 0.0  # an all-zero token: scale TINY / 127, quantizes to 0
     s = np.maximum(np.abs(x).max(axis=-1, keepdims=True), TINY) / np.float32(127)
     xq = np.clip(np.rint(x / s), -127, 127).astype(np.int32)
+    x_u8 = run(_with_output(res.model, mmi.input[0]), {"input": x})[1]
+    assert x_u8.dtype == np.uint8 and np.array_equal(x_u8.astype(np.int32) - 128, xq)
     acc = xq @ (wq.astype(np.int32) - wz.astype(np.int32))
     ref = acc.astype(np.float32) * s * ws
     got = run(res.model, {"input": x})[0]
@@ -103,7 +115,7 @@ def test_plan_records_per_token_and_shares_the_quantization():
     ops = Counter(n.op_type for n in res.model.graph.node)
     assert ops["ReduceMax"] == 1 and ops["MatMulInteger"] == 2
     tq = res.plan.activations["input"]
-    assert (tq.granularity, tq.dtype, tq.symmetric, tq.mode, tq.axis) == ("per_token", "int8", True, "dynamic", -1)
+    assert (tq.granularity, tq.dtype, tq.symmetric, tq.mode, tq.axis) == ("per_token", "uint8", True, "dynamic", -1)
     assert res.plan.options["activation_granularity"] == "per_token"
 
 

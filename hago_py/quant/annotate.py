@@ -297,9 +297,10 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
 
 def _dynamic_act(x: str, a_dtype: str, a_bits: int, granularity: str) -> TensorQuant:
     """A dynamic activation: per_tensor as DynamicQuantizeLinear computes it (uint8 with a zero point, one scale per
-    run), or per_token: symmetric int8, one scale per row of the last axis (quant/per_token.py)."""
+    run), or per_token: one scale per row of the last axis, on the symmetric int8 grid carried as uint8 with the
+    zero point 128 (quant/per_token.py)."""
     if granularity == "per_token":
-        return TensorQuant(tensor=x, role="activation", dtype="int8", bits=min(a_bits, 8), symmetric=True,
+        return TensorQuant(tensor=x, role="activation", dtype="uint8", bits=min(a_bits, 8), symmetric=True,
                            narrow=True, granularity="per_token", axis=-1, mode="dynamic", method="dynamic")
     return TensorQuant(tensor=x, role="activation", dtype=a_dtype, bits=a_bits, symmetric=False,
                        granularity="per_tensor", mode="dynamic", method="dynamic")

@@ -315,7 +315,7 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
     per_token = x_tq.granularity == "per_token"
     key = ("dql", id(x))
     if per_token:
-        xq, s_tok = quantize_rows(graph, names, x, x_tq.bits, node, cache)  # quant/per_token.py
+        x_rows = quantize_rows(graph, names, x, x_tq.bits, node, cache)  # quant/per_token.py
     elif key not in cache:
         base = x.name or node.name
         dql = _named_node(names, "DynamicQuantizeLinear", [x], f"{base}/dynamic_quantize",
@@ -332,7 +332,7 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
     ws = new_initializer(graph, f"{w_name}_scale", np.asarray(tq.scale if per_channel else tq.scale[0], np.float32),
                          names)
     if per_token:
-        new_nodes = matmul_rows(graph, names, node, xq, s_tok, wq, wz, ws)
+        new_nodes = matmul_rows(names, node, x_rows, wq, wz, ws)
     else:
         dql = cache[key]
         mmi = _named_node(names, "MatMulInteger", [dql.outputs[0], wq, dql.outputs[2], wz],
