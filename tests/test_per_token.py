@@ -192,3 +192,11 @@ def test_brecq_simulation_and_reconstruction_use_per_token_inputs():
     res = hago_py.quantize(m, _x((16, 5, 16)), "x86_avx2", activation_granularity="per_token",
                            bias_correction=True, **FAST)
     assert sqnr(run(m, _x((4, 5, 16), seed=2))[0], run(res.model, _x((4, 5, 16), seed=2))[0]) > 30
+
+
+def test_report_names_per_token():
+    from hago_py.report.write import render_markdown
+
+    res = hago_py.quantize(small_transformer_mlp(), _x((8, 5, 16)), "x86_avx2", activation_granularity="per_token",
+                           **FAST)
+    assert "dynamic activations per token" in render_markdown(res.report)
