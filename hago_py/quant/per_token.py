@@ -11,7 +11,7 @@ the other tokens (other sentences, padding) of its run. Standard ONNX ops, opset
 
 The int8 grid travels as uint8 with the constant zero point 128 (MatMulInteger subtracts it exactly): ONNX Runtime
 1.32 runs MatMulInteger with int8 A and int8 B correctly on the CPU, but on its generic kernel, ~20x slower than
-the uint8 x int8 MLAS kernel (MiniLM-L6, batch 1, 1 thread: 79 ms in the 36 MatMulIntegers against a 11 ms FP32
+the uint8 x int8 MLAS kernel (MiniLM-L6, batch 1, 1 thread: 79 ms in the 36 MatMulIntegers against an 11 ms FP32
 model). ``quantize_rows`` is the quantizing half, shared by the layers that read the same tensor; ``fake_quant``
 is the same arithmetic in numpy (reconstruction statistics, tests).
 """
