@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="data-free generator with --calib synthetic (default retro: retro-synthesis)")
     q.add_argument("--clipping", default="auto", help="activation range method: minmax | percentile | mse | entropy | auto")
     q.add_argument("--activation-mode", default="auto", help="static | dynamic | auto")
+    q.add_argument("--activation-granularity", default="per_tensor", choices=("per_tensor", "per_token"),
+                   help="dynamic activations: one scale per run (per_tensor) or per token, symmetric int8 "
+                        "(per_token: a token's result does not depend on its batch)")
     q.add_argument("--rounding", default="nearest",
                    help="weight rounding: nearest | adaround | adaquant | flexround | gptq | brecq (torch extra)")
     q.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
@@ -210,6 +213,7 @@ def _cmd_quantize(a) -> int:
                        embedding_scheme=a.embedding_scheme, embedding_bits=a.embedding_bits,
                        embedding_small_rows=a.embedding_small_rows, embedding_center=not a.embedding_plain,
                        clipping=a.clipping, activation_mode=a.activation_mode, rounding=a.rounding,
+                       activation_granularity=a.activation_granularity,
                        bias_correction={"auto": None, "on": True, "off": False}[a.bias_correction],
                        equalize=a.equalize, smooth=not a.no_smooth, smooth_alpha=a.smooth_alpha,
                        recon_samples=a.recon_samples,

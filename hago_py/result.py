@@ -64,8 +64,9 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True, backen
     from .quant.gate import deployable, verify_output
 
     built, outputs = deployable(pipe, built)
-    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
-               for n in built.model.graph.node):  # never return the input unchanged as if quantized
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger")
+               for n in built.model.graph.node):  # never return the input unchanged as if quantized (MatMulInteger:
+        # per-token dynamic activations, quant/per_token.py)
         raise OptionError(nothing_to_quantize(built.plan, pipe.spec.name, pipe.opts))
     opts, spec, plan, qmodel = pipe.opts, pipe.spec, built.plan, built.model
     verify_output(qmodel, outputs, built.info.get("deploy_error"))

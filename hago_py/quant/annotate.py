@@ -221,8 +221,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
             x = node.input[0]
             if mode == "dynamic":
                 if x not in acts or acts[x].mode != "dynamic":
-                    acts[x] = TensorQuant(tensor=x, role="activation", dtype=a_dtype, bits=a_bits, symmetric=False,
-                                          granularity="per_tensor", mode="dynamic", method="dynamic")
+                    acts[x] = _dynamic_act(x, a_dtype, a_bits, options.activation_granularity)
                 lp.inputs = [x]
                 lp.output = None
                 lp.reason = (f"{op} with {scheme_d['kernel'] or 'simulated'} kernel, dynamic activations "
@@ -234,6 +233,9 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                 lp.output = out_name
                 lp.reason = (f"{op} -> {scheme_d['kernel'] or 'fake-quant (simulated)'} W{weight.bits}A{a_bits} "
                              f"{gran} weights" + (f", fused {'+'.join(group.ops)}" if group and len(group.nodes) > 1 else ""))
+                if options.activation_granularity == "per_token":
+                    lp.notes.append("activation_granularity per_token: not applied, this layer's activations are "
+                                    "static (calibrated, per tensor); per-token scales need dynamic activations")
             if nu_bits is not None:
                 lp.reason += (f"; non-uniform W{nu_bits}: at most {2 ** nu_bits} levels of the int8 grid per output "
                               "channel (weight_scheme nonuniform)")
@@ -291,6 +293,17 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
     _prune(plan, model, consumers, graph_outputs, options)
     plan.history.append("annotate")
     return plan
+
+
+def _dynamic_act(x: str, a_dtype: str, a_bits: int, granularity: str) -> TensorQuant:
+    """A dynamic activation: per_tensor as DynamicQuantizeLinear computes it (uint8 with a zero point, one scale per
+    run), or per_token: one scale per row of the last axis, on the symmetric int8 grid carried as uint8 with the
+    zero point 128 (quant/per_token.py)."""
+    if granularity == "per_token":
+        return TensorQuant(tensor=x, role="activation", dtype="uint8", bits=min(a_bits, 8), symmetric=True,
+                           narrow=True, granularity="per_token", axis=-1, mode="dynamic", method="dynamic")
+    return TensorQuant(tensor=x, role="activation", dtype=a_dtype, bits=a_bits, symmetric=False,
+                       granularity="per_tensor", mode="dynamic", method="dynamic")
 
 
 def _prune(plan: QuantPlan, model, consumers, graph_outputs, options: QuantOptions) -> None:

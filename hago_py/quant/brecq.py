@@ -144,6 +144,7 @@ class FakeQuant:
             self.static[name] = (float(np.float32(eff.scale[0])), float(eff.zero_point[0]), float(qmin), float(qmax))
         self.layers = layers
         self.dynamic = set()
+        self.per_token: Dict[str, int] = {}  # dynamic per-token inputs (quant/per_token.py): node -> bits
         self.bias: Dict[str, object] = {}
         self.weights: Dict[str, object] = {n: l.dequant(l.nearest_int()) for n, l in layers.items()}
         self.soft: Dict[str, _Layer] = {}
@@ -154,6 +155,8 @@ class FakeQuant:
             x_tq = plan.activations.get(x) if x else None
             if x_tq is not None and x_tq.mode == "dynamic":
                 self.dynamic.add(lp.node)
+                if x_tq.granularity == "per_token":
+                    self.per_token[lp.node] = x_tq.bits
                 continue
             node = layers[lp.node].node
             if lp.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in graph.constants \
@@ -184,6 +187,16 @@ class FakeQuant:
         zp = float(np.clip(np.rint(np.float32(-lo) / np.float32(scale)), 0, 255))
         return self._fq(x, scale, zp, 0.0, 255.0)
 
+    def _per_token(self, x, bits):
+        """One symmetric scale per row of the last axis, straight-through (quant/per_token.py)."""
+        from .per_token import TINY, qmax_of
+
+        torch = self.torch
+        qmax = float(qmax_of(bits))
+        s = torch.clamp(x.detach().abs().amax(dim=-1, keepdim=True), min=float(TINY)) / qmax
+        deq = torch.clamp(torch.round(x.detach() / s), -qmax, qmax) * s
+        return x + (deq - x).detach() if x.requires_grad else deq
+
     def value_hook(self, name, x):
         p = self.static.get(name)
         if p is not None and x.is_floating_point():
@@ -199,6 +212,8 @@ class FakeQuant:
             return x if w is None else w
         if idx == 2 and node in self.bias:
             return self.bias[node]
+        if idx == 0 and node in self.per_token and x.is_floating_point():
+            return self._per_token(x, self.per_token[node])
         if idx == 0 and node in self.dynamic and x.is_floating_point():
             return self._dynamic(x)
         return x

@@ -12,6 +12,9 @@ from ..errors import OptionError
 CALIBRATION_METHODS = ("minmax", "percentile", "mse", "entropy")
 CLIPPING = CALIBRATION_METHODS + ("lapq", "auto")  # lapq: joint loss-aware refinement from the MSE ranges
 ACTIVATION_MODES = ("static", "dynamic", "auto")
+# dynamic activations: per_tensor (DynamicQuantizeLinear, one uint8 scale per run) | per_token (one symmetric int8
+# scale per row of the last axis: a token's result no longer depends on the rest of its batch; quant/per_token.py)
+ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
 REMEDIES = ("auto", "none", "reduce_range", "u8u8", "reduce_range@saturating", "u8u8@saturating")
 ROUNDING = ("nearest", "adaround", "adaquant", "flexround", "gptq", "brecq")
 # per-layer overrides (QuantOptions.layers[node] = {...}): what a search or a user may set per layer
@@ -146,6 +149,10 @@ class QuantOptions:
     percentile: float = _opt(99.999, Rule(float, 50.0, 100.0, lo_open=True, hint="used by clipping='percentile'"))
     # auto: static for conv nets, dynamic for MatMul-heavy (transformer) nets
     activation_mode: str = _opt("auto", Rule(str, choices=ACTIVATION_MODES))
+    # granularity of the dynamic activations; static ones stay per tensor (the layer gets a note), and
+    # activation_mode="static" with per_token is an OptionError
+    activation_granularity: str = _opt("per_tensor", Rule(str, choices=ACTIVATION_GRANULARITIES,
+                                                          hint="per_token: dynamic activations only"))
     rounding: str = _opt("nearest", Rule(str, choices=ROUNDING))
     saturation_remedy: str = _opt("auto", Rule(str, choices=REMEDIES))  # how to handle the spec's saturation hazard
     quantize_outputs: bool = _opt(False, Rule(bool))    # quantize tensors that are graph outputs
@@ -220,6 +227,10 @@ class QuantOptions:
                                       f"{LAYER_KEYS[k].describe()}")
         self._validate_nonuniform()
         self._validate_multipoint()
+        if self.activation_granularity == "per_token" and self.activation_mode == "static":
+            raise OptionError("option activation_granularity='per_token' is invalid with activation_mode='static' "
+                              "(per-token scales are computed at run time); use activation_mode='dynamic' or 'auto', "
+                              "or activation_granularity='per_tensor'")
         if self.activation_scheme == "sparq" and self.activation_bits != 8:
             raise OptionError(f"option activation_bits={_show(self.activation_bits)} is invalid with activation_scheme="
                               "'sparq'; use activation_bits=8 (SPARQ trims 8-bit activations to sparq_window_bits)")

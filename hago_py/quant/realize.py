@@ -4,7 +4,8 @@
   biases become int32 initializers with scale = s_x * s_w (what QLinearConv / QGemm consume); every
   planned activation gets QuantizeLinear -> DequantizeLinear right after its producer.
 * Dynamic layers (MatMul/Gemm): DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq) -> Cast -> Mul(s_x*s_w)
-  (+ bias), the pattern ORT fuses into DynamicQuantizeMatMul.
+  (+ bias), the pattern ORT fuses into DynamicQuantizeMatMul; with activation_granularity="per_token" one
+  symmetric int8 scale per token instead (quant/per_token.py).
 The same graph is both the simulation (ORT basic optimization keeps Q/DQ as float ops) and the
 deployment (ORT full optimization fuses them), so accuracy is always measured on the deployed graph.
 """
@@ -22,6 +23,8 @@ from ..ir.io import to_ir, to_proto, without_value_info
 from ..ir.names import NameAllocator
 from ..ir.passes._util import const_array, new_initializer
 from .codebook import MIN_OPSET, CodebookWriter
+from .per_token import MIN_OPSET as PER_TOKEN_OPSET
+from .per_token import matmul_rows, quantize_rows
 from .plan import QuantPlan, TensorQuant
 from .weights import quantize_weight
 
@@ -60,7 +63,9 @@ def _opset_needed(plan: QuantPlan) -> int:
     if dtypes & {"int4", "uint4", "int16", "uint16"}:
         return 21
     nonuniform = any(lp.weight is not None and lp.weight.scheme == "nonuniform" for lp in plan.quantized_layers())
-    return MIN_OPSET if nonuniform else 0  # the codebook expansion (BitShift, GatherElements)
+    per_token = any(tq.mode == "dynamic" and tq.granularity == "per_token" for tq in plan.activations.values())
+    # the codebook expansion (BitShift, GatherElements); per-token dynamic activations (quant/per_token.py)
+    return max(MIN_OPSET if nonuniform else 0, PER_TOKEN_OPSET if per_token else 0)
 
 
 def realize(model: onnx.ModelProto, plan: QuantPlan, *, weights: Optional[Dict[str, np.ndarray]] = None,
@@ -307,14 +312,16 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
     if node.op_type == "Gemm" and any(a.name == "transB" and a.value for a in node.attributes.values()):
         q = q.T  # MatMulInteger wants [K, N]
     dtype = {"int4": "int8", "uint4": "uint8"}.get(tq.dtype, tq.dtype)
+    per_token = x_tq.granularity == "per_token"
     key = ("dql", id(x))
-    if key not in cache:
+    if per_token:
+        x_rows = quantize_rows(graph, names, x, x_tq.bits, node, cache)  # quant/per_token.py
+    elif key not in cache:
         base = x.name or node.name
         dql = _named_node(names, "DynamicQuantizeLinear", [x], f"{base}/dynamic_quantize",
                           [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"])
         graph.insert_before(node, dql)
         cache[key] = dql
-    dql = cache[key]
     w_name = node.inputs[1].name
     wq = _weight_value(graph, names, books, w_name, _int_array(q, dtype), tq, 1 if tq.axis is not None else None)
     if own_books:
@@ -324,14 +331,19 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
                          _int_array(np.asarray(tq.zero_point if per_channel else tq.zero_point[0]), dtype), names)
     ws = new_initializer(graph, f"{w_name}_scale", np.asarray(tq.scale if per_channel else tq.scale[0], np.float32),
                          names)
-    mmi = _named_node(names, "MatMulInteger", [dql.outputs[0], wq, dql.outputs[2], wz],
-                      f"{node.name}/matmul_integer", [f"{node.name}/dyn_0"])
-    cast = _named_node(names, "Cast", mmi.outputs, f"{node.name}/cast", [f"{node.name}/dyn_1"],
-                       {"to": ir.AttrInt64("to", int(ir.DataType.FLOAT))})
-    sc = _named_node(names, "Mul", [dql.outputs[1], ws], f"{node.name}/scale", [f"{node.name}/dyn_2"])
-    mul = _named_node(names, "Mul", [cast.outputs[0], sc.outputs[0]], f"{node.name}/rescale", [f"{node.name}/dyn_3"])
-    new_nodes = [mmi, cast, sc, mul]
-    out_v = mul.outputs[0]
+    if per_token:
+        new_nodes = matmul_rows(names, node, x_rows, wq, wz, ws)
+    else:
+        dql = cache[key]
+        mmi = _named_node(names, "MatMulInteger", [dql.outputs[0], wq, dql.outputs[2], wz],
+                          f"{node.name}/matmul_integer", [f"{node.name}/dyn_0"])
+        cast = _named_node(names, "Cast", mmi.outputs, f"{node.name}/cast", [f"{node.name}/dyn_1"],
+                           {"to": ir.AttrInt64("to", int(ir.DataType.FLOAT))})
+        sc = _named_node(names, "Mul", [dql.outputs[1], ws], f"{node.name}/scale", [f"{node.name}/dyn_2"])
+        mul = _named_node(names, "Mul", [cast.outputs[0], sc.outputs[0]], f"{node.name}/rescale",
+                          [f"{node.name}/dyn_3"])
+        new_nodes = [mmi, cast, sc, mul]
+    out_v = new_nodes[-1].outputs[0]
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         add = _named_node(names, "Add", [out_v, node.inputs[2]], f"{node.name}/bias", [f"{node.name}/dyn_4"])
         new_nodes.append(add)

@@ -28,6 +28,7 @@ from ..backends.ort import OrtBackend
 from ..errors import ModelError
 from .calibrate import progress_iter, token_rows
 from .layer_stats import LayerGeometry, StatsAccumulator, dynamic_fake_quant, sub_model
+from .per_token import fake_quant as per_token_fake_quant
 from .observers import qrange
 from .plan import LayerPlan, QuantPlan
 from .weights import weight_qparams
@@ -208,10 +209,10 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
                 # already had that name (the name allocator then picks another)
                 qn = q_nodes.get(name)
                 wanted_q.append(qn.input[0] if qn is not None and qn.input else f"{x}_dequantized")
-                dyn[name] = False
+                dyn[name] = None
             else:
                 wanted_q.append(x)
-                dyn[name] = tq is not None and tq.mode == "dynamic"
+                dyn[name] = tq if tq is not None and tq.mode == "dynamic" else None
         fp_vals = fp_front.advance(model, wanted_fp + live)
         q_vals = q_front.advance(qmodel, wanted_q + [t for t in live if t in q_names])
         geos: Dict[str, LayerGeometry] = {}
@@ -224,7 +225,9 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mappi
             mask = b.get(mask_name) if mask_name else None
             for name, xf_name, xq_name in zip(wave, wanted_fp, wanted_q):
                 xq = qo[xq_name]
-                if dyn[name]:
+                if dyn[name] is not None and dyn[name].granularity == "per_token":
+                    xq = per_token_fake_quant(xq, dyn[name].bits)  # one scale per token (quant/per_token.py)
+                elif dyn[name] is not None:
                     xq = dynamic_fake_quant(xq)  # over the whole tensor, padding included, as at run time
                 rq, rf = geos[name].rows(xq), geos[name].rows(fo[xf_name])
                 sel = token_rows(fo[xf_name], mask) if geos[name].op_type != "Conv" else None

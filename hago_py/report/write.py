@@ -54,7 +54,8 @@ def render_markdown(report: Dict[str, Any], plan_summary: Dict[str, Any] | None 
     nu = " non-uniform (levels on the int8 kernel)" if opts.get("weight_scheme") == "nonuniform" else ""
     lines.append(f"- weights W{opts.get('weight_bits')}{nu} / activations A{opts.get('activation_bits')}, "
                  f"clipping `{opts.get('clipping')}` on {r.get('calibration_samples')} samples, "
-                 f"activation mode `{opts.get('activation_mode')}`")
+                 f"activation mode `{opts.get('activation_mode')}`"
+                 + (", dynamic activations per token" if opts.get("activation_granularity") == "per_token" else ""))
     syn = r.get("synthetic")
     if syn:  # calibration="synthetic": no real sample was used anywhere
         det = syn.get("details", {})
