@@ -76,6 +76,8 @@ def main(argv=None):
     p.add_argument("--eval-batch", type=int, default=None,
                    help="sentences per ORT run when scoring (default the corpus's 64); the W8A8 default quantizes "
                         "activations per run (dynamic, per tensor), so a sentence's result depends on its batch")
+    p.add_argument("--activation-granularity", default="per_tensor", choices=("per_tensor", "per_token"),
+                   help="of the W8A8 base's dynamic activations (per_token: one scale per token, batch-invariant)")
     p.add_argument("--error-scales", default="", help="e.g. 0.25,0.5: the error-scaled study (module docstring)")
     p.add_argument("--target", default="x86_avx2", help="spec of the W8A8 base (the embeddings suite's)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "embeddings" / "spread" / "spread.json"))
@@ -93,14 +95,15 @@ def main(argv=None):
         base = onnx.load(str(M.model_path))
     else:
         base = hago_py.quantize(str(M.model_path), calibration=M.calib_arrays(256), target=a.target,
-                                measure_latency=False).model
+                                measure_latency=False, activation_granularity=a.activation_granularity).model
     calib = M.calib_arrays(256)
     reads = {e["node"]: np.bincount(calib[e["indices"]].ravel(), minlength=e["rows"])
              for e in E.embedding_tables(base) if e["indices"] in calib}  # hot_rows variants: reads per row
     w8 = M.evaluate(base, threads=a.threads, batch=a.eval_batch)
     print(f"FP32 {fp32:.4f}  base {a.base} {w8:.4f} ({w8 - fp32:+.4f})", flush=True)
     out = {"machine": machine_info(a.threads), "versions": versions(), "fp32": fp32, "base": a.base, "w8a8": w8,
-           "target": a.target, "eval_batch": a.eval_batch or M.eval_batch, "variants": {}}
+           "target": a.target, "eval_batch": a.eval_batch or M.eval_batch,
+           "activation_granularity": a.activation_granularity, "variants": {}}
     bins = [int(b) for b in a.bins.split(",")]
     scales = {f"error_x{s}": float(s) for s in a.error_scales.split(",") if s}
     for name in [v for v in a.variants.split(",") if v] + list(scales):
