@@ -190,7 +190,7 @@ def render_search_markdown(s: Dict[str, Any], pareto_image: Optional[str] = None
     lines.append(f"- metric: {'**proxy** — ' if proxy else ''}{m['definition']}; FP32 = {m['fp32']:.6g}")
     acc = b.get("accuracy")
     lat_b, time_b = b.get("latency"), b.get("time_s")
-    lines.append(f"- budgets: accuracy " + (f"drop <= {_g(acc)} ({b.get('accuracy_note')})" if acc is not None
+    lines.append("- budgets: accuracy " + (f"drop <= {_g(acc)} ({b.get('accuracy_note')})" if acc is not None
                                              else "none") +
                  "; latency " + (f">= {_g(lat_b)}x speed-up" if lat_b is not None else "none") +
                  "; time " + (f"{_g(time_b)} s" if time_b is not None else "none") + f" — objective: {s['objective']}")
