@@ -287,6 +287,13 @@ register(hago_recipe("hago_emb_rowwise4_all_b128_hot8", "W8A8 defaults + every e
                      embedding_scheme="rowwise", embedding_small_rows=0, embedding_block=128, embedding_hot_rows=8))
 register(hago_recipe("hago_emb_codebook4", "W8A8 defaults + embedding_scheme=codebook (16 centroids per row)",
                      models=("minilm",), suite="embeddings", embedding_scheme="codebook"))
+# the same on per-token dynamic activations (activation_granularity="per_token": a sentence's result does not depend
+# on its batch; ORT does not fuse it, so it is slower than the per-tensor default)
+register(hago_recipe("hago_pertoken", "W8A8 with per-token dynamic activations (embeddings FP32)", models=("minilm",),
+                     suite="embeddings", activation_granularity="per_token"))
+register(hago_recipe("hago_emb_rowwise4_all_b128_hot8_pertoken", "per-token W8A8 + every embedding table 4-bit, 3 grids "
+                     "per row, 8 hot rows exact", models=("minilm",), suite="embeddings", activation_granularity="per_token",
+                     embedding_scheme="rowwise", embedding_small_rows=0, embedding_block=128, embedding_hot_rows=8))
 
 
 # Hybrid table (issue 14): per-layer weight granularity (quant/hybrid.py) against both uniform granularities, with
