@@ -448,7 +448,7 @@ for _bits in (4, 3):
                          suite="nonuniform", weight_scheme="nonuniform", weight_bits=_bits, bias_correction=True,
                          measure_latency=False))
 # mixed 3 / 4-bit under a bound on the non-uniform layers' stored bytes (quant/nu_mix.py): 0.52 of their INT8
-# bytes is what ResNet-20 needs for a file <= 0.6x of its W8A8 model (4-bit alone stores 0.55)
+# bytes is what ResNet-20 needs for a file <= 0.6x of its W8A8 model (4-bit alone stores 0.542)
 register(hago_recipe("hago_nu_w4a8_size052", "W4A8 non-uniform, nonuniform_size=0.52 (least sensitive layers 3-bit)",
                      suite="nonuniform", weight_scheme="nonuniform", weight_bits=4, nonuniform_size=0.52,
                      measure_latency=False))
