@@ -1194,8 +1194,11 @@ OPTION_VALUES: Dict[str, Tuple[List[Any], List[Any]]] = {
     "rounding_params": ([{}, {"adaround": {"iterations": 5}}], [[], {"nearest": {}}, {"adaround": 5}, None]),
     "token_mask": (["auto", None], [3]),
     "bn_reestimate": ([False, True], ["yes"]),
+    "weight_scheme": (["uniform", "nonuniform", "multipoint"], ["NU", None, 4]),
+    "nonuniform_size": ([None, 0.5, 0.99], [0.0, 2.0, "0.5"]),
+    "activation_granularity": (["per_tensor", "per_token"], ["token", None, 1]),
 }
-CLOSE_UNSAFE = {"weight_bits", "activation_bits", "simulate", "clipping", "percentile", "layers", "edge_weight_bits",
+CLOSE_UNSAFE = {"weight_scheme", "nonuniform_size", "weight_bits", "activation_bits", "simulate", "clipping", "percentile", "layers", "edge_weight_bits",
                 "rounding", "rounding_iters", "rounding_params", "quantize_outputs", "smooth_alpha", "op_types",
                 "equalize", "bias_correction", "bn_reestimate", "saturation_remedy"}
 
@@ -1266,6 +1269,24 @@ def gen_options(seed: int) -> Case:
         opts["rounding_iters"] = 5
     if cli and opts.get("rounding") in ("adaround", "gptq"):
         opts["rounding"] = "nearest"  # the CLI has no --rounding-iters: keep the case cheap
+    # values valid alone but not together: keep the combination valid (a case's rejection must name its bad key)
+    if "nonuniform_size" not in bad and opts.get("nonuniform_size") is not None and "weight_scheme" not in bad:
+        opts["weight_scheme"] = "nonuniform"
+        if "weight_bits" not in bad:
+            opts["weight_bits"] = 4
+    elif "weight_scheme" not in bad and opts.get("weight_scheme") == "nonuniform" and "weight_bits" not in bad:
+        opts["weight_bits"] = pick(rng, [4, 3])
+    if opts.get("weight_scheme") in ("nonuniform", "multipoint") and "weight_scheme" not in bad:
+        # both assign weights by nearest and are computed for their own grid (QuantOptions._validate_nonuniform /
+        # _validate_multipoint): no solver rounding, no BN re-estimation; multipoint points are 2-8 bits
+        for k, v in (("rounding", "nearest"), ("bn_reestimate", False)):
+            if k in opts and k not in bad:
+                opts[k] = v
+        if opts["weight_scheme"] == "multipoint" and "weight_bits" not in bad and opts.get("weight_bits", 8) > 8:
+            opts["weight_bits"] = 8
+    if "activation_granularity" not in bad and opts.get("activation_granularity") == "per_token" \
+            and opts.get("activation_mode") == "static" and "activation_mode" not in bad:
+        opts["activation_mode"] = "auto"
     if opts.get("weight_bits") in (2, 4, 6, 7) and "simulate" not in opts and chance(rng, 0.5):
         opts["simulate"] = True
     case = Case("options", seed, "api", f"options {dict(opts, **extra)!r} on a {knobs_note(knobs)}",
