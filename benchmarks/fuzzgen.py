@@ -1199,7 +1199,8 @@ OPTION_VALUES: Dict[str, Tuple[List[Any], List[Any]]] = {
     "activation_granularity": (["per_tensor", "per_token"], ["token", None, 1]),
 }
 CLOSE_UNSAFE = {"weight_scheme", "nonuniform_size", "weight_bits", "activation_bits", "simulate", "clipping",
-                "percentile", "layers", "edge_weight_bits", "rounding", "rounding_iters", "rounding_params", "quantize_outputs", "smooth_alpha", "op_types",
+                "percentile", "layers", "edge_weight_bits", "rounding", "rounding_iters", "rounding_params",
+                "quantize_outputs", "smooth_alpha", "op_types",
                 "equalize", "bias_correction", "bn_reestimate", "saturation_remedy"}
 
 
