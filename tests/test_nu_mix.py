@@ -10,8 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import hago_py
 from hago_py.errors import OptionError
-from hago_py.quant.nu_mix import dequantize, stored_bytes
+from hago_py.quant.nu_mix import stored_bytes
 from hago_py.quant.plan import TensorQuant
+from hago_py.quant.weights import dequantize
 from hago_py.report.write import render_markdown
 
 from models import checked_model
@@ -108,5 +109,5 @@ def test_not_with_a_search_or_hybrid():
 
 def test_dequantize_per_channel_axis():
     q = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
-    tq = TensorQuant(tensor="w", scale=[0.5, 2.0, 1.0, 4.0], zero_point=[0, 1, 0, 0], axis=1)
+    tq = TensorQuant(tensor="w", scale=[0.5, 2.0, 1.0, 4.0], zero_point=[0, 1, 0, 0], granularity="per_channel", axis=1)
     assert np.array_equal(dequantize(q, tq), (q - np.array([0, 1, 0, 0])) * np.array([0.5, 2.0, 1.0, 4.0]))

@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .plan import QuantPlan, TensorQuant
+from .plan import QuantPlan
+from .weights import dequantize
 
 LOW, HIGH = 3, 4   # the bit widths mixed
 
@@ -30,17 +31,6 @@ def stored_bytes(shape, axis: int, bits: int) -> int:
 
     cb, plain = codebook_bytes(shape, axis, bits)
     return cb if codebook_pays(shape, axis, bits) else plain
-
-
-def dequantize(q: np.ndarray, tq: TensorQuant) -> np.ndarray:
-    """The float weight of integer weight ``q`` under ``tq``'s per-channel (or per-tensor) scale / zero point."""
-    scale = np.asarray(tq.scale, np.float64)
-    zp = np.asarray(tq.zero_point, np.float64)
-    if scale.size > 1:
-        shape = [1] * q.ndim
-        shape[tq.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return ((q.astype(np.float64) - zp) * scale).astype(np.float32)
 
 
 def _levels(pipe, layers: Optional[Mapping[str, Mapping[str, Any]]]) -> Tuple[QuantPlan, Dict[str, np.ndarray]]:
