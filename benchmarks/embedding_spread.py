@@ -97,8 +97,7 @@ def main(argv=None):
         base = hago_py.quantize(str(M.model_path), calibration=M.calib_arrays(256), target=a.target,
                                 measure_latency=False, activation_granularity=a.activation_granularity).model
     calib = M.calib_arrays(256)
-    reads = {e["node"]: np.bincount(calib[e["indices"]].ravel(), minlength=e["rows"])
-             for e in E.embedding_tables(base) if e["indices"] in calib}  # hot_rows variants: reads per row
+    reads = E.count_reads([e for e in E.embedding_tables(base) if e["indices"] in calib], [calib])  # hot_rows
     w8 = M.evaluate(base, threads=a.threads, batch=a.eval_batch)
     print(f"FP32 {fp32:.4f}  base {a.base} {w8:.4f} ({w8 - fp32:+.4f})", flush=True)
     out = {"machine": machine_info(a.threads), "versions": versions(), "fp32": fp32, "base": a.base, "w8a8": w8,

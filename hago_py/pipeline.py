@@ -447,19 +447,12 @@ class Pipeline:
             return {}
         if self._emb_reads is not None:
             return self._emb_reads
-        from .quant.embedding import embedding_tables
+        from .quant.embedding import count_reads, embedding_tables
 
         names = {spec.name for spec in self.inputs}
         tables = [e for e in embedding_tables(qmodel) if not e["skip"] and e["indices"] in names]
-        counts = {e["node"]: np.zeros(e["rows"], np.int64) for e in tables}
-        for feed in self.calib:
-            for e in tables:
-                ids = np.asarray(feed[e["indices"]]).ravel().astype(np.int64)
-                ids = np.where(ids < 0, ids + e["rows"], ids)
-                ids = ids[(ids >= 0) & (ids < e["rows"])]
-                counts[e["node"]] += np.bincount(ids, minlength=e["rows"])
-        self._emb_reads = counts
-        return counts
+        self._emb_reads = count_reads(tables, self.calib)
+        return self._emb_reads
 
 
 SANITY_ROUNDS = 3

@@ -202,6 +202,19 @@ def embedding_tables(model: onnx.ModelProto) -> List[Dict[str, Any]]:
     return out
 
 
+def count_reads(tables: List[Dict[str, Any]], feeds) -> Dict[str, np.ndarray]:
+    """{Gather node: reads per table row} of ``tables`` (embedding_tables entries whose indices are model inputs)
+    over ``feeds`` (feed dicts); negative indices count from the end, out-of-range ones are not counted."""
+    counts = {e["node"]: np.zeros(e["rows"], np.int64) for e in tables}
+    for feed in feeds:
+        for e in tables:
+            ids = np.asarray(feed[e["indices"]]).ravel().astype(np.int64)
+            ids = np.where(ids < 0, ids + e["rows"], ids)
+            ids = ids[(ids >= 0) & (ids < e["rows"])]
+            counts[e["node"]] += np.bincount(ids, minlength=e["rows"])
+    return counts
+
+
 class _Builder:
     """Appends nodes / initializers with fresh names next to one Gather."""
 
