@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..ir.names import NameAllocator
-from ..ir.passes._util import new_initializer
+from ..ir.passes._util import named_node, new_initializer
 
 MIN_OPSET = 13
 TINY = np.float32(1e-30)  # an all-zero row: scale TINY / qmax (a normal float), every value quantizes to 0
@@ -36,9 +36,7 @@ def qmax_of(bits: int) -> int:
 
 
 def _node(names: NameAllocator, op: str, inputs, name: str, out: str, attributes=None) -> ir.Node:
-    node = ir.Node("", op, inputs, attributes=attributes or {}, name=names.node(name), num_outputs=1)
-    node.outputs[0].name = names.value(out)
-    return node
+    return named_node(names, op, inputs, name, [out], attributes)
 
 
 def quantize_rows(graph: ir.Graph, names: NameAllocator, x: ir.Value, bits: int, before: ir.Node,
@@ -80,9 +78,7 @@ def matmul_rows(names: NameAllocator, node: ir.Node, x: Tuple[ir.Value, ir.Value
     """MatMulInteger(x_u8, W_q) -> Cast float -> * s (per token) -> * w_scale: the new nodes, in order.
     ``x``: what quantize_rows returned."""
     xq, xz, s = x
-    mmi = ir.Node("", "MatMulInteger", [xq, wq, xz, wz], name=names.node(f"{node.name}/matmul_integer"),
-                  num_outputs=1)
-    mmi.outputs[0].name = names.value(f"{node.name}/dyn_0")
+    mmi = _node(names, "MatMulInteger", [xq, wq, xz, wz], f"{node.name}/matmul_integer", f"{node.name}/dyn_0")
     cast = _node(names, "Cast", mmi.outputs, f"{node.name}/cast", f"{node.name}/dyn_1",
                  {"to": ir.AttrInt64("to", int(ir.DataType.FLOAT))})
     row = _node(names, "Mul", [cast.outputs[0], s], f"{node.name}/token_rescale", f"{node.name}/dyn_2")

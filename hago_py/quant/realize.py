@@ -22,6 +22,7 @@ from ..errors import ModelError
 from ..ir.io import to_ir, to_proto, without_value_info
 from ..ir.names import NameAllocator
 from ..ir.passes._util import const_array, new_initializer
+from ..ir.passes._util import named_node as _named_node
 from .codebook import MIN_OPSET, CodebookWriter
 from .per_token import MIN_OPSET as PER_TOKEN_OPSET
 from .per_token import matmul_rows, quantize_rows
@@ -45,15 +46,6 @@ def _qparam_values(graph: ir.Graph, names: NameAllocator, base: str, tq: TensorQ
     zp = np.asarray(tq.zero_point) if per_channel else np.asarray(tq.zero_point[0])
     return (new_initializer(graph, base + "_scale", scale, names),
             new_initializer(graph, base + "_zero_point", _int_array(zp, tq.dtype), names))
-
-
-def _named_node(names: NameAllocator, op: str, inputs, node_name: str, out_names, attributes=None) -> ir.Node:
-    """An ir.Node whose node name and output names are fresh."""
-    node = ir.Node("", op, inputs, attributes=attributes or {}, name=names.node(node_name),
-                   num_outputs=len(out_names))
-    for o, n in zip(node.outputs, out_names):
-        o.name = names.value(n)
-    return node
 
 
 def _opset_needed(plan: QuantPlan) -> int:

@@ -45,3 +45,12 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray, names=None) -
 def attr(node: ir.Node, name: str, default=None):
     a = node.attributes.get(name)
     return default if a is None else a.value
+
+
+def named_node(names, op: str, inputs, node_name: str, out_names, attributes=None) -> ir.Node:
+    """An ir.Node whose node name and output names are fresh (``names``: the graph's NameAllocator)."""
+    node = ir.Node("", op, inputs, attributes=attributes or {}, name=names.node(node_name),
+                   num_outputs=len(out_names))
+    for o, n in zip(node.outputs, out_names):
+        o.name = names.value(n)
+    return node
