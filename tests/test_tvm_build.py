@@ -245,3 +245,71 @@ def test_tuning_builder_skips_the_intrinsic_registry():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def _two_convs(seed: int = 0):
+    """input -> Conv(pads 1) -> Conv(pads 1) -> output: the second conv reads a signed tensor (uint8 zero point
+    far from 0), so its zero-point padding matters."""
+    from models import checked_model
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (6, 8, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 6).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2", "b2"], ["output"], name="conv2", pads=[1, 1, 1, 1])]
+    return checked_model(nodes, inits, "two_convs", ["N", 3, 8, 8], ["N", 6, 8, 8])
+
+
+def test_multipoint_conv_integer_builds_as_integer_conv(tmp_path):
+    """weight_scheme="multipoint" writes its widened convolutions as ConvInteger + Cast + scale-and-sum. The TVM
+    build lowers each into the QDQ form with unit scales and integerizes it back into an int8 conv2d with int32
+    accumulators (zero-point padding included): same outputs as ORT, no conv left float."""
+    import onnx
+
+    from hago_py.backends.tvm.importer import lower_conv_integer
+
+    import hago_py
+
+    m, cal = _two_convs(), calib(n=16)
+    res = hago_py.quantize(m, cal, "x86_avx2", weight_scheme="multipoint", weight_bits=8, multipoint_points=2.0,
+                           measure_latency=False)
+    convint = [n for n in res.model.graph.node if n.op_type == "ConvInteger"]
+    assert convint, "multipoint wrote no ConvInteger"
+    zps = {i.name: i for i in res.model.graph.initializer}
+    assert any(int(onnx.numpy_helper.to_array(zps[n.input[2]])) != 0 for n in convint)   # padding needs z_x
+    lowered = lower_conv_integer(res.model)
+    assert not any(n.op_type in ("ConvInteger", "Cast") for n in lowered.graph.node if "conv2" in n.name)
+    man = build_mod.build(res.model, "host", plan=res.plan, out=tmp_path, check=False)
+    integ = man["integerize"]
+    acc = [r for r in integ["layers"] if r.get("pattern") == "conv2d_accumulators (ConvInteger)"]
+    assert len(acc) == len(convint) and all(r["status"] == "integer" for r in acc)
+    assert any(r["padded_with_zero_point"] for r in acc)
+    assert integ["counts"]["left_float"] == 0
+    x = cal["input"][:4]
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    got = build_mod.run_library(tmp_path / "host" / "model.so", [x])[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_conv_integer_that_is_not_hagos_form_is_refused():
+    """A ConvInteger whose int32 result feeds anything but one Cast to float is not lowered: a clear error."""
+    from models import checked_model
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hago_py.backends.tvm.importer import import_qdq
+    from hago_py.errors import BackendError
+
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.int8), "w")
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s"], ["xq"], name="q"),
+             helper.make_node("ConvInteger", ["xq", "w"], ["acc"], name="ci"),
+             helper.make_node("Cast", ["acc"], ["accf"], name="c", to=TensorProto.FLOAT),
+             helper.make_node("Add", ["acc", "acc"], ["acc2"], name="twice"),
+             helper.make_node("Cast", ["acc2"], ["output"], name="c2", to=TensorProto.FLOAT)]
+    m = checked_model(nodes, [w, numpy_helper.from_array(np.float32(0.1), "s")], "ci", [1, 3, 4, 4], [1, 2, 4, 4])
+    with pytest.raises(BackendError, match=r"ConvInteger.*a Cast to float alone reads it"):
+        import_qdq(m)

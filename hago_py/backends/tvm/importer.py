@@ -7,7 +7,12 @@ DequantizeLinear stay (they are what the integer rewrites match) unless their ou
 ``pads`` / ``constant_value`` (directly or through other such Q/DQ nodes): the Q/DQ pair quantizing a Pad's
 constant value is folded too. After import, QuantizeLinear / DequantizeLinear are ``relax.quantize`` /
 ``relax.dequantize`` (float fake-quant until ``integerize`` rewrites them). ``from_onnx`` does not import
-QLinearConv / ConvInteger / QLinearMatMul: feed the QDQ form (what ``hago_py.quantize`` returns).
+QLinearConv / ConvInteger / QLinearMatMul. hago_py writes ConvInteger itself (the int32 accumulators of
+``weight_scheme="multipoint"``'s widened convolutions, read by a Cast to float): :func:`lower_conv_integer`
+rewrites each ConvInteger -> Cast(float) into its QDQ form with unit scales, DequantizeLinear(x, 1, x_zp) and
+DequantizeLinear(w, 1, w_zp) into a float Conv, which ``integerize`` turns back into an int8 conv2d with int32
+accumulators and a cast to float (the same values as ORT's ConvInteger + Cast). The other integer ops (ORT's
+quantizer output) are refused: feed the QDQ form.
 """
 from __future__ import annotations
 
@@ -18,10 +23,77 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...errors import BackendError
+from ...ir.names import NameAllocator
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _NOT_FOLDED = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial")
 _UNSUPPORTED = ("QLinearConv", "ConvInteger", "QLinearMatMul", "QGemm", "QLinearAdd")
+_CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def lower_conv_integer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every ConvInteger whose result only a Cast to float reads rewritten into
+    DequantizeLinear (scale 1, the node's zero points) -> Conv, writing the Cast's output: the QDQ form the Relax
+    integer rewrites match (``rewrite_conv``'s accumulator pattern). A per-channel weight zero point needs
+    DequantizeLinear's ``axis`` (opset 13); other ConvIntegers are left for :func:`import_qdq` to refuse."""
+    if not any(n.op_type == "ConvInteger" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    opset = _opset(m)
+    names = NameAllocator(values={v for n in g.node for v in list(n.input) + list(n.output)} | set(inits)
+                          | {i.name for i in g.input} | {o.name for o in g.output}, nodes={n.name for n in g.node})
+    fresh = names.value
+
+    def unit_scale(base: str, n: int = 0) -> str:
+        name = fresh(base)
+        g.initializer.append(numpy_helper.from_array(np.ones(n, np.float32) if n else np.float32(1.0), name))
+        return name
+
+    consumers = _consumers(g)
+    outputs = {o.name for o in g.output}
+    dropped = set()
+    nodes = []
+    for node in g.node:
+        if id(node) in dropped:
+            continue
+        if node.op_type != "ConvInteger" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        ins = list(node.input) + [""] * (4 - len(node.input))
+        x, w, x_zp, w_zp = ins[:4]
+        w_zp_dims = list(inits[w_zp].dims) if w_zp and w_zp in inits else []
+        per_channel = bool(w_zp_dims) and int(np.prod(w_zp_dims)) > 1
+        uses = consumers.get(node.output[0], [])
+        cast = uses[0][0] if len(uses) == 1 else None
+        if (cast is None or cast.op_type != "Cast" or node.output[0] in outputs
+                or helper.get_attribute_value(next(a for a in cast.attribute if a.name == "to")) != onnx.TensorProto.FLOAT
+                or (w_zp and w_zp not in inits) or (x_zp and x_zp not in inits) or (per_channel and opset < 13)):
+            nodes.append(node)   # not the accumulator form hago writes: import_qdq refuses it
+            continue
+        dropped.add(id(cast))
+        base = node.name or node.output[0]
+        x_dq, w_dq, y = fresh(f"{base}_x_unit_dq"), fresh(f"{base}_w_unit_dq"), cast.output[0]
+        x_ins = [x, unit_scale(f"{base}_x_unit_scale")] + ([x_zp] if x_zp else [])
+        if per_channel:
+            w_ins = [w, unit_scale(f"{base}_w_unit_scale", int(np.prod(w_zp_dims)))] + [w_zp]
+            w_axis = {"axis": 0}
+        else:
+            w_ins = [w, unit_scale(f"{base}_w_unit_scale")] + ([w_zp] if w_zp else [])
+            w_axis = {}
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in _CONV_ATTRS}
+        nodes += [helper.make_node("DequantizeLinear", x_ins, [x_dq], name=names.node(f"{base}/x_unit_dq")),
+                  helper.make_node("DequantizeLinear", w_ins, [w_dq], name=names.node(f"{base}/w_unit_dq"), **w_axis),
+                  helper.make_node("Conv", [x_dq, w_dq], [y], name=names.node(f"{base}/conv"), **attrs)]
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
 
 
 def _consumers(graph) -> Dict[str, List]:
@@ -97,10 +169,13 @@ def import_qdq(model: onnx.ModelProto):
         from ...ir import load_model
 
         model = load_model(model)
+    model = lower_conv_integer(model)
     bad = sorted({n.op_type for n in model.graph.node if n.op_type in _UNSUPPORTED})
     if bad:
         raise BackendError(f"TVM's ONNX importer does not support {', '.join(bad)}: pass the QDQ form of the model "
-                           "(QuantizeLinear / DequantizeLinear around float ops, what hago_py.quantize returns)")
+                           "(QuantizeLinear / DequantizeLinear around float ops, what hago_py.quantize returns)"
+                           + ("; a ConvInteger is lowered only when a Cast to float alone reads it and its zero "
+                              "points are constants (per-channel ones need opset >= 13)" if "ConvInteger" in bad else ""))
     folded = fold_constants(model)
     try:
         from tvm.relax.frontend.onnx import from_onnx

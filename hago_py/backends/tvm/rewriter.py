@@ -24,6 +24,10 @@ class Unsupported(Exception):
     """A matched layer that cannot be rewritten; the message is the reason written to the report."""
 
 
+class NoMatch(Exception):
+    """The pattern matched an expression that is not this rewrite's form: left as is, not recorded."""
+
+
 class Rewriter:
     prefix = "layer"
     op = ""
@@ -43,6 +47,8 @@ class Rewriter:
         rec: Dict[str, Any] = {"name": f"{self.prefix}_{len(self.layers)}", "op": self.op}
         try:
             out = self._rewrite(p, m, rec)
+        except NoMatch:
+            return orig
         except Unsupported as e:
             if orig in self._seen:            # rewrite_call may offer an unchanged match again
                 return orig
