@@ -313,3 +313,36 @@ def test_conv_integer_that_is_not_hagos_form_is_refused():
     m = checked_model(nodes, [w, numpy_helper.from_array(np.float32(0.1), "s")], "ci", [1, 3, 4, 4], [1, 2, 4, 4])
     with pytest.raises(BackendError, match=r"ConvInteger.*a Cast to float alone reads it"):
         import_qdq(m)
+
+
+@pytest.mark.parametrize("scheme", ["none", "rowwise"])
+def test_out_of_range_token_ids_raise_instead_of_crashing(tmp_path, scheme):
+    """TVM imports Gather as an unchecked take: an id >= the table's rows read past it and the library segfaulted
+    (exit 139). The build now checks the graph inputs that index tables: negative ids still wrap as in ONNX,
+    out-of-range ones raise with the input's name (as ONNX Runtime does). Run in a child process, so that a
+    crash fails this test instead of killing the run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import onnxruntime as ort
+    from test_embedding import emb_model
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 16)).astype(np.float32)
+    cal = {"ids": rng.integers(0, 300, (8, 5)).astype(np.int64)}
+    man = build_mod.build(emb_model(w), "host", calibration=cal, out=tmp_path, embedding_scheme=scheme)
+    lib, qdq = tmp_path / "host" / "model.so", tmp_path / "host" / "model_qdq.onnx"
+    ids = np.array([[0, -1, 299, -300]], np.int64)
+    want = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(build_mod.run_library(lib, [ids])[0], want, rtol=0, atol=1e-5)
+    assert man["check"]["max_abs_diff_vs_ort_fused"] == [0.0]
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from hago_py.build import run_library
+        run_library({str(lib)!r}, [np.array([[1, 300]], np.int64)])
+        print("NO ERROR")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "input 'ids' holds an index outside [-300, 300)" in r.stderr and "NO ERROR" not in r.stdout

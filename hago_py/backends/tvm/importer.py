@@ -164,7 +164,8 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def import_qdq(model: onnx.ModelProto):
-    """The Relax IRModule of a QDQ ONNX model (constants folded first; parameters bound as constants)."""
+    """The Relax IRModule of a QDQ ONNX model (constants folded first; parameters bound as constants; graph
+    inputs that index a table checked for range, backends/tvm/guards.py)."""
     if not isinstance(model, onnx.ModelProto):
         from ...ir import load_model
 
@@ -180,11 +181,14 @@ def import_qdq(model: onnx.ModelProto):
     try:
         from tvm.relax.frontend.onnx import from_onnx
 
-        return from_onnx(folded, keep_params_in_input=False)
+        mod = from_onnx(folded, keep_params_in_input=False)
     except Exception as e:
         msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         raise BackendError(f"TVM could not import the QDQ model ({type(e).__name__}: {msg}); check its ops against "
                            "tvm.relax.frontend.onnx (Pad pads must be constant after folding)", details=str(e)) from e
+    from .guards import guard_gather_indices
+
+    return guard_gather_indices(mod)[0]     # out-of-range Gather ids raise instead of reading past the table
 
 
 def static_shapes(model: onnx.ModelProto, batch: int = 1, shapes=None) -> onnx.ModelProto:
