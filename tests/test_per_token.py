@@ -200,3 +200,30 @@ def test_report_names_per_token():
     res = hago_py.quantize(small_transformer_mlp(), _x((8, 5, 16)), "x86_avx2", activation_granularity="per_token",
                            **FAST)
     assert "dynamic activations per token" in render_markdown(res.report)
+
+
+def test_per_layer_granularity_and_conflicting_readers():
+    """layers={node: {"activation_granularity": ...}} sets one layer's dynamic input per token, the rest stay
+    per tensor; two layers reading one tensor with different values is an OptionError naming both and the tensor."""
+    m, cal = small_transformer_mlp(), _x((8, 5, 16))
+    res = hago_py.quantize(m, cal, "x86_avx2", layers={"mm2": {"activation_granularity": "per_token"}}, **FAST)
+    acts = res.plan.activations
+    assert acts["r1"].granularity == "per_token" and acts["input"].granularity == "per_tensor"
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert ops["ReduceMax"] == 1 and ops["DynamicQuantizeLinear"] == 1
+    assert sqnr(run(m, cal)[0], run(res.model, cal)[0]) > 30
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["input", "w1"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["input", "w2"], ["b"], name="mm2"),
+             helper.make_node("Add", ["a", "b"], ["output"], name="add")]
+    two = checked_model(nodes, [_init("w1", rng.normal(0, 0.3, (16, 8)).astype(np.float32)),
+                                _init("w2", rng.normal(0, 0.3, (16, 8)).astype(np.float32))],
+                        "two", ["B", "S", 16], ["B", "S", 8])
+    with pytest.raises(OptionError, match=r"'mm1' and 'mm2' both read tensor 'input'.*'per_tensor' and 'per_token'"):
+        hago_py.quantize(two, _x((8, 5, 16)), "x86_avx2", layers={"mm2": {"activation_granularity": "per_token"}},
+                         **FAST)
+    both = {"mm1": {"activation_granularity": "per_token"}, "mm2": {"activation_granularity": "per_token"}}
+    assert hago_py.quantize(two, _x((8, 5, 16)), "x86_avx2", layers=both, **FAST).plan.activations[
+        "input"].granularity == "per_token"
+    with pytest.raises(OptionError, match="activation_granularity"):
+        hago_py.quantize(m, cal, "x86_avx2", layers={"mm2": {"activation_granularity": "per_row"}}, **FAST)

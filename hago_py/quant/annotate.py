@@ -92,6 +92,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
 
     plan = QuantPlan(target=target_name or spec.name, model_digest=model_digest, options=options.to_dict())
     acts: Dict[str, TensorQuant] = plan.activations
+    dyn_reader: Dict[str, str] = {}      # dynamic activation -> the first layer that reads it (per-layer granularity)
     in_region: Set[str] = set()   # float tensors that carry int8 qparams (quantized or shared)
     a_bits = options.activation_bits
     allowed_ops = set(options.op_types) if options.op_types else None
@@ -219,9 +220,16 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
             lp = LayerPlan(node=node.name, op_type=op, quantize=True, reason="", fused=list(fused),
                            scheme=scheme_d, weight=weight, simulated=simulated)
             x = node.input[0]
+            a_gran = options.layer(node.name, "activation_granularity", options.activation_granularity)
             if mode == "dynamic":
                 if x not in acts or acts[x].mode != "dynamic":
-                    acts[x] = _dynamic_act(x, a_dtype, a_bits, options.activation_granularity)
+                    acts[x] = _dynamic_act(x, a_dtype, a_bits, a_gran)
+                    dyn_reader[x] = node.name
+                elif acts[x].granularity != a_gran:
+                    raise OptionError(f"layers '{dyn_reader[x]}' and '{node.name}' both read tensor '{x}', which is "
+                                      f"quantized once, but ask for activation_granularity "
+                                      f"'{acts[x].granularity}' and '{a_gran}': give every layer reading it the same "
+                                      f"value (layers={{node: {{'activation_granularity': ...}}}})")
                 lp.inputs = [x]
                 lp.output = None
                 lp.reason = (f"{op} with {scheme_d['kernel'] or 'simulated'} kernel, dynamic activations "
@@ -233,7 +241,7 @@ def annotate(model: onnx.ModelProto, spec, options: QuantOptions, *, target_name
                 lp.output = out_name
                 lp.reason = (f"{op} -> {scheme_d['kernel'] or 'fake-quant (simulated)'} W{weight.bits}A{a_bits} "
                              f"{gran} weights" + (f", fused {'+'.join(group.ops)}" if group and len(group.nodes) > 1 else ""))
-                if options.activation_granularity == "per_token":
+                if a_gran == "per_token":
                     lp.notes.append("activation_granularity per_token: not applied, this layer's activations are "
                                     "static (calibrated, per tensor); per-token scales need dynamic activations")
             if nu_bits is not None:

@@ -325,4 +325,5 @@ LAYER_KEYS = {
     "remedy": Rule(str, choices=LAYER_REMEDIES),
     "clipping": Rule(str, choices=CALIBRATION_METHODS),
     "weight_scheme": Rule(str, choices=WEIGHT_SCHEMES),
+    "activation_granularity": Rule(str, choices=ACTIVATION_GRANULARITIES),  # of a dynamic input; all its readers
 }
