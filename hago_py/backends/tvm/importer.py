@@ -35,6 +35,22 @@ def _opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
+def widen_int4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose INT4 / UINT4 initializers (simulated W4: DequantizeLinear-21 of packed 4-bit
+    weights and their zero points) are INT8 / UINT8 with the same values; ``from_onnx`` reads packed 4-bit data
+    as if it were one byte per value ("TensorCopyFromBytes: size mismatch"). DequantizeLinear gives the same
+    floats, and the integer rewrites see int8 weights (4-bit values on the int8 kernel)."""
+    four = {onnx.TensorProto.INT4: np.int8, onnx.TensorProto.UINT4: np.uint8}
+    if not any(t.data_type in four for t in model.graph.initializer):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_type in four:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(four[t.data_type]), t.name))
+    return m
+
+
 def lower_conv_integer(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every ConvInteger whose result only a Cast to float reads rewritten into
     DequantizeLinear (scale 1, the node's zero points) -> Conv, writing the Cast's output: the QDQ form the Relax
@@ -170,7 +186,7 @@ def import_qdq(model: onnx.ModelProto):
         from ...ir import load_model
 
         model = load_model(model)
-    model = lower_conv_integer(model)
+    model = lower_conv_integer(widen_int4(model))
     bad = sorted({n.op_type for n in model.graph.node if n.op_type in _UNSUPPORTED})
     if bad:
         raise BackendError(f"TVM's ONNX importer does not support {', '.join(bad)}: pass the QDQ form of the model "
