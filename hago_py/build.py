@@ -323,6 +323,37 @@ def _swap_in(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _symbolic_dims(model: onnx.ModelProto) -> Dict[str, List[Any]]:
+    """Graph inputs with a symbolic (or unknown) dimension other than the leading one: {input: [dims]}."""
+    out = {}
+    for i in _graph_inputs(model):
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                for d in i.type.tensor_type.shape.dim]
+        if any(isinstance(d, str) for d in dims[1:]):
+            out[i.name] = dims
+    return out
+
+
+def shape_hint(model: onnx.ModelProto, static, feed: Optional[Mapping[str, np.ndarray]]) -> str:
+    """'' or a '; ...' suffix for a TVM import / compile error of a model whose inputs have symbolic non-batch
+    dimensions (TVM 0.27 fails on several such graphs where the weights fix the size): name them and the static
+    shapes to pass, from the calibration sample where there is one."""
+    sym = _symbolic_dims(model)
+    if not sym or static is not None:
+        return ""
+    given = []
+    for name, dims in sym.items():
+        real = list(np.asarray(feed[name]).shape) if feed is not None and name in feed else None
+        want = real if real is not None and len(real) == len(dims) else [1] + [d if isinstance(d, int) else "D"
+                                                                              for d in dims[1:]]
+        given.append((name, dims, want))
+    where = ", ".join(f"'{n}' {d}" for n, d, _ in given)
+    py = ", ".join(f"'{n}': {w}" for n, _, w in given)
+    cli = " ".join(f"--shape {n}={'x'.join(str(v) for v in w)}" for n, _, w in given)
+    return (f"; the inputs have symbolic dimensions besides the batch ({where}), which TVM often cannot compile "
+            f"when the weights fix them: if they are fixed, build for static shapes, shapes={{{py}}} (CLI {cli})")
+
+
 def _first_feed(model: onnx.ModelProto, calibration) -> Optional[Dict[str, np.ndarray]]:
     """One calibration sample per input (batch 1) for the host check, when calibration is a dict / .npz."""
     names = [i.name for i in _graph_inputs(model)]
@@ -369,13 +400,18 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
 
     spec = load_spec("host" if rt.host else target)
     static = None
-    if batch is not None or shapes or tune_db is not None:
-        from .backends.tvm.importer import static_shapes
+    hint = ""
+    try:
+        if batch is not None or shapes or tune_db is not None:
+            from .backends.tvm.importer import static_shapes
 
-        static = {"batch": int(batch or 1), "shapes": dict(shapes or {})}
-        mod, integ = to_relax(static_shapes(qdq, static["batch"], static["shapes"]), spec)
-    else:
-        mod, integ = to_relax(qdq, spec)
+            static = {"batch": int(batch or 1), "shapes": dict(shapes or {})}
+            mod, integ = to_relax(static_shapes(qdq, static["batch"], static["shapes"]), spec)
+        else:
+            hint = shape_hint(qdq, None, _first_feed(qdq, calibration) if calibration is not None else None)
+            mod, integ = to_relax(qdq, spec)
+    except BackendError as e:
+        raise BackendError(f"{e}{hint}", details=e.details) from e
     tvm_target = rt.tvm()
     tensorized = _tensorize(mod, rt, tensorize, say)
     mod = tensorized.pop("module", mod)
@@ -391,7 +427,7 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
         exe = compile_module(mod, tvm_target, tune_db if tuned else None)
     except Exception as e:
         raise BackendError(f"TVM could not compile the model for target {rt.name} ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})",
+                           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}){hint}",
                            details=str(e)) from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{rt.name}.", dir=str(out)))
     try:

@@ -367,3 +367,36 @@ def test_simulated_w4_builds_with_int4_initializers(tmp_path):
         None, {"input": x})[0]
     np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / "model.so", [x])[0], want, rtol=0,
                                atol=1e-5)
+
+
+def test_symbolic_dimension_errors_say_which_shapes_to_pass(tmp_path, monkeypatch):
+    """TVM 0.27 fails to import / compile several graphs whose inputs have symbolic dimensions besides the batch
+    (fuzz_build: a Reshape or Softmax after a symbolic feature axis). The error then names those dimensions and
+    the static shapes to pass, taken from the calibration sample; a batch-only symbolic model gets no hint."""
+    from onnx import TensorProto, helper
+
+    from hago_py.errors import BackendError
+
+    def model(dims):
+        g = helper.make_graph([helper.make_node("Relu", ["input"], ["output"], name="r")], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, dims)])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    feed = {"input": np.zeros((1, 3, 15), np.float32)}
+    hint = build_mod.shape_hint(model(["N", 3, "d1"]), None, feed)
+    assert "'input' ['N', 3, 'd1']" in hint and "shapes={'input': [1, 3, 15]}" in hint and "--shape input=1x3x15" in hint
+    assert build_mod.shape_hint(model(["N", 3, "d1"]), {"batch": 1, "shapes": {}}, feed) == ""
+    assert build_mod.shape_hint(model(["N", 3, 15]), None, feed) == ""
+    assert "--shape input=1x3xD" in build_mod.shape_hint(model(["N", 3, "d1"]), None, None)
+
+    def fail(*a, **k):
+        raise BackendError("TVM could not import the quantized model (InternalError: Reshape expects the input "
+                           "tensor to have known shape)")
+
+    monkeypatch.setattr(build_mod, "to_relax", fail)
+    m = small_cnn()
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(BackendError, match=r"known shape\); the inputs have symbolic dimensions besides the batch "
+                                           r"\('input' \['N', 3, 'H', 8\]\).*--shape input=1x3x8x8"):
+        build_mod.build(m, "host", calibration=calib(), out=tmp_path)
