@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from . import requantize as rq
-from .rewriter import NoMatch, Rewriter, Unsupported, requantized_output
+from .rewriter import NoMatch, Rewriter, Unsupported, output_quantize, requantized_output
 
 PATTERN_NAME = "conv2d"
 
@@ -145,15 +145,7 @@ class ConvRewriter(Rewriter):
             raise Unsupported("weights must be int8 with zero point 0 (symmetric): re-quantize with symmetric "
                                "weights")
         n_out = w.shape[0]
-        ys, yz = rq.scalar(m[p["ys"]]), rq.scalar(m[p["yz"]])
-        q = m[p["root"]]
-        out_dtype = str(q.attrs.out_dtype)
-        if ys is None or yz is None or out_dtype not in rq.QRANGE:
-            raise Unsupported("output quantize is per-channel or not 8/16-bit")
-        bounds = rq.activation_bounds(m, p["relu"], p["clip"], ys, int(yz), out_dtype)
-        if bounds is None:
-            raise Unsupported("clip bounds are not constants")
-        lo, hi, act = bounds
+        ys, yz, out_dtype, lo, hi, act = output_quantize(m, p)
         notes: List[str] = []
         ws_c = np.broadcast_to(ws, (n_out,))
         acc_scale = np.float64(np.float32(sx)) * ws_c.astype(np.float64)

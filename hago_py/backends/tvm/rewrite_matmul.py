@@ -25,7 +25,7 @@ import numpy as np
 
 from . import requantize as rq
 from .rewrite_conv import bias_int32
-from .rewriter import Rewriter, Unsupported, requantized_output
+from .rewriter import Rewriter, Unsupported, output_quantize, requantized_output
 
 
 def _patterns(quantized: bool, with_bias: bool):
@@ -107,14 +107,7 @@ class MatmulRewriter(Rewriter):
             rec.update(status="integer", pattern="matmul" + ("+bias" if has_bias else "") + "->float",
                        out_dtype="float32", requantize="dequantize (float32 acc * s_x*s_w)")
             return y
-        ys, yz = rq.scalar(m[p["ys"]]), rq.scalar(m[p["yz"]])
-        out_dtype = str(m[p["root"]].attrs.out_dtype)
-        if ys is None or yz is None or out_dtype not in rq.QRANGE:
-            raise Unsupported("output quantize is per-channel or not 8/16-bit")
-        bounds = rq.activation_bounds(m, p["relu"], p["clip"], ys, int(yz), out_dtype)
-        if bounds is None:
-            raise Unsupported("clip bounds are not constants")
-        lo, hi, act = bounds
+        ys, yz, out_dtype, lo, hi, act = output_quantize(m, p)
         M = (np.float32(sx) * ws_c.astype(np.float32)) / np.float32(ys)
         plan = rq.plan([M], self.rq)
         rec.update(status="integer", pattern="matmul" + ("+bias" if has_bias else "") + (f"+{act}" if act else ""),

@@ -24,6 +24,21 @@ class Unsupported(Exception):
     """A matched layer that cannot be rewritten; the message is the reason written to the report."""
 
 
+def output_quantize(m, p):
+    """(s_y, z_y, out_dtype, lo, hi, act) of a match of :func:`requantized_output`: the per-tensor output scale
+    and zero point, and the clamp the relu / clip folds into; :class:`Unsupported` otherwise."""
+    from . import requantize as rq
+
+    ys, yz = rq.scalar(m[p["ys"]]), rq.scalar(m[p["yz"]])
+    out_dtype = str(m[p["root"]].attrs.out_dtype)
+    if ys is None or yz is None or out_dtype not in rq.QRANGE:
+        raise Unsupported("output quantize is per-channel or not 8/16-bit")
+    bounds = rq.activation_bounds(m, p["relu"], p["clip"], ys, int(yz), out_dtype)
+    if bounds is None:
+        raise Unsupported("clip bounds are not constants")
+    return (ys, int(yz), out_dtype) + tuple(bounds)
+
+
 class NoMatch(Exception):
     """The pattern matched an expression that is not this rewrite's form: left as is, not recorded."""
 
