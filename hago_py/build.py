@@ -90,7 +90,10 @@ def to_relax(qdq: onnx.ModelProto, spec=None):
         from .backends.tvm.integerize import integerize
     except ImportError:
         return mod, None
-    mod, info = integerize(mod, spec)
+    from .api import internal_errors
+
+    with internal_errors("the TVM integer rewrite"):     # anything it raises is a hago_py bug: InternalError
+        mod, info = integerize(mod, spec)
     return mod, dict(info or {})
 
 

@@ -400,3 +400,34 @@ def test_symbolic_dimension_errors_say_which_shapes_to_pass(tmp_path, monkeypatc
     with pytest.raises(BackendError, match=r"known shape\); the inputs have symbolic dimensions besides the batch "
                                            r"\('input' \['N', 3, 'H', 8\]\).*--shape input=1x3x8x8"):
         build_mod.build(m, "host", calibration=calib(), out=tmp_path)
+
+
+def test_single_element_weights_keep_their_rank(tmp_path):
+    """A 1x1x1x1 conv weight (one input and one output channel) became a scalar constant in the integer rewrite
+    (one-element constants are broadcast scalars elsewhere) and TVM refused the conv2d ("layout OIHW requires the
+    input to be 4-dim tensor ... ndim 0"), a crash found by fuzz_build. Same for a [1, 1] matmul weight."""
+    from models import checked_model
+    from onnx import helper, numpy_helper
+
+    import hago_py
+
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Transpose", ["r"], ["t"], name="t", perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["t", "m"], ["output"], name="mm")]
+    inits = [numpy_helper.from_array(np.full((1, 1, 1, 1), -0.7, np.float32), "w"),
+             numpy_helper.from_array(np.full((1, 1), 1.3, np.float32), "m")]
+    m = checked_model(nodes, inits, "one", ["N", 1, 4, 4], ["N", 4, 4, 1])
+    cal = {"input": np.random.default_rng(0).normal(size=(8, 1, 4, 4)).astype(np.float32)}
+    res = hago_py.quantize(m, cal, "x86_avx2", activation_mode="static", measure_latency=False)
+    man = build_mod.build(res.model, "host", plan=res.plan, out=tmp_path, check=False, batch=2,
+                          shapes={"input": [2, 1, 4, 4]})
+    c = man["integerize"]["counts"]
+    assert c["conv2d"] == 1 and c["matmul"] == 1 and c["left_float"] == 0
+    import onnxruntime as ort
+
+    x = cal["input"][:2]
+    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / "model.so", [x])[0], want, rtol=0,
+                               atol=1e-5)

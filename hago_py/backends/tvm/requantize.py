@@ -126,11 +126,13 @@ def apply_np(terms: Sequence[np.ndarray], p: Mapping[str, Any]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ Relax
-def _const(arr, dtype, shape):
+def _const(arr, dtype, shape, keep_shape: bool = False):
+    """A Relax constant of ``arr`` as ``dtype`` and ``shape``; a one-element broadcast operand becomes a scalar
+    unless ``keep_shape`` (an operand whose rank the op checks: a 1x1x1x1 conv weight, a [1, 1] matmul weight)."""
     from tvm import relax
 
     a = np.asarray(arr).astype(dtype)
-    return relax.const(a.reshape(shape) if a.size > 1 else a.reshape(()), dtype)
+    return relax.const(a.reshape(shape) if a.size > 1 or keep_shape else a.reshape(()), dtype)
 
 
 def _round_float(v, rounding):

@@ -97,7 +97,7 @@ class ConvRewriter(Rewriter):
         if zx != 0 and any(pad):
             xin = op.nn.pad(x, [0, 0, 0, 0, pad[0], pad[2], pad[1], pad[3]], pad_value=int(zx))
             pad = [0, 0, 0, 0]
-        acc = op.nn.conv2d(xin, rq._const(w, "int8", w.shape), strides=a.strides, padding=pad,
+        acc = op.nn.conv2d(xin, rq._const(w, "int8", w.shape, keep_shape=True), strides=a.strides, padding=pad,
                            dilation=a.dilation, groups=int(a.groups), out_dtype="int32")
         rec["padded_with_zero_point"] = bool(xin is not x)
         return op.add(acc, rq._const(corr, "int32", (1, w.shape[0], 1, 1)))

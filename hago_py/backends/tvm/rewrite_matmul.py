@@ -98,7 +98,7 @@ class MatmulRewriter(Rewriter):
         corr = bias - int(zx) * w.astype(np.int64).sum(0)
         if np.abs(corr).max(initial=0) >= 2 ** 31:
             raise Unsupported("bias - z_x * sum(W) overflows int32")
-        acc = op.matmul(x, rq._const(w, "int8", w.shape), out_dtype="int32")
+        acc = op.matmul(x, rq._const(w, "int8", w.shape, keep_shape=True), out_dtype="int32")
         acc = op.add(acc, rq._const(corr, "int32", (n_out,)))
         has_bias = p["add"] in m
         rec.update(x_dtype=x_dtype, weight_shape=list(w.shape), transposed=transposed, notes=notes)
