@@ -35,7 +35,9 @@ from .errors import BackendError, OptionError, OutputError
 
 AARCH64_CC = "aarch64-linux-gnu-gcc"
 AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu/lib")
-_QDQ = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+# ops only a quantized model has: QDQ, and the integer ops of hago's dynamic per-token / multipoint layers (a
+# model whose only quantized layers are per-token MatMuls has no QuantizeLinear at all)
+_QDQ = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
 
 
 # ---------------------------------------------------------------- toolchains

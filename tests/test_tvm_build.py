@@ -431,3 +431,23 @@ def test_single_element_weights_keep_their_rank(tmp_path):
         None, {"input": x})[0]
     np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / "model.so", [x])[0], want, rtol=0,
                                atol=1e-5)
+
+
+def test_prequantized_per_token_model_is_recognised(tmp_path):
+    """A model whose only quantized layers are per-token MatMuls has no QuantizeLinear / DequantizeLinear; build
+    took it for FP32 and refused its plan (fuzz_build). MatMulInteger / ConvInteger mark a quantized model too."""
+    from models import small_transformer_mlp
+
+    import hago_py
+
+    x = np.random.default_rng(0).normal(size=(6, 5, 16)).astype(np.float32)
+    res = hago_py.quantize(small_transformer_mlp(), {"input": x}, "x86_avx2", activation_granularity="per_token",
+                           measure_latency=False)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in res.model.graph.node)
+    man = build_mod.build(res.model, "host", plan=res.plan, out=tmp_path, check=False)
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / man["library"]["file"], [x])[0], want,
+                               rtol=0, atol=1e-5)
