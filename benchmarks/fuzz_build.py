@@ -4,8 +4,8 @@
                                     [--json benchmarks/results/fuzz_build/run.json]
 
 Cases come from benchmarks/fuzzgen.py: ``graphs`` (a generated graph with its calibration arrays, default
-options) and ``options`` (the valid API cases of that family; one the generator marks invalid, or a CLI case,
-is skipped). Each case runs in a fresh child
+options), ``options`` and ``exporters`` (torch exports; the first valid API case with an in-memory model and
+calibration arrays among derived seeds). Each case runs in a fresh child
 process (a segfault in a compiled library must not end the run):
 
 1. ``hago_py.quantize`` with the case's options (a HagoError here is the ORT-path fuzzer's business:
@@ -54,21 +54,18 @@ def _case_inputs(family: str, seed: int):
     if family == "graphs":   # the generated graph itself (the family's cases also vary the model's file form)
         model, calib, probe, knobs = draw_model("graphs", seed, plain=False)
         return model, calib, probe, {}, knobs_note(knobs)
-    for k in range(OPTION_REDRAWS):   # the first valid API case among derived seeds (CLI / invalid ones are skipped)
-        case = make_case(family, seed * OPTION_REDRAWS + k)
-        if case.mode == "api" and case.expect != "reject" and case.probe is not None:
-            break
-    else:
-        return None
-    model = case.model
-    if isinstance(model, bytes):
-        model = onnx.load_from_string(model)
-    if not isinstance(model, onnx.ModelProto) or not isinstance(case.calibration, dict):
-        return None
-    if not all(isinstance(v, np.ndarray) for v in case.calibration.values()):
-        return None
-    opts = {k: v for k, v in case.kwargs.items() if k not in SKIP_KEYS}
-    return model, case.calibration, case.probe, opts, case.note
+    for k in range(OPTION_REDRAWS):   # the first usable case among derived seeds: a valid API case with the model
+        case = make_case(family, seed * OPTION_REDRAWS + k)   # in memory and arrays as calibration
+        if case.mode != "api" or case.expect == "reject" or case.probe is None:
+            continue
+        model = onnx.load_from_string(case.model) if isinstance(case.model, bytes) else case.model
+        if not isinstance(model, onnx.ModelProto) or not isinstance(case.calibration, dict):
+            continue
+        if not all(isinstance(v, np.ndarray) for v in case.calibration.values()):
+            continue
+        opts = {k: v for k, v in case.kwargs.items() if k not in SKIP_KEYS}
+        return model, case.calibration, case.probe, opts, case.note
+    return None
 
 
 def _tolerances(qdq, outs_ref: List[np.ndarray]) -> List[float]:

@@ -451,3 +451,45 @@ def test_prequantized_per_token_model_is_recognised(tmp_path):
         None, {"input": x})[0]
     np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / man["library"]["file"], [x])[0], want,
                                rtol=0, atol=1e-5)
+
+
+def _computed_split_model():
+    """Torch-export style: y = x @ W; the q / k halves of y cut by Slice bounds computed from Shape(y)."""
+    from models import checked_model
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    i64 = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "W"),
+             i64("two", [2]), i64("half_div", 2), i64("zero", [0]), i64("axis2", [2])]
+    nodes = [helper.make_node("MatMul", ["input", "W"], ["y"], name="proj"),
+             helper.make_node("Shape", ["y"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "two"], ["d"], name="last_dim", axis=0),
+             helper.make_node("Div", ["d", "half_div"], ["h"], name="half"),
+             helper.make_node("Add", ["h", "h"], ["e"], name="end"),
+             helper.make_node("Slice", ["y", "zero", "h", "axis2"], ["q"], name="q"),
+             helper.make_node("Slice", ["y", "h", "e", "axis2"], ["k"], name="k"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["output"], name="scores")]
+    return checked_model(nodes, inits, "split", ["N", 6, 16], ["N", 6, 6])
+
+
+def test_static_build_folds_shape_arithmetic(tmp_path):
+    """A static build of a model that computes Slice bounds from Shape (torch exports of attention) left Relax
+    tensors of unknown shape, and TVM's matmul legalization failed (fuzz_build, exporters family). With static
+    shapes the Shape nodes fold into constants first, then the arithmetic on them."""
+    import hago_py
+    from hago_py.backends.tvm.importer import fold_static_shapes, static_shapes
+
+    x = np.random.default_rng(1).normal(size=(4, 6, 16)).astype(np.float32)
+    res = hago_py.quantize(_computed_split_model(), {"input": x}, "x86_avx2", measure_latency=False)
+    static = static_shapes(res.model, 2)
+    assert not any(n.op_type == "Shape" for n in fold_static_shapes(static).graph.node)
+    assert any(n.op_type == "Shape" for n in fold_static_shapes(res.model).graph.node)   # symbolic batch: kept
+    build_mod.build(res.model, "host", plan=res.plan, out=tmp_path, check=False, batch=2)
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x[:2]})[0]
+    np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / "model.so", [x[:2]])[0], want,
+                               rtol=0, atol=1e-4)

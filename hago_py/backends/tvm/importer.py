@@ -136,6 +136,43 @@ def _feeds_pad_params_only(name: str, consumers, outputs) -> bool:
     return True
 
 
+def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose Shape nodes read a tensor of fully known shape (ONNX shape inference; after
+    :func:`static_shapes` that is most of them) replaced by that shape as a constant, so that
+    :func:`fold_constants` folds the Gather / Div / Slice arithmetic torch exports build on it. Without this a
+    static build of such a model (a qkv split by computed Slice bounds) left Relax tensors of unknown shape, and
+    TVM's matmul legalization failed ("'NoneType' object is not iterable")."""
+    if not any(n.op_type == "Shape" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:      # a model shape inference cannot take: nothing is folded, from_onnx decides
+        return model
+    g = inferred.graph
+    known: Dict[str, List[int]] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            known[vi.name] = [int(d.dim_value) for d in t.shape.dim]
+    for init in g.initializer:
+        known[init.name] = [int(d) for d in init.dims]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = []
+    for node in m.graph.node:
+        if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in known:
+            dims = known[node.input[0]]
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            start, end = int(a.get("start", 0)), a.get("end")
+            value = np.asarray(dims[start:] if end is None else dims[start:int(end)], np.int64)
+            m.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            continue
+        nodes.append(node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with constant nodes (and Q/DQ nodes that only feed Pad parameters) folded into
     initializers."""
@@ -193,7 +230,7 @@ def import_qdq(model: onnx.ModelProto):
                            "(QuantizeLinear / DequantizeLinear around float ops, what hago_py.quantize returns)"
                            + ("; a ConvInteger is lowered only when a Cast to float alone reads it and its zero "
                               "points are constants (per-channel ones need opset >= 13)" if "ConvInteger" in bad else ""))
-    folded = fold_constants(model)
+    folded = fold_constants(fold_static_shapes(model))
     try:
         from tvm.relax.frontend.onnx import from_onnx
 
