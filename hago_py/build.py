@@ -464,7 +464,10 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
             if feed is not None and static is not None:     # the library takes exactly the static shapes
                 feed = None if static["shapes"] else {k: np.repeat(v[:1], static["batch"], 0) for k, v in feed.items()}
             if feed is not None:
-                manifest["check"] = _check_host(tmp / exported["library"]["file"], qdq, feed)
+                from .api import internal_errors
+
+                with internal_errors("the check of the built library"):   # it must load and run: else a bug
+                    manifest["check"] = _check_host(tmp / exported["library"]["file"], qdq, feed)
         (tmp / "build_report.md").write_text(build_report(manifest))
         manifest["files"] = {p.name: {"sha256": _sha(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}

@@ -493,3 +493,23 @@ def test_static_build_folds_shape_arithmetic(tmp_path):
         None, {"input": x[:2]})[0]
     np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / "model.so", [x[:2]])[0], want,
                                rtol=0, atol=1e-4)
+
+
+def test_concat_with_an_empty_constant_builds_a_loadable_library(tmp_path):
+    """A Concat reading a zero-element initializer: TVM kept the empty constant, exported it, and the library
+    failed to load ("Invalid DLTensor file format"; fuzz_build). The importer drops such inputs first."""
+    from models import checked_model
+    from onnx import helper, numpy_helper
+
+    from hago_py.backends.tvm.importer import drop_empty_concat_inputs
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros((1, 0, 8, 8), np.float32), "empty")]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["c", "empty"], ["output"], name="cat", axis=1)]
+    m = checked_model(nodes, inits, "empty_cat", [1, 3, 8, 8], [1, 4, 8, 8])
+    assert [n.input for n in drop_empty_concat_inputs(m).graph.node if n.op_type == "Concat"] == [["c"]]
+    cal = {"input": rng.normal(size=(4, 3, 8, 8)).astype(np.float32)}
+    man = build_mod.build(m, "host", calibration=cal, out=tmp_path)
+    assert man["check"]["max_abs_diff_vs_ort_fused"] == [0.0]

@@ -136,6 +136,28 @@ def _feeds_pad_params_only(name: str, consumers, outputs) -> bool:
     return True
 
 
+def drop_empty_concat_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose Concat nodes no longer read zero-element initializers (they add nothing). TVM
+    keeps such a constant in the module, exports it, and the library then fails to load ("Invalid DLTensor file
+    format"): found by fuzz_build on a Concat with a [1, 0, 5, 3] constant."""
+    empty = {t.name for t in model.graph.initializer if 0 in t.dims}
+    if not empty or not any(n.op_type == "Concat" and set(n.input) & empty for n in model.graph.node):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for node in m.graph.node:
+        if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
+            keep = [i for i in node.input if i not in empty]
+            if keep and len(keep) < len(node.input):
+                del node.input[:]
+                node.input.extend(keep)
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    inits = [t for t in m.graph.initializer if t.name not in empty or t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    return m
+
+
 def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose Shape nodes read a tensor of fully known shape (ONNX shape inference; after
     :func:`static_shapes` that is most of them) replaced by that shape as a constant, so that
@@ -230,7 +252,7 @@ def import_qdq(model: onnx.ModelProto):
                            "(QuantizeLinear / DequantizeLinear around float ops, what hago_py.quantize returns)"
                            + ("; a ConvInteger is lowered only when a Cast to float alone reads it and its zero "
                               "points are constants (per-channel ones need opset >= 13)" if "ConvInteger" in bad else ""))
-    folded = fold_constants(fold_static_shapes(model))
+    folded = fold_constants(fold_static_shapes(drop_empty_concat_inputs(model)))
     try:
         from tvm.relax.frontend.onnx import from_onnx
 
