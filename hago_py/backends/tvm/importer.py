@@ -159,11 +159,12 @@ def drop_empty_concat_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose Shape nodes read a tensor of fully known shape (ONNX shape inference; after
-    :func:`static_shapes` that is most of them) replaced by that shape as a constant, so that
-    :func:`fold_constants` folds the Gather / Div / Slice arithmetic torch exports build on it. Without this a
-    static build of such a model (a qkv split by computed Slice bounds) left Relax tensors of unknown shape, and
-    TVM's matmul legalization failed ("'NoneType' object is not iterable")."""
+    """A copy of ``model`` where the shape arithmetic torch exports build is made constant wherever ONNX shape
+    inference knows the dimensions it reads: a Shape node of a fully known tensor becomes its shape, and a
+    Gather(Shape(t), constant index) of known dimensions of ``t`` (the feature size next to a symbolic batch)
+    becomes those dimensions; :func:`fold_constants` then folds the Div / Slice arithmetic on them. Without this,
+    a model whose qkv split has computed Slice bounds left Relax tensors of unknown shape, and TVM's matmul
+    legalization failed ("'NoneType' object is not iterable"; fuzz_build, exporters family)."""
     if not any(n.op_type == "Shape" and n.domain in ("", "ai.onnx") for n in model.graph.node):
         return model
     try:
@@ -171,22 +172,40 @@ def fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception:      # a model shape inference cannot take: nothing is folded, from_onnx decides
         return model
     g = inferred.graph
-    known: Dict[str, List[int]] = {}
+    dims: Dict[str, List] = {}      # value -> its dimensions, None where not known
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         t = vi.type.tensor_type
-        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
-            known[vi.name] = [int(d.dim_value) for d in t.shape.dim]
+        if t.HasField("shape"):
+            dims[vi.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in t.shape.dim]
     for init in g.initializer:
-        known[init.name] = [int(d) for d in init.dims]
+        dims[init.name] = [int(d) for d in init.dims]
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    shape_of: Dict[str, List] = {}  # Shape output -> the dimensions it holds
+    for n in model.graph.node:
+        if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and n.input[0] in dims:
+            a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+            d = dims[n.input[0]]
+            start, stop = int(a.get("start", 0)), a.get("end")
+            shape_of[n.output[0]] = d[start:] if stop is None else d[start:int(stop)]
     m = onnx.ModelProto()
     m.CopyFrom(model)
     nodes = []
     for node in m.graph.node:
-        if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in known:
-            dims = known[node.input[0]]
-            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-            start, end = int(a.get("start", 0)), a.get("end")
-            value = np.asarray(dims[start:] if end is None else dims[start:int(end)], np.int64)
+        value = None
+        if node.op_type == "Shape" and node.output[0] in shape_of and None not in shape_of[node.output[0]]:
+            value = np.asarray(shape_of[node.output[0]], np.int64)
+        elif (node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[0] in shape_of
+              and node.input[1] in consts and not any(x.name == "axis" and x.i != 0 for x in node.attribute)):
+            held = shape_of[node.input[0]]
+            idx = np.asarray(consts[node.input[1]]).astype(np.int64)
+            if idx.size and np.all((idx >= -len(held)) & (idx < len(held))):
+                got = np.asarray([held[int(i)] for i in idx.reshape(-1)], dtype=object)
+                if not any(v is None for v in got):
+                    value = got.astype(np.int64).reshape(idx.shape)
+        if value is not None:
             m.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
             continue
         nodes.append(node)
