@@ -282,7 +282,10 @@ def import_qdq(model: onnx.ModelProto):
                            "tvm.relax.frontend.onnx (Pad pads must be constant after folding)", details=str(e)) from e
     from .guards import guard_gather_indices
 
-    return guard_gather_indices(mod)[0]     # out-of-range Gather ids raise instead of reading past the table
+    try:
+        return guard_gather_indices(mod)[0]     # out-of-range Gather ids raise instead of reading past the table
+    except Exception:   # a module shape the guard does not know: build it unguarded rather than not at all
+        return mod
 
 
 def static_shapes(model: onnx.ModelProto, batch: int = 1, shapes=None) -> onnx.ModelProto:
