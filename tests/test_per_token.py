@@ -102,15 +102,20 @@ def test_default_output_unchanged():
     assert all(t.granularity == "per_tensor" and t.dtype == "uint8" for t in a.plan.activations.values())
 
 
-def test_plan_records_per_token_and_shares_the_quantization():
-    """Two MatMuls reading one tensor share one quantize chain; the plan says per_token, int8, symmetric."""
+def _two_readers():
+    """mm1 and mm2 both read the graph input (one tensor, quantized once), summed."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("MatMul", ["input", "w1"], ["a"], name="mm1"),
              helper.make_node("MatMul", ["input", "w2"], ["b"], name="mm2"),
              helper.make_node("Add", ["a", "b"], ["output"], name="add")]
-    m = checked_model(nodes, [_init("w1", rng.normal(0, 0.3, (16, 8)).astype(np.float32)),
-                              _init("w2", rng.normal(0, 0.3, (16, 8)).astype(np.float32))],
-                      "two", ["B", "S", 16], ["B", "S", 8])
+    return checked_model(nodes, [_init("w1", rng.normal(0, 0.3, (16, 8)).astype(np.float32)),
+                                 _init("w2", rng.normal(0, 0.3, (16, 8)).astype(np.float32))],
+                         "two", ["B", "S", 16], ["B", "S", 8])
+
+
+def test_plan_records_per_token_and_shares_the_quantization():
+    """Two MatMuls reading one tensor share one quantize chain; the plan says per_token, int8, symmetric."""
+    m = _two_readers()
     res = hago_py.quantize(m, _x((8, 5, 16)), "x86_avx2", activation_granularity="per_token", **FAST)
     ops = Counter(n.op_type for n in res.model.graph.node)
     assert ops["ReduceMax"] == 1 and ops["MatMulInteger"] == 2
@@ -212,13 +217,7 @@ def test_per_layer_granularity_and_conflicting_readers():
     ops = Counter(n.op_type for n in res.model.graph.node)
     assert ops["ReduceMax"] == 1 and ops["DynamicQuantizeLinear"] == 1
     assert sqnr(run(m, cal)[0], run(res.model, cal)[0]) > 30
-    rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["input", "w1"], ["a"], name="mm1"),
-             helper.make_node("MatMul", ["input", "w2"], ["b"], name="mm2"),
-             helper.make_node("Add", ["a", "b"], ["output"], name="add")]
-    two = checked_model(nodes, [_init("w1", rng.normal(0, 0.3, (16, 8)).astype(np.float32)),
-                                _init("w2", rng.normal(0, 0.3, (16, 8)).astype(np.float32))],
-                        "two", ["B", "S", 16], ["B", "S", 8])
+    two = _two_readers()
     with pytest.raises(OptionError, match=r"'mm1' and 'mm2' both read tensor 'input'.*'per_tensor' and 'per_token'"):
         hago_py.quantize(two, _x((8, 5, 16)), "x86_avx2", layers={"mm2": {"activation_granularity": "per_token"}},
                          **FAST)
