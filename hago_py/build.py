@@ -405,7 +405,10 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
 
     spec = load_spec("host" if rt.host else target)
     static = None
-    hint = ""
+
+    def hint() -> str:     # only for an error message: the calibration sample is read when one is raised
+        return shape_hint(qdq, static, _first_feed(qdq, calibration))
+
     try:
         if batch is not None or shapes or tune_db is not None:
             from .backends.tvm.importer import static_shapes
@@ -413,10 +416,9 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
             static = {"batch": int(batch or 1), "shapes": dict(shapes or {})}
             mod, integ = to_relax(static_shapes(qdq, static["batch"], static["shapes"]), spec)
         else:
-            hint = shape_hint(qdq, None, _first_feed(qdq, calibration) if calibration is not None else None)
             mod, integ = to_relax(qdq, spec)
     except BackendError as e:
-        raise BackendError(f"{e}{hint}", details=e.details) from e
+        raise BackendError(f"{e}{hint()}", details=e.details) from e
     tvm_target = rt.tvm()
     tensorized = _tensorize(mod, rt, tensorize, say)
     mod = tensorized.pop("module", mod)
@@ -432,7 +434,7 @@ def build(model, target, *, calibration=None, out="build", plan=None, tune_db=No
         exe = compile_module(mod, tvm_target, tune_db if tuned else None)
     except Exception as e:
         raise BackendError(f"TVM could not compile the model for target {rt.name} ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}){hint}",
+                           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}){hint()}",
                            details=str(e)) from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{rt.name}.", dir=str(out)))
     try:
