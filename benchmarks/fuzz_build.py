@@ -207,10 +207,9 @@ def main(argv=None) -> int:
     if a.json:
         from hago_py.ir.io import atomic_write_bytes
 
-        import platform
+        from .run import machine_info
 
-        host = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                    platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+        host = machine_info(1)
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(a.json), json.dumps({
             "config": vars(a), "host": host, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -133,9 +132,12 @@ def main(argv=None) -> int:
                       for _ in range(a.noise_draws)])
         noise.append({"sigma": s, "mean": round(float(d.mean()), 5), "sd": round(float(d.std()), 5),
                       "p5": round(float(np.percentile(d, 5)), 5), "p_below_0.002": round(float(np.mean(d < -0.002)), 3)})
-    host = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": host, "fp32_rho": rho_fp,
+    from benchmarks.run import machine_info
+
+    machine = machine_info(2)
+    host = f"{machine['cpu']} ({', '.join(machine['int8_isa']) or 'no int8 ISA flags'})"
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": host, "machine": machine,
+           "fp32_rho": rho_fp,
            "variants": rows, "noise_model": noise}
     from hago_py.ir.io import atomic_write_bytes
 
