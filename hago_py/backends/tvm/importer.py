@@ -23,16 +23,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...errors import BackendError
+from ...ir.io import default_opset
 from ...ir.names import NameAllocator
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _NOT_FOLDED = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial")
 _UNSUPPORTED = ("QLinearConv", "ConvInteger", "QLinearMatMul", "QGemm", "QLinearAdd")
 _CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
 def widen_int4(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -62,7 +59,7 @@ def lower_conv_integer(model: onnx.ModelProto) -> onnx.ModelProto:
     m.CopyFrom(model)
     g = m.graph
     inits = {i.name: i for i in g.initializer}
-    opset = _opset(m)
+    opset = default_opset(m)
     names = NameAllocator(values={v for n in g.node for v in list(n.input) + list(n.output)} | set(inits)
                           | {i.name for i in g.input} | {o.name for o in g.output}, nodes={n.name for n in g.node})
     fresh = names.value
