@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from models import calib, small_cnn
+from models import calib, run, small_cnn
 
 tvm = pytest.importorskip("tvm")
 
@@ -288,10 +288,7 @@ def test_multipoint_conv_integer_builds_as_integer_conv(tmp_path):
     assert any(r["padded_with_zero_point"] for r in acc)
     assert integ["counts"]["left_float"] == 0
     x = cal["input"][:4]
-    import onnxruntime as ort
-
-    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x})[0]
+    want = run(res.model, {"input": x})[0]
     got = build_mod.run_library(tmp_path / "host" / "model.so", [x])[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
@@ -325,7 +322,6 @@ def test_out_of_range_token_ids_raise_instead_of_crashing(tmp_path, scheme):
     import sys
     import textwrap
 
-    import onnxruntime as ort
     from test_embedding import emb_model
 
     rng = np.random.default_rng(0)
@@ -334,7 +330,7 @@ def test_out_of_range_token_ids_raise_instead_of_crashing(tmp_path, scheme):
     man = build_mod.build(emb_model(w), "host", calibration=cal, out=tmp_path, embedding_scheme=scheme)
     lib, qdq = tmp_path / "host" / "model.so", tmp_path / "host" / "model_qdq.onnx"
     ids = np.array([[0, -1, 299, -300]], np.int64)
-    want = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    want = run(qdq, {"ids": ids})[0]
     np.testing.assert_allclose(build_mod.run_library(lib, [ids])[0], want, rtol=0, atol=1e-5)
     assert man["check"]["max_abs_diff_vs_ort_fused"] == [0.0]
     code = textwrap.dedent(f"""
@@ -361,10 +357,7 @@ def test_simulated_w4_builds_with_int4_initializers(tmp_path):
     man = build_mod.build(res.model, "host", plan=res.plan, out=tmp_path, check=False)
     assert man["integerize"]["counts"]["conv2d"] == 2 and man["integerize"]["counts"]["left_float"] == 0
     x = calib(seed=5, n=3)["input"]
-    import onnxruntime as ort
-
-    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x})[0]
+    want = run(res.model, {"input": x})[0]
     np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / "model.so", [x])[0], want, rtol=0,
                                atol=1e-5)
 
@@ -424,11 +417,8 @@ def test_single_element_weights_keep_their_rank(tmp_path):
                           shapes={"input": [2, 1, 4, 4]})
     c = man["integerize"]["counts"]
     assert c["conv2d"] == 1 and c["matmul"] == 1 and c["left_float"] == 0
-    import onnxruntime as ort
-
     x = cal["input"][:2]
-    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x})[0]
+    want = run(res.model, {"input": x})[0]
     np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / "model.so", [x])[0], want, rtol=0,
                                atol=1e-5)
 
@@ -445,10 +435,7 @@ def test_prequantized_per_token_model_is_recognised(tmp_path):
                            measure_latency=False)
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in res.model.graph.node)
     man = build_mod.build(res.model, "host", plan=res.plan, out=tmp_path, check=False)
-    import onnxruntime as ort
-
-    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x})[0]
+    want = run(res.model, {"input": x})[0]
     np.testing.assert_allclose(build_mod.run_library(tmp_path / "host" / man["library"]["file"], [x])[0], want,
                                rtol=0, atol=1e-5)
 
@@ -488,10 +475,7 @@ def test_static_build_folds_shape_arithmetic(tmp_path):
     # symbolic batch: Shape(y) stays, but Gather(Shape(y), 2) reads the known feature size and folds
     dyn = fold_static_shapes(res.model)
     assert any(n.op_type == "Shape" for n in dyn.graph.node) and not any(n.op_type == "Gather" for n in dyn.graph.node)
-    import onnxruntime as ort
-
-    want = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x[:2]})[0]
+    want = run(res.model, {"input": x[:2]})[0]
     for sub, kw in (("static", {"batch": 2}), ("dynamic", {})):
         build_mod.build(res.model, "host", plan=res.plan, out=tmp_path / sub, check=False, **kw)
         np.testing.assert_allclose(build_mod.run_library(tmp_path / sub / "host" / "model.so", [x[:2]])[0], want,
