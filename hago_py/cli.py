@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-smooth", action="store_true",
                    help="no SmoothQuant activation smoothing of LayerNorm-fed MatMul inputs (default on)")
     q.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
+    q.add_argument("--no-mask-padding", action="store_true",
+                   help="dynamic activation ranges over every row, padding included (default: where padding widens "
+                        "a range, its rows are zeroed before the quantizer; outputs at padding positions then differ "
+                        "from FP32)")
     q.add_argument("--recon-samples", type=int, default=256,
                    help="calibration samples used by data-driven rounding (default 256)")
     q.add_argument("--saturation-remedy", default="auto", help="auto | none | reduce_range | u8u8")
@@ -215,6 +219,7 @@ def _cmd_quantize(a) -> int:
                        activation_granularity=a.activation_granularity,
                        bias_correction={"auto": None, "on": True, "off": False}[a.bias_correction],
                        equalize=a.equalize, smooth=not a.no_smooth, smooth_alpha=a.smooth_alpha,
+                       mask_padding=not a.no_mask_padding,
                        recon_samples=a.recon_samples,
                        saturation_remedy=a.saturation_remedy, exclude=a.exclude, simulate=a.simulate,
                        threads=a.threads, max_calib_samples=a.max_calib_samples, **search,

@@ -95,6 +95,7 @@ class Pipeline:
         if self.opts.equalize:
             self._equalize()
         self.smoothed: List[Dict[str, Any]] = []
+        self._pad_widening: Dict = {}  # (mask input, tensor) -> padding widening (quant/padding.py)
         if self.opts.smooth:
             self._smooth()
         _progress(progress, f"prepared graph ({', '.join(self.changed) or 'no changes'})")
@@ -144,7 +145,7 @@ class Pipeline:
         from .ir.io import infer_model_shapes, to_ir, to_proto
         from .ir.passes.smooth import SmoothActivationsPass, smoothable
         from .quant.calibrate import channel_absmax
-        from .quant.reconstruct import token_mask_input
+        from .quant.padding import token_mask_input
 
         m = to_ir(self.prepared)
         groups = smoothable(m)
@@ -242,12 +243,14 @@ class Pipeline:
         built = self._build(layers, **changes)
         if not sanity:
             return built
+        from .quant.padding import token_mask_input
         from .quant.sanity import catastrophic, layer_sqnr
 
         fallen: Dict[str, Dict[str, float]] = {}
         for _ in range(SANITY_ROUNDS):
             bad = catastrophic(layer_sqnr(self.prepared, built.model, built.plan,
-                                          self.first_batches(SANITY_SAMPLES, exact=True), self.opts.threads))
+                                          self.first_batches(SANITY_SAMPLES, exact=True), self.opts.threads,
+                                          mask_input=token_mask_input(self.prepared, self.opts)))
             bad = {k: v for k, v in bad.items() if k not in (layers or {}) and k not in self.opts.layers}
             if not bad:
                 break
@@ -269,6 +272,11 @@ class Pipeline:
         info: Dict[str, Any] = {}
         plan = self.annotate(opts, allow_empty=bool(layers))
         self.calibrate(plan, opts)
+        from .quant.padding import mark as mark_padding
+
+        padded = mark_padding(self, plan, opts)  # dynamic ranges from real tokens only (quant/padding.py)
+        if padded:
+            info["padding_mask"] = padded
         info["remedy"] = choose_remedy(self.prepared, plan, self.spec, opts, self.check_batches)
         multipoint = any(lp.weight is not None and lp.weight.scheme == "multipoint" for lp in plan.quantized_layers())
         if opts.clipping == "lapq" and not multipoint:  # after the remedy: it may change weight bits / dtypes

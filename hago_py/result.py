@@ -17,6 +17,7 @@ from .errors import OptionError
 from .ir.io import check_writable, model_bytes, write_all
 from .pipeline import Built, Pipeline, _progress
 from .quant.artifact import check_artifact
+from .quant.padding import token_mask_input
 from .quant.plan import QuantPlan
 
 
@@ -88,11 +89,12 @@ def finish(pipe: Pipeline, built: Built, *, measure_latency: bool = True, backen
     if plan.embeddings:
         report["embeddings"] = plan.embeddings
     for k in ("rounding", "brecq", "lapq", "bias_adjusted", "sanity_fallback", "ort_fallback", "hybrid", "multipoint",
-              "sparq", "nonuniform_mix"):
+              "sparq", "nonuniform_mix", "padding_mask"):
         if k in built.info:
             report[k] = built.info[k]
     if opts.check_artifact:
-        chk = check_artifact(qmodel, plan, pipe.prepared, pipe.check_batches, threads=opts.threads)
+        chk = check_artifact(qmodel, plan, pipe.prepared, pipe.check_batches, threads=opts.threads,
+                             mask_input=token_mask_input(pipe.prepared, opts))
         report["artifact_check"] = chk.to_dict()
         _progress(pipe.progress, f"artifact check: {'ok' if chk.ok else 'FLOAT FALLBACK'}; integer kernels "
                                  f"{chk.integer_kernels}; SQNR fused {chk.sqnr_fused_db:.1f} dB / simulated "

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from ..backends.ort import OrtBackend
+from .padding import real_rows
 
 INTEGER_KERNELS = {
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "DynamicQuantizeMatMul",
@@ -64,7 +65,11 @@ def optimized_graph(model: onnx.ModelProto, threads: int = 1) -> onnx.ModelProto
 
 
 def check_artifact(qmodel: onnx.ModelProto, plan, fp_model: onnx.ModelProto | None = None,
-                   batches: Sequence[Mapping[str, np.ndarray]] = (), threads: int = 1) -> ArtifactCheck:
+                   batches: Sequence[Mapping[str, np.ndarray]] = (), threads: int = 1,
+                   mask_input: str | None = None) -> ArtifactCheck:
+    """Which kernels ORT's optimized graph of ``qmodel`` runs, and (with ``fp_model`` and ``batches``) the output
+    SQNR of the fused and the simulated graph against FP32; with ``mask_input`` (a token mask input) the padding
+    rows of token-wise outputs are left out of the SQNR (quant/padding.py)."""
     opt = optimized_graph(qmodel, threads)
     ops = Counter(n.op_type for n in opt.graph.node)
     ints = {k: v for k, v in ops.items() if k in INTEGER_KERNELS}
@@ -102,7 +107,8 @@ def check_artifact(qmodel: onnx.ModelProto, plan, fp_model: onnx.ModelProto | No
         fp = be.predict(fp_model, batches, optimization="all")
         fused = be.predict(qmodel, batches, optimization="all", output_names=out_names)
         sim = be.predict(qmodel, batches, optimization="basic", output_names=out_names)
-        flat = lambda outs: [o for b in outs for o in b]  # noqa: E731
+        masks = [b.get(mask_input) if mask_input else None for b in batches]
+        flat = lambda outs: [real_rows(o, m) for b, m in zip(outs, masks) for o in b]  # noqa: E731
         res.sqnr_fused_db = sqnr_db(flat(fp), flat(fused))
         res.sqnr_simulated_db = sqnr_db(flat(fp), flat(sim))
         res.max_abs_fused_vs_sim = float(max(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))

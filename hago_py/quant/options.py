@@ -177,6 +177,10 @@ class QuantOptions:
     # graph input [batch, seq] whose zeros mark padding tokens: their rows are left out of the reconstruction
     # statistics of token-wise layers ("auto": an input named attention_mask; None: use every row)
     token_mask: Optional[str] = _opt("auto", Rule(str, nullable=True))
+    # dynamic per-tensor activation ranges from real tokens only: where the padding rows (token_mask zeros) widen
+    # a MatMul input's range on the calibration samples, they are zeroed before its DynamicQuantizeLinear
+    # (quant/padding.py); the outputs at padding positions are then not the FP32 model's
+    mask_padding: bool = _opt(True, Rule(bool))
     # iterations of iterative rounding methods (None: method default)
     rounding_iters: Optional[int] = _opt(None, Rule(int, 1, nullable=True))
     # per-method solver settings, e.g. {"brecq": {"lr": 1e-2, "fisher": False}, "adaround": {"iterations": 500}}

@@ -41,6 +41,9 @@ class TensorQuant:
     # {"points": [per channel], "group": int, "out_scale", "out_zero_point", "out_dtype" (the widened output's
     # qparams, None when no channel has a second point), "extra_macs", "macs", "error": {...}}
     multipoint: Optional[Dict[str, Any]] = None
+    # dynamic per-tensor activations: the token-mask input whose padding rows are zeroed before the quantizer
+    # (quant/padding.py; None: every row sets the range)
+    pad_mask: Optional[str] = None
 
     @property
     def calibrated(self) -> bool:

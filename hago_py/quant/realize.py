@@ -5,7 +5,8 @@
   planned activation gets QuantizeLinear -> DequantizeLinear right after its producer.
 * Dynamic layers (MatMul/Gemm): DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq) -> Cast -> Mul(s_x*s_w)
   (+ bias), the pattern ORT fuses into DynamicQuantizeMatMul; with activation_granularity="per_token" one
-  symmetric int8 scale per token instead (quant/per_token.py).
+  symmetric int8 scale per token instead (quant/per_token.py); inputs the plan marks ``pad_mask`` get their
+  padding rows zeroed first (quant/padding.py).
 The same graph is both the simulation (ORT basic optimization keeps Q/DQ as float ops) and the
 deployment (ORT full optimization fuses them), so accuracy is always measured on the deployed graph.
 """
@@ -24,6 +25,7 @@ from ..ir.names import NameAllocator
 from ..ir.passes._util import const_array, new_initializer
 from ..ir.passes._util import named_node as _named_node
 from .codebook import MIN_OPSET, CodebookWriter
+from .padding import masked_input
 from .per_token import MIN_OPSET as PER_TOKEN_OPSET
 from .per_token import matmul_rows, quantize_rows
 from .plan import QuantPlan, TensorQuant
@@ -310,7 +312,8 @@ def _realize_dynamic(graph: ir.Graph, names: NameAllocator, node: ir.Node, lp, q
         x_rows = quantize_rows(graph, names, x, x_tq.bits, node, cache)  # quant/per_token.py
     elif key not in cache:
         base = x.name or node.name
-        dql = _named_node(names, "DynamicQuantizeLinear", [x], f"{base}/dynamic_quantize",
+        src = x if not x_tq.pad_mask else masked_input(graph, names, x, x_tq.pad_mask, node, cache)  # padding.py
+        dql = _named_node(names, "DynamicQuantizeLinear", [src], f"{base}/dynamic_quantize",
                           [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"])
         graph.insert_before(node, dql)
         cache[key] = dql

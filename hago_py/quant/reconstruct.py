@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from ..backends.ort import OrtBackend
 from ..errors import ModelError
 from .calibrate import progress_iter, token_rows
+from .padding import token_mask_input
 from .layer_stats import LayerGeometry, StatsAccumulator, dynamic_fake_quant, sub_model
 from .per_token import fake_quant as per_token_fake_quant
 from .observers import qrange
@@ -140,18 +141,6 @@ def _waves(order: List[str], max_waves: int) -> List[List[str]]:
         return [[n] for n in order]
     size = int(np.ceil(len(order) / max_waves))
     return [order[i:i + size] for i in range(0, len(order), size)]
-
-
-def token_mask_input(model: onnx.ModelProto, opts) -> Optional[str]:
-    """The graph input whose zeros mark padding tokens (see QuantOptions.token_mask), or None."""
-    names = {i.name for i in model.graph.input}
-    want = getattr(opts, "token_mask", None)
-    if want == "auto":
-        return "attention_mask" if "attention_mask" in names else None
-    if want and want not in names:
-        raise ModelError(f"option token_mask={want!r} names no graph input (inputs: {', '.join(sorted(names))}); "
-                         "pass the padding-mask input's name, or None")
-    return want or None
 
 
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mapping[str, np.ndarray]], opts, *,

@@ -8,7 +8,7 @@ and the report names them with both figures; accuracy is never lost without a wo
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -16,6 +16,7 @@ import onnx
 from ..backends.ort import OrtBackend
 from .artifact import sqnr_db
 from .calibrate import with_outputs
+from .padding import real_rows
 from .plan import QuantPlan
 
 CATASTROPHIC_DB = 10.0   # worst significant output channel's SQNR below this ...
@@ -26,8 +27,10 @@ SIGNIFICANT = 1e-3       # channels with less energy than this share of the mean
 
 
 def layer_sqnr(fp_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan,
-               batches: Sequence[Mapping[str, np.ndarray]], threads: int = 1) -> Dict[str, Dict[str, float]]:
-    """{layer: {"input_db", "output_db"}} for every quantized weighted layer (anchor node input / output)."""
+               batches: Sequence[Mapping[str, np.ndarray]], threads: int = 1,
+               mask_input: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """{layer: {"input_db", "output_db"}} for every quantized weighted layer (anchor node input / output).
+    ``mask_input``: a token mask input; padding rows of token-wise tensors are left out (quant/padding.py)."""
     nodes = {n.name: n for n in fp_model.graph.node}
     q_names = {o for n in qmodel.graph.node for o in n.output} | {i.name for i in qmodel.graph.input}
     pairs = {}
@@ -47,10 +50,11 @@ def layer_sqnr(fp_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPl
     ref: Dict[str, List[np.ndarray]] = {t: [] for t in names}
     got: Dict[str, List[np.ndarray]] = {t: [] for t in names}
     for b in batches:  # few samples (Pipeline.SANITY_SAMPLES): every layer's input and output is kept
+        mask = b.get(mask_input) if mask_input else None
         for t, v in zip(names, be.run(fp_sess, b, names)):
-            ref[t].append(v)
+            ref[t].append(real_rows(v, mask))
         for t, v in zip(names, be.run(q_sess, b, names)):
-            got[t].append(v)
+            got[t].append(real_rows(v, mask))
     out = {}
     for layer, (x, y) in pairs.items():
         axis = 1 if plan.layers[layer].op_type == "Conv" else -1

@@ -21,14 +21,16 @@ def _proxy(pipe):
     else noise-to-signal), so higher is better like an accuracy."""
     from ..backends.ort import OrtBackend
     from .hybrid import PROXY_INPUT_ELEMS, PROXY_SAMPLES, _divergence
+    from .padding import real_rows, token_mask_input
 
     per_sample = sum(int(np.prod(v.shape[1:])) for v in pipe.calib.first_batch().values()) or 1
     batches = pipe.first_batches(int(max(32, min(PROXY_SAMPLES, PROXY_INPUT_ELEMS // per_sample))), exact=True)
     be = OrtBackend(threads=pipe.opts.threads)
+    mask = token_mask_input(pipe.prepared, pipe.opts)  # padding rows left out (quant/padding.py)
 
     def outs(model):
         sess = be.compile(model)
-        res = [be.run(sess, b) for b in batches]
+        res = [[real_rows(o, b.get(mask) if mask else None) for o in be.run(sess, b)] for b in batches]
         return [np.concatenate([r[k] for r in res], 0) for k in range(len(res[0]))]
 
     ref = outs(pipe.reference)

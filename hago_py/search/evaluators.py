@@ -32,6 +32,7 @@ from ..backends.base import measured_on
 from ..backends.ort import OrtBackend
 from ..errors import OptionError, SearchError
 from ..hw.cost import predict_layer_latency
+from ..quant.padding import real_rows
 from ..quant.plan import QuantPlan
 
 # --------------------------------------------------------------------------------------------- accuracy
@@ -48,18 +49,25 @@ class FidelityProxy:
                   "all float outputs, on {n} calibration samples, deployed with ONNX Runtime; FP32 = 1.0; a drop d "
                   "is an output SQNR of -10*log10(d) dB. Proxy: the calibration samples also set the ranges.")
 
-    def __init__(self, backend: OrtBackend, fp_session, batches: Sequence[Mapping[str, np.ndarray]]):
+    def __init__(self, backend: OrtBackend, fp_session, batches: Sequence[Mapping[str, np.ndarray]],
+                 mask_input: Optional[str] = None):
         self.backend = backend
         self.batches = list(batches)
         if not self.batches:
             raise OptionError("the search proxy needs calibration samples; give at least one")
-        self.ref = [_float_outputs(backend.run(fp_session, b)) for b in self.batches]
+        # a token mask input: padding rows of token-wise outputs are left out (their values are not preserved
+        # where dynamic ranges exclude padding, quant/padding.py, and mean nothing to the user anyway)
+        self.masks = [b.get(mask_input) if mask_input else None for b in self.batches]
+        self.ref = [self._outputs(fp_session, b, m) for b, m in zip(self.batches, self.masks)]
         self.energy = sum(float(np.sum(o ** 2)) for outs in self.ref for o in outs)
         self.samples = sum(len(next(iter(b.values()))) for b in self.batches)
         self.classifier = all(len(outs) == 1 and outs[0].ndim == 2 and outs[0].shape[1] > 1 for outs in self.ref)
 
     def describe(self) -> str:
         return self.definition.format(n=self.samples)
+
+    def _outputs(self, session, batch, mask) -> List[np.ndarray]:
+        return [real_rows(o, mask) for o in _float_outputs(self.backend.run(session, batch))]
 
     def errors(self, session) -> Tuple[np.ndarray, int]:
         """Per-sample squared output errors normalised so that their mean is the normalised MSE (paired
@@ -82,9 +90,9 @@ class FidelityProxy:
 
     def raw_errors(self, session) -> Tuple[np.ndarray, int]:
         per, agree = [], 0
-        for b, ref in zip(self.batches, self.ref):
+        for b, ref, mask in zip(self.batches, self.ref, self.masks):
             n = len(next(iter(b.values())))
-            outs = _float_outputs(self.backend.run(session, b))
+            outs = self._outputs(session, b, mask)
             e = np.zeros(n)
             for r, o in zip(ref, outs):
                 sq = (o - r) ** 2

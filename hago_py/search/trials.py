@@ -20,6 +20,7 @@ import onnx
 
 from ..backends.base import Backend
 from ..errors import HagoError, OptionError
+from ..quant.padding import token_mask_input
 from .checkpoint import CHECKPOINT_VERSION, Checkpoint, _clean, stable_hash
 from .evaluators import FidelityProxy, FunctionLatency, MeasuredLatency, PredictedLatency, UserMetric, \
     _run_shapes
@@ -82,8 +83,9 @@ class Trials:
         self.sens_batches = pipe.first_batches(int(min(sensitivity_samples, proxy_samples)), exact=True)
         self.feed = pipe.timing_feed()
         self.fp_session = self.backend.compile(pipe.reference)
-        self.sens_proxy = FidelityProxy(self.backend, self.fp_session, self.sens_batches)
-        self.proxy = FidelityProxy(self.backend, self.fp_session, self.proxy_batches)
+        mask = token_mask_input(pipe.prepared, pipe.opts)
+        self.sens_proxy = FidelityProxy(self.backend, self.fp_session, self.sens_batches, mask)
+        self.proxy = FidelityProxy(self.backend, self.fp_session, self.proxy_batches, mask)
         self._sens_energy = self.proxy.ref_energy(self.sens_proxy.samples)
         self.user = UserMetric(evaluate) if evaluate is not None else None
         self.metric_kind = "user" if self.user else "proxy"
