@@ -78,6 +78,8 @@ def main(argv=None):
                         "activations per run (dynamic, per tensor), so a sentence's result depends on its batch")
     p.add_argument("--activation-granularity", default="per_tensor", choices=("per_tensor", "per_token"),
                    help="of the W8A8 base's dynamic activations (per_token: one scale per token, batch-invariant)")
+    p.add_argument("--no-mask-padding", action="store_true",
+                   help="W8A8 base with mask_padding=False (dynamic ranges over the padding rows too)")
     p.add_argument("--error-scales", default="", help="e.g. 0.25,0.5: the error-scaled study (module docstring)")
     p.add_argument("--target", default="x86_avx2", help="spec of the W8A8 base (the embeddings suite's)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "embeddings" / "spread" / "spread.json"))
@@ -95,14 +97,16 @@ def main(argv=None):
         base = onnx.load(str(M.model_path))
     else:
         base = hago_py.quantize(str(M.model_path), calibration=M.calib_arrays(256), target=a.target,
-                                measure_latency=False, activation_granularity=a.activation_granularity).model
+                                measure_latency=False, activation_granularity=a.activation_granularity,
+                                mask_padding=not a.no_mask_padding).model
     calib = M.calib_arrays(256)
     reads = E.count_reads([e for e in E.embedding_tables(base) if e["indices"] in calib], [calib])  # hot_rows
     w8 = M.evaluate(base, threads=a.threads, batch=a.eval_batch)
     print(f"FP32 {fp32:.4f}  base {a.base} {w8:.4f} ({w8 - fp32:+.4f})", flush=True)
     out = {"machine": machine_info(a.threads), "versions": versions(), "fp32": fp32, "base": a.base, "w8a8": w8,
            "target": a.target, "eval_batch": a.eval_batch or M.eval_batch,
-           "activation_granularity": a.activation_granularity, "variants": {}}
+           "activation_granularity": a.activation_granularity, "mask_padding": not a.no_mask_padding,
+           "variants": {}}
     bins = [int(b) for b in a.bins.split(",")]
     scales = {f"error_x{s}": float(s) for s in a.error_scales.split(",") if s}
     for name in [v for v in a.variants.split(",") if v] + list(scales):
@@ -129,7 +133,7 @@ def main(argv=None):
         lines.append(f"| {name} | {v['drop_mean']:+.4f} | {v['drop_sd']:.4f} | {v['drop_min']:+.4f} | "
                      f"{v['drop_max']:+.4f} | {len(v['runs'])} |")
     md = "\n".join(lines) + f"\n\nFP32 {fp32:.4f}, base {a.base} {w8:.4f} ({w8 - fp32:+.4f}); NUM_BINS {bins}; " \
-        f"{out['machine'].get('cpu')}; {time.strftime('%Y-%m-%d')}\n"
+        f"mask_padding {not a.no_mask_padding}; {out['machine'].get('cpu')}; {time.strftime('%Y-%m-%d')}\n"
     print(md)
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)

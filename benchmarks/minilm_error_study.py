@@ -52,6 +52,8 @@ def variants(model_path) -> Dict[str, dict]:
     v["f2_o_per_token"] = {"layers": {n: {"activation_granularity": "per_token"} for n in f2 + o}}
     v["f2_static"] = {"layers": {n: {"activation_mode": "static"} for n in f2}}
     v["tables_all4"] = {"embedding_scheme": "rowwise", "embedding_small_rows": 0}   # issue 15's configuration
+    v["no_mask_padding"] = {"mask_padding": False}   # dynamic ranges over the padding rows too (before 2026-12-04)
+    v["tables_all4_no_mask_padding"] = dict(v["tables_all4"], mask_padding=False)
     return v
 
 
