@@ -287,6 +287,12 @@ register(hago_recipe("hago_emb_rowwise4_all_b128_hot8", "W8A8 defaults + every e
                      embedding_scheme="rowwise", embedding_small_rows=0, embedding_block=128, embedding_hot_rows=8))
 register(hago_recipe("hago_emb_codebook4", "W8A8 defaults + embedding_scheme=codebook (16 centroids per row)",
                      models=("minilm",), suite="embeddings", embedding_scheme="codebook"))
+# the W8A8 default before padding rows were left out of the dynamic ranges (mask_padding=False; quant/padding.py)
+register(hago_recipe("hago_nomask", "W8A8 defaults with mask_padding=False (dynamic ranges over padding rows too; "
+                     "embeddings FP32)", models=("minilm",), suite="embeddings", mask_padding=False))
+register(hago_recipe("hago_emb_rowwise4_all_nomask", "mask_padding=False + every embedding table rowwise 4-bit",
+                     models=("minilm",), suite="embeddings", mask_padding=False, embedding_scheme="rowwise",
+                     embedding_small_rows=0))
 # the same on per-token dynamic activations (activation_granularity="per_token": a sentence's result does not depend
 # on its batch; ORT does not fuse it, so it is slower than the per-tensor default)
 register(hago_recipe("hago_pertoken", "W8A8 with per-token dynamic activations (embeddings FP32)", models=("minilm",),
