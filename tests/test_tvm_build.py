@@ -500,3 +500,24 @@ def test_concat_with_an_empty_constant_builds_a_loadable_library(tmp_path):
     cal = {"input": rng.normal(size=(4, 3, 8, 8)).astype(np.float32)}
     man = build_mod.build(m, "host", calibration=cal, out=tmp_path)
     assert man["check"]["max_abs_diff_vs_ort_fused"] == [0.0]
+
+
+def test_padding_masked_dynamic_model_builds_and_matches_ort(tmp_path):
+    """mask_padding (quant/padding.py) puts a Mul by the token mask before DynamicQuantizeLinear and builds the mask
+    from the int64 attention_mask input: the library takes both inputs and gives ORT's outputs, real rows included
+    bit for bit."""
+    import hago_py
+    from test_padding import FAST, _feed, _masked_mlp
+
+    cal = _feed()
+    res = hago_py.quantize(_masked_mlp(), cal, "x86_avx2", **FAST)
+    assert set(res.report["padding_mask"]) == {"input", "r"}
+    man = build_mod.build(res.model, "host", plan=res.plan, out=tmp_path, check=False)
+    c = man["integerize"]["counts"]  # dynamic MatMulIntegers arrive integer from the importer
+    assert c["imported_integer"] == 2 and c["left_float"] == 0 and man["integerize"]["float_ops"]["integer matmul"] == 2
+    feed = {k: v[:4] for k, v in cal.items()}
+    want = run(res.model, feed)[0]
+    got = build_mod.run_library(tmp_path / "host" / "model.so", [feed["input"], feed["attention_mask"]])[0]
+    real = feed["attention_mask"] != 0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert np.array_equal(got[real], want[real])
