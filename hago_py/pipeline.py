@@ -96,6 +96,7 @@ class Pipeline:
             self._equalize()
         self.smoothed: List[Dict[str, Any]] = []
         self._pad_widening: Dict = {}  # (mask input, tensor) -> padding widening (quant/padding.py)
+        self._token_wise: Dict = {}    # (mask input, tensor) -> shaped [batch, seq, K] like the mask (padding.py)
         if self.opts.smooth:
             self._smooth()
         _progress(progress, f"prepared graph ({', '.join(self.changed) or 'no changes'})")
@@ -218,20 +219,29 @@ class Pipeline:
                           "to fake-quantize (accuracy measured on ORT, labelled simulated)")
 
     def calibrate(self, plan: QuantPlan, opts: QuantOptions) -> QuantPlan:
+        from .quant.padding import token_mask_input, token_wise
+
         wanted = {n: tq.method for n, tq in plan.activations.items()
                   if tq.mode == "static" and tq.shared_with is None}
-        missing = {n: m for n, m in wanted.items() if (n, m) not in self._observers}
+        # mask_padding: static ranges of token-wise tensors from their real rows (quant/padding.py)
+        mask = token_mask_input(self.prepared, opts) if opts.mask_padding else None
+        real = set(token_wise(self, list(wanted), mask)) if mask else set()
+
+        def key(n, m):
+            return n, m, n in real
+
+        missing = {n: m for n, m in wanted.items() if key(n, m) not in self._observers}
         if missing:
             t = time.perf_counter()
             obs = collect_tensors(self.prepared, missing, self.calib, percentile=opts.percentile,
-                                  threads=opts.threads, progress=self.progress)
+                                  threads=opts.threads, progress=self.progress, mask_input=mask, token_wise=real)
             for n, o in obs.items():
-                self._observers[(n, missing[n])] = o
+                self._observers[key(n, missing[n])] = o
             self.timings["calibrate"] = self.timings.get("calibrate", 0.0) + time.perf_counter() - t
             _progress(self.progress, f"calibrated {len(missing)} tensors on {self.calib.num_samples} samples")
         from .quant.calibrate import apply_observers
 
-        apply_observers(plan, {n: self._observers[(n, m)] for n, m in wanted.items()})
+        apply_observers(plan, {n: self._observers[key(n, m)] for n, m in wanted.items()})
         return plan
 
     def build(self, layers: Optional[Mapping[str, Mapping[str, Any]]] = None, *, sanity: bool = True,

@@ -143,3 +143,20 @@ def test_real_rows_and_the_search_proxy_ignore_padding_rows():
     fp_sess, o_sess = be.compile(fp), be.compile(other)
     assert FidelityProxy(be, fp_sess, batches, "attention_mask").score(o_sess) == pytest.approx(1.0)
     assert FidelityProxy(be, fp_sess, batches).score(o_sess) < 0.5
+
+
+def test_static_ranges_are_calibrated_on_real_rows():
+    """Static activations (calibrated ranges) of token-wise tensors see the real rows only: the 8x wider padding
+    rows no longer set the scale; mask_padding=False observes every row as before."""
+    cal = _feed()
+    kw = dict(measure_latency=False, smooth=False, activation_mode="static")
+    on = hago_py.quantize(_masked_mlp(), cal, "x86_avx2", **kw)
+    off = hago_py.quantize(_masked_mlp(), cal, "x86_avx2", mask_padding=False, **kw)
+    real = cal["input"][cal["attention_mask"] != 0]
+    s_on, s_off = on.plan.activations["input"].scale[0], off.plan.activations["input"].scale[0]
+    assert s_on <= 1.0001 * (real.max() - min(real.min(), 0)) / 255
+    assert s_off > 4 * s_on
+    fp = run(_masked_mlp(), cal)[0]
+    mask = cal["attention_mask"] != 0
+    err = lambda r: np.abs(run(r.model, cal)[0] - fp)[mask].mean()  # noqa: E731
+    assert err(on) < 0.5 * err(off)

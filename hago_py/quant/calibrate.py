@@ -62,8 +62,11 @@ def collect(model: onnx.ModelProto, plan: QuantPlan, data: Iterable[Mapping[str,
 
 
 def collect_tensors(model: onnx.ModelProto, methods: Mapping[str, str], data: Iterable[Mapping[str, np.ndarray]],
-                    *, percentile: float = 99.999, threads: int = 1, progress: bool = False) -> Dict[str, object]:
-    """One pass over ``data``: an observer of the given method for each tensor name in ``methods``."""
+                    *, percentile: float = 99.999, threads: int = 1, progress: bool = False,
+                    mask_input: Optional[str] = None, token_wise=()) -> Dict[str, object]:
+    """One pass over ``data``: an observer of the given method for each tensor name in ``methods``. With
+    ``mask_input`` (a [batch, seq] graph input whose zeros mark padding) the tensors in ``token_wise`` are observed
+    on their real rows only (quant/padding.py)."""
     names = list(methods)
     if not names:
         return {}
@@ -77,10 +80,18 @@ def collect_tensors(model: onnx.ModelProto, methods: Mapping[str, str], data: It
         opts = {"percentile": percentile} if methods[n] == "percentile" else {}
         observers[n] = make_observer(methods[n], n, **opts)
     seen = 0
+    token_wise = set(token_wise) if mask_input else set()
     for batch in progress_iter(data, progress, "calibrating", "batch"):
         outs = backend.run(sess, batch)
+        mask = batch.get(mask_input) if token_wise else None
         for n in names:
-            observers[n].update(np.asarray(outs[idx[n]], dtype=np.float32))
+            x = np.asarray(outs[idx[n]], dtype=np.float32)
+            sel = token_rows(x, mask) if n in token_wise else None
+            if sel is not None:
+                if not sel.any():
+                    continue  # a batch of padding only: nothing to observe
+                x = x.reshape(-1, x.shape[-1])[sel]
+            observers[n].update(x)
         seen += 1
     if seen == 0:
         raise DataError("calibration set is empty: no batch reached the model; pass at least one sample")

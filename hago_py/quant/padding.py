@@ -85,6 +85,17 @@ def maskable(model: onnx.ModelProto, names: Sequence[str], mask_input: str) -> L
     return [n for n in names if (shapes.get(n) or ()) and len(shapes[n]) == 3 and shapes[n][:2] == md]
 
 
+def token_wise(pipe, names: Sequence[str], mask_input: str) -> List[str]:
+    """``maskable`` on the pipeline's prepared model, cached per (mask, tensor) on the pipeline."""
+    cache = pipe._token_wise
+    todo = [n for n in names if (mask_input, n) not in cache]
+    if todo:
+        ok = set(maskable(pipe.prepared, todo, mask_input))
+        for n in todo:
+            cache[(mask_input, n)] = n in ok
+    return [n for n in names if cache[(mask_input, n)]]
+
+
 def _range(x: np.ndarray) -> float:
     return float(max(x.max(initial=0.0), 0.0) - min(x.min(initial=0.0), 0.0))
 
@@ -124,7 +135,7 @@ def mark(pipe, plan, opts) -> Dict[str, float]:
         return {}
     dyn = sorted(n for n, tq in plan.activations.items()
                  if tq.mode == "dynamic" and tq.granularity == "per_tensor" and tq.shared_with is None)
-    cand = maskable(pipe.prepared, dyn, mask_input)
+    cand = token_wise(pipe, dyn, mask_input)
     cache = pipe._pad_widening
     todo = [n for n in cand if (mask_input, n) not in cache]
     if todo:
