@@ -181,6 +181,8 @@ class GraphKnobs:
 ODD_FEATURES = ("unnamed", "dup_names", "odd_names", "collide", "weights_as_inputs", "shared", "tiny_channels",
                 "gemm_alpha_beta", "bias1", "sym_dims", "second_input", "multi_output", "zero_size",
                 "sparse_init", "scaled_input", "dyn_matmul")
+# "attention_mask" (token graphs only): an int64 [batch, seq] padding-mask input that zeroes the output rows of the
+# padding (as pooling over the mask would), with padding rows 5x wider in the data (mask_padding, quant/padding.py)
 
 
 class GraphBuilder:
@@ -502,7 +504,10 @@ def draw_knobs(rng: np.random.Generator, plain: bool) -> GraphKnobs:
         if ir < 4:
             feats = tuple(sorted(set(feats) | {"weights_as_inputs"}))
     static = chance(rng, 0.25)
-    return GraphKnobs(ir=ir, opset=opset, kind=pick(rng, ["image", "image", "tokens", "flat"]),
+    kind = pick(rng, ["image", "image", "tokens", "flat"])
+    if not plain and kind == "tokens" and chance(rng, 0.4):
+        feats = tuple(sorted(set(feats) | {"attention_mask"}))
+    return GraphKnobs(ir=ir, opset=opset, kind=kind,
                       batch=int(pick(rng, [1, 2, 4])) if static else int(rng.integers(2, 9)), static_batch=static,
                       n_layers=int(rng.integers(1, 8)), features=feats)
 
@@ -608,9 +613,21 @@ def build_graph(rng: np.random.Generator, knobs: GraphKnobs) -> Tuple[onnx.Model
             b.extra_outputs.append(x)
     if b.n_weighted == 0:
         x = b.layer(x)
+    in_shape = b.shape["input"]
+    masked = ("attention_mask" in knobs.features and len(b.shape[x]) == 3 and b.shape[x][:2] == in_shape[:2])
+    if masked:  # zero the padding rows of the output, as pooling over the mask would
+        mf = b.node("Cast", ["attention_mask"], in_shape[:2], to=TensorProto.FLOAT)
+        if knobs.opset >= 13:
+            m3 = b.node("Unsqueeze", [mf, b.init("axes", np.asarray([-1], np.int64))], in_shape[:2] + (1,))
+        else:
+            m3 = b.node("Unsqueeze", [mf], in_shape[:2] + (1,), axes=[2])
+        x = b.node("Mul", [x, m3], b.shape[x])
     sym = "sym_dims" in knobs.features
     dims = _declared_dims(rng, per_sample, knobs.static_batch, knobs.batch, sym)
     graph_inputs = [_make_value_info(n, dims) for n in b.inputs]
+    if masked:
+        graph_inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                          [d if d != "" else None for d in dims[:2]]))
     outputs = [_output_info(rng, o, b.shape[o], dims[0]) for o in [x] + b.extra_outputs]
     inits = [numpy_helper.from_array(a, n) for n, a in b.inits.items()]
     if "weights_as_inputs" in knobs.features:
@@ -627,6 +644,12 @@ def build_graph(rng: np.random.Generator, knobs: GraphKnobs) -> Tuple[onnx.Model
     n_samples = knobs.batch * int(rng.integers(1, 4)) if knobs.static_batch else int(rng.integers(2, 17))
     scale = float(pick(rng, [0.01, 10.0, 100.0])) if "scaled_input" in knobs.features else 1.0
     calib = {n: (rng.normal(0, 1, (n_samples,) + per_sample) * scale).astype(np.float32) for n in b.inputs}
+    if masked:  # trailing padding, at least one real token; padding rows 5x wider
+        seq = per_sample[0]
+        real = np.arange(seq)[None, :] < rng.integers(1, seq + 1, n_samples)[:, None]
+        calib["attention_mask"] = real.astype(np.int64)
+        for n in b.inputs:
+            calib[n] = np.where(real[..., None], calib[n], 5 * calib[n]).astype(np.float32)
     return model, calib
 
 
