@@ -97,6 +97,7 @@ class Pipeline:
         self.smoothed: List[Dict[str, Any]] = []
         self._pad_widening: Dict = {}  # (mask input, tensor) -> padding widening (quant/padding.py)
         self._token_wise: Dict = {}    # (mask input, tensor) -> shaped [batch, seq, K] like the mask (padding.py)
+        self._padding_free: Dict = {}  # (mask input, tensor) -> its padding rows never reach a real output row
         if self.opts.smooth:
             self._smooth()
         _progress(progress, f"prepared graph ({', '.join(self.changed) or 'no changes'})")
@@ -219,13 +220,13 @@ class Pipeline:
                           "to fake-quantize (accuracy measured on ORT, labelled simulated)")
 
     def calibrate(self, plan: QuantPlan, opts: QuantOptions) -> QuantPlan:
-        from .quant.padding import token_mask_input, token_wise
+        from .quant.padding import padding_free, token_mask_input, token_wise
 
         wanted = {n: tq.method for n, tq in plan.activations.items()
                   if tq.mode == "static" and tq.shared_with is None}
         # mask_padding: static ranges of token-wise tensors from their real rows (quant/padding.py)
         mask = token_mask_input(self.prepared, opts) if opts.mask_padding else None
-        real = set(token_wise(self, list(wanted), mask)) if mask else set()
+        real = set(padding_free(self, token_wise(self, list(wanted), mask), mask, opts.threads)) if mask else set()
 
         def key(n, m):
             return n, m, n in real

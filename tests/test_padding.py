@@ -160,3 +160,41 @@ def test_static_ranges_are_calibrated_on_real_rows():
     mask = cal["attention_mask"] != 0
     err = lambda r: np.abs(run(r.model, cal)[0] - fp)[mask].mean()  # noqa: E731
     assert err(on) < 0.5 * err(off)
+
+
+def test_no_mask_where_padding_reaches_real_rows():
+    """A graph that mixes positions without masking the padding (h @ h^T, as unmasked attention would): zeroing the
+    padding rows of its input would change the real rows, so that input keeps every row in its range (found by
+    fuzz: graphs:50000471 lost 25 dB); the tensors after the mixing, whose padding rows reach no real row, are
+    masked."""
+    s = 12
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 0.3, (K, K)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (s, N)).astype(np.float32)
+    w3 = rng.normal(0, 0.3, (N, N)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["input", "w1"], ["h"], name="mm1"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["mix"], name="mix"),       # [B, S, S]: every position
+             helper.make_node("MatMul", ["mix", "w2"], ["y"], name="mm2"),
+             helper.make_node("Relu", ["y"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w3"], ["output"], name="mm3")]
+    g = helper.make_graph(nodes, "mixing",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", s, K]),
+                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", s])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", s, N])],
+                          [_init("w1", w1), _init("w2", w2), _init("w3", w3)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    cal = _feed(s=s)
+    res = hago_py.quantize(m, cal, "x86_avx2", **FAST)
+    masked = res.report.get("padding_mask", {})
+    assert "input" not in masked and {"mix", "r"} <= set(masked)  # mix's padding *rows* reach no real row
+    assert any("mixes positions" in note for note in res.plan.layers["mm1"].notes)
+    real = cal["attention_mask"] != 0
+    fp, q = run(m, cal)[0][real], run(res.model, cal)[0][real]
+    assert 10 * np.log10((fp ** 2).sum() / ((fp - q) ** 2).sum()) > 25
+    # static ranges: the input is calibrated on every row too
+    st = hago_py.quantize(m, cal, "x86_avx2", measure_latency=False, smooth=False, activation_mode="static")
+    st_off = hago_py.quantize(m, cal, "x86_avx2", measure_latency=False, smooth=False, activation_mode="static",
+                              mask_padding=False)
+    assert st.plan.activations["input"].scale == st_off.plan.activations["input"].scale

@@ -19,6 +19,12 @@ FP32 model's (those of real positions are unaffected: padding reaches them only 
 tensors whose inferred shape is [d0, d1, K] with (d0, d1) the mask's own dimensions (same symbols or sizes) are
 masked; the comparisons against FP32 that judge a model (sanity check, search proxy) use the real rows only
 (``real_rows``).
+
+That padding reaches real positions only through the range holds where attention masks the padding keys; a graph
+that mixes positions without masking them (or pools over every position) does not have it. So a tensor is masked
+only after ``padding_free`` has shown, on the FP32 model and CHECK_SAMPLES calibration samples, that zeroing its
+padding rows leaves the real rows of every output unchanged (to float reordering); the others keep every row in
+their range and the report says why. The same check guards the static ranges calibrated on real rows only.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ from ..ir.passes._util import named_node, new_initializer
 
 PAD_WIDEN = 1.05   # mask a tensor when the padding rows widen its dynamic range by more than 5 % (median sample)
 PAD_SAMPLES = 32   # calibration samples the widening is measured on
+CHECK_SAMPLES = 8  # calibration samples the padding-free check runs on
+CHECK_RTOL = 1e-4  # real-row outputs must agree to this fraction of their largest magnitude (float reordering only)
 
 
 def token_mask_input(model: onnx.ModelProto, opts) -> Optional[str]:
@@ -127,6 +135,72 @@ def widening(model: onnx.ModelProto, names: Sequence[str], batches: Sequence[Map
     return {n: float(np.median(v)) for n, v in ratios.items() if v}
 
 
+def _zeroed(model: onnx.ModelProto, tensors: Sequence[str], mask_input: str) -> onnx.ModelProto:
+    """Copy of ``model`` in which every reader of each tensor in ``tensors`` reads it with its padding rows zeroed."""
+    from ..ir.io import to_ir, to_proto
+    from .realize import _values_by_name
+
+    m = to_ir(model)
+    g = m.graph
+    names = NameAllocator.for_graph(g)
+    vals = _values_by_name(g)
+    cache: Dict = {}
+    for t in tensors:
+        v = vals.get(t)
+        uses = list(v.uses()) if v is not None else []
+        if not uses:
+            continue
+        zv = masked_input(g, names, v, mask_input, uses[0].node, cache)
+        for u in uses:
+            u.node.replace_input_with(u.idx, zv)
+    g.sort()
+    return to_proto(m)
+
+
+def padding_free(pipe, tensors: Sequence[str], mask_input: str, threads: int = 1) -> List[str]:
+    """The tensors of ``tensors`` whose padding rows do not reach the real rows of any output: zeroing them changes no
+    real row of the FP32 model's outputs on CHECK_SAMPLES calibration samples (outputs that are not token-wise are
+    compared whole). All at once first, then one by one where that fails; cached per (mask, tensor) on ``pipe``."""
+    from ..backends.ort import OrtBackend
+
+    cache = pipe._padding_free
+    todo = [t for t in tensors if (mask_input, t) not in cache]
+    if todo:
+        batches = pipe.first_batches(CHECK_SAMPLES, exact=True)
+        be = OrtBackend(threads=threads)
+        ref_sess = be.compile(pipe.prepared, optimization="basic")
+        refs = [be.run(ref_sess, b) for b in batches]
+
+        def unchanged(ts) -> bool:
+            sess = be.compile(_zeroed(pipe.prepared, ts, mask_input), optimization="basic")
+            for b, ref in zip(batches, refs):
+                mask = b.get(mask_input)
+                if mask is None:
+                    return False
+                for r, o in zip(ref, be.run(sess, b)):
+                    r, o = real_rows(np.asarray(r), mask), real_rows(np.asarray(o), mask)
+                    if not np.issubdtype(r.dtype, np.floating):
+                        if not np.array_equal(r, o):
+                            return False
+                        continue
+                    r, o = r.astype(np.float64), o.astype(np.float64)
+                    finite = np.isfinite(r)
+                    if not np.array_equal(finite, np.isfinite(o)):
+                        return False
+                    scale = float(np.abs(r[finite]).max()) if finite.any() else 0.0
+                    if finite.any() and float(np.abs(r[finite] - o[finite]).max()) > CHECK_RTOL * scale + 1e-12:
+                        return False
+            return True
+
+        if unchanged(todo):
+            cache.update({(mask_input, t): True for t in todo})
+        else:
+            for t in todo:
+                cache[(mask_input, t)] = unchanged([t])
+    keep = [t for t in tensors if cache[(mask_input, t)]]
+    return keep
+
+
 def mark(pipe, plan, opts) -> Dict[str, float]:
     """Set ``pad_mask`` on the plan's dynamic per-tensor activations that padding widens (see the module
     docstring) and note it on the layers reading them; returns {tensor: widening} of the masked tensors."""
@@ -143,10 +217,17 @@ def mark(pipe, plan, opts) -> Dict[str, float]:
                        threads=opts.threads)
         for n in todo:
             cache[(mask_input, n)] = got.get(n)
+    widened = [n for n in cand if (cache.get((mask_input, n)) or 0.0) > PAD_WIDEN]
+    free = set(padding_free(pipe, widened, mask_input, threads=opts.threads))
     out = {}
-    for n in cand:
-        w = cache.get((mask_input, n))
-        if w is None or w <= PAD_WIDEN:
+    for n in widened:
+        w = cache[(mask_input, n)]
+        if n not in free:
+            for lp in plan.quantized_layers():
+                if lp.inputs and lp.inputs[0] == n:
+                    lp.notes.append(f"dynamic input range over every row, padding included: zeroing its padding rows "
+                                    f"({mask_input} = 0) would change the real rows of the outputs (the graph mixes "
+                                    "positions without masking the padding)")
             continue
         tq = plan.activations[n]
         tq.pad_mask = mask_input
