@@ -437,3 +437,30 @@ def test_ort_optimizer_bug_on_signed_int8_opset21_is_a_clear_error_not_an_intern
     else:  # an onnxruntime without the bug: then the model must really be quantized and load
         assert res.plan.layers["mm"].quantize
         _run(res.model, feed)
+
+
+@pytest.mark.parametrize("k", [5, 10])
+def test_several_layers_that_break_ort_optimizer_are_all_found(k):
+    """k independent rank-3 MatMul + Add branches on arm_cortex_a76 at opset 21 (the ORT bug above, once per
+    branch) and a plain MatMul head. The old halving search followed the failing half and could end on a layer that
+    was not a culprit, and it gave up after three rounds with an InternalError (fuzz graphs:52000768). The prefix
+    search finds the branches one per round; past DEPLOY_ROUNDS (8) the last loading prefix is kept FP32 whole.
+    The head stays INT8."""
+    nodes, inits = [], []
+    for i in range(k):
+        nodes += [h.make_node("MatMul", ["x", f"w{i}"], [f"a{i}"], name=f"mm{i}"),
+                  h.make_node("Add", [f"a{i}", f"b{i}"], [f"y{i}"], name=f"add{i}")]
+        inits += [nh.from_array(RNG.normal(0, .3, (10, 6)).astype(np.float32), f"w{i}"),
+                  nh.from_array(RNG.normal(0, .1, (6,)).astype(np.float32), f"b{i}")]
+    nodes += [h.make_node("Concat", [f"y{i}" for i in range(k)], ["cat"], name="cat", axis=2),
+              h.make_node("MatMul", ["cat", "wh"], ["out"], name="head")]
+    inits.append(nh.from_array(RNG.normal(0, .3, (6 * k, 4)).astype(np.float32), "wh"))
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 10])],
+               [h.make_tensor_value_info("out", T.FLOAT, [1, 4, 4])], inits, opset=21, ir_version=10)
+    feed = {"x": RNG.normal(0, 1, (8, 4, 10)).astype(np.float32)}
+    res = hago_py.quantize(m, feed, "arm_cortex_a76", measure_latency=False)
+    assert res.plan.layers["head"].quantize
+    fallen = res.report.get("ort_fallback", {})
+    if fallen:  # onnxruntime 1.32: the optimizer bug is present
+        assert sorted(fallen) == [f"mm{i}" for i in range(k)]
+    _run(res.model, {"x": feed["x"][:1]})

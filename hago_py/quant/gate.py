@@ -44,8 +44,10 @@ def deployable(pipe, built, layers=None):
     signed int8 activations, where MatMulAddFusion, QDQ propagation and the S8->U8 transformer build a
     QuantizeLinear whose output_dtype contradicts its zero point). Instead of failing the whole model, the
     responsible layer is found by bisection over the quantized layers (a rebuild per step, only when the load
-    failed) and kept FP32, named in ``built.info["ort_fallback"]`` and its plan reason. Gives up after
-    DEPLOY_ROUNDS culprits: then the outputs are None and ``built.info["deploy_error"]`` holds ORT's error, which
+    failed) and kept FP32, named in ``built.info["ort_fallback"]`` and its plan reason; one culprit per round, by a
+    binary search for the shortest failing-to-loading prefix of the quantized layers. After DEPLOY_ROUNDS culprits
+    the whole last loading prefix is kept FP32 (so many culprits cost accuracy, not the model). Gives up only when
+    that does not load either: then the outputs are None and ``built.info["deploy_error"]`` holds ORT's error, which
     verify_output reports as an InternalError."""
     feed, threads = pipe.check_batches[0], pipe.opts.threads
     outs, err = deployed_run(built.model, feed, threads)
@@ -57,28 +59,46 @@ def deployable(pipe, built, layers=None):
     def build_without(names):
         return pipe.build(dict(base, **{n: {"quantize": False} for n in list(fallen) + list(names)}))
 
+    def finish(trial, outs):
+        for n, why in fallen.items():
+            if n in trial.plan.layers:
+                trial.plan.layers[n].reason = ("kept FP32: ONNX Runtime's graph optimizer fails on the model with "
+                                               f"this layer quantized ({why[:160]})")
+        trial.info["ort_fallback"] = fallen
+        return trial, outs
+
+    loading: list = []  # layers known to make the model load when kept FP32 (with those fallen)
     for _ in range(DEPLOY_ROUNDS):
         cand = [lp.node for lp in built.plan.quantized_layers() if lp.node not in fallen]
-        while len(cand) > 1:
-            half = cand[: len(cand) // 2]
-            cand = half if deployed_run(build_without(half).model, feed, threads)[1] is None else cand[len(half):]
-        if not cand:
-            break
-        fallen[cand[0]] = err
+        if not cand or deployed_run(build_without(cand).model, feed, threads)[1] is not None:
+            break  # not even every remaining layer FP32 loads: not a per-layer problem
+        # the shortest prefix of cand that, kept FP32, makes the model load: its last layer is a culprit. (Halving
+        # towards the failing half found a wrong layer when culprits sat in both halves.) Later rounds find the others.
+        lo, hi = 0, len(cand)  # cand[:hi] FP32 loads, cand[:lo] FP32 fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if deployed_run(build_without(cand[:mid]).model, feed, threads)[1] is None:
+                hi = mid
+            else:
+                lo = mid
+        fallen[cand[hi - 1]] = err
+        loading = cand[:hi]
         trial = build_without([])
         outs, err = deployed_run(trial.model, feed, threads)
         if err is None:
-            for n, why in fallen.items():
-                if n in trial.plan.layers:
-                    trial.plan.layers[n].reason = ("kept FP32: ONNX Runtime's graph optimizer fails on the model with "
-                                                   f"this layer quantized ({why[:160]})")
-            trial.info["ort_fallback"] = fallen
-            return trial, outs
+            return finish(trial, outs)
+    if loading and err is not None:  # out of rounds: keep the whole last loading prefix FP32 (it loads)
+        for n in loading:
+            fallen.setdefault(n, err)
+        trial = build_without([])
+        outs, err2 = deployed_run(trial.model, feed, threads)
+        if err2 is None:
+            return finish(trial, outs)
     built.info["deploy_error"] = err
     return built, None
 
 
-DEPLOY_ROUNDS = 3
+DEPLOY_ROUNDS = 8
 
 
 def verify_output(qmodel: onnx.ModelProto, outputs, error=None) -> None:
