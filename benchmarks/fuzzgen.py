@@ -1320,6 +1320,8 @@ def gen_options(seed: int) -> Case:
     case.expect = "reject" if bad else "either"
     # a valid option set can still ask for what the target lacks (e.g. W7A8): then the target / scheme is named
     case.blame = tuple(sorted(bad)) if bad else tuple(opts) + ("option", "target", "scheme", "simulate")
+    if not bad and extra.get("search"):  # a search may find no plan within its (default) accuracy budget
+        case.blame += ("accuracy_budget", "time_budget")
     # a 1- or 4-sample calibration cannot give ranges that cover unseen probe data (hago says so in the report's
     # calibration_notes); closeness on the calibrated samples themselves is the calib family's one_sample check
     few = opts.get("max_calib_samples") in (1, 4)
