@@ -293,3 +293,24 @@ def test_equalized_weights_are_new_initializers_and_float32():
     names = {i.name: numpy_helper.to_array(i).dtype for i in out.graph.initializer}
     assert set(names) == {"w1_cle", "b1_cle", "w2_cle", "b2"}
     assert all(d == np.float32 for d in names.values())
+
+
+def test_dead_channel_keeps_its_scale():
+    """A channel of layer 1 with ~0 weights and a bias (folded BatchNorm, gamma ~ 0) is not equalized: its s would be
+    ~1e-6 and its bias (its whole output) would grow a million-fold (fuzz graphs:50001289). The others still are."""
+    m = conv_relu_conv(bad=False)
+    w = {k: np.array(v) for k, v in _weights(m).items()}
+    w["w1"][3] *= 1e-12
+    inits = dict(w)
+    m2 = _model(list(m.graph.node), inits, ["N", 4, 8, 8], ["N", 6, 8, 8])
+    out, p, modified = _equalize(m2)
+    assert modified
+    b1 = _node_weight(out, "conv1", 2)
+    assert b1[3] == pytest.approx(w["b1"][3])             # s = 1 on the dead channel
+    w1, w2 = _node_weight(out, "conv1"), _node_weight(out, "conv2")
+    r1 = np.abs(w1).reshape(8, -1).max(axis=1)
+    r2 = np.abs(np.moveaxis(w2, 1, 0)).reshape(8, -1).max(axis=1)
+    live = np.arange(8) != 3
+    np.testing.assert_allclose(r1[live], r2[live], rtol=1e-5)
+    x = _x((4, 4, 8, 8))
+    assert _rel_change(run(m2, x)[0], run(out, x)[0]) < 1e-5

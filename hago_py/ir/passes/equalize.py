@@ -54,6 +54,10 @@ import onnx_ir as ir
 from ._util import attr, const_array, new_initializer, single_consumer
 
 _HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu", "Identity")
+# an output channel of layer 1 whose weight range is below this fraction of the layer's largest is dead (a folded
+# BatchNorm with gamma ~ 0): it keeps s = 1. Equalizing it (s ~ sqrt(1e-13)) multiplied its bias, the channel's
+# whole output, by ~1e6 and ruined the activation range (fuzz graphs:50001289: 0.05 -> 564,187, 1.1 dB)
+DEAD_RANGE = 1e-6
 
 
 def _is_std(node: ir.Node) -> bool:
@@ -283,6 +287,8 @@ class CrossLayerEqualizationPass(ir.passes.InPlacePass):
             for l1, l2, _ in pairs:
                 r1, r2 = l1.out_ranges(), l2.in_ranges()
                 ok = (r1 > 0) & (r2 > 0) & np.isfinite(r1) & np.isfinite(r2)
+                if ok.any():  # dead channels (BN gamma ~ 0): scaling would only multiply their constant bias output
+                    ok &= r1 >= DEAD_RANGE * float(r1[ok].max())
                 s = np.ones_like(r1)
                 s[ok] = np.sqrt(r1[ok] * r2[ok]) / r2[ok]  # the paper's s_i = sqrt(r1_i r2_i) / r2_i
                 l1.scale_out(1.0 / s)
