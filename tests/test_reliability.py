@@ -464,3 +464,17 @@ def test_several_layers_that_break_ort_optimizer_are_all_found(k):
     if fallen:  # onnxruntime 1.32: the optimizer bug is present
         assert sorted(fallen) == [f"mm{i}" for i in range(k)]
     _run(res.model, {"x": feed["x"][:1]})
+
+
+def test_shared_bias_gets_its_own_corrected_copy():
+    """Two convs sharing one bias initializer, with bias correction (auto on for gptq): each layer's corrected bias
+    is its own copy; before, this was a ModelError 'its bias is shared' for a valid model (fuzz graphs:54002280)."""
+    m = small_cnn()
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")
+    conv2.input[2] = "b1"                     # conv1 and conv2 (8 output channels each) share b1
+    m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == "b2"))
+    onnx.checker.check_model(m)
+    feed = {"input": RNG.random((16, 3, 8, 8)).astype(np.float32)}
+    res = hago_py.quantize(m, feed, measure_latency=False, bias_correction=True, per_channel=False)
+    assert res.plan.layers["conv1"].quantize and res.plan.layers["conv2"].quantize
+    _quantized_ok(res, {"input": feed["input"][:2]}, min_db=20.0)

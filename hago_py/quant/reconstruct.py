@@ -81,6 +81,15 @@ def apply_biases(model: onnx.ModelProto, biases: Mapping[str, np.ndarray]) -> on
             old = numpy_helper.to_array(inits[init])
             # a broadcast bias (Gemm C of shape [1]) becomes the per-channel vector the correction computed
             inits[init].CopyFrom(numpy_helper.from_array(b.reshape(old.shape) if old.size == b.size else b, init))
+        elif kind is not None:  # a bias shared with other nodes: this node gets its own corrected copy
+            old = numpy_helper.to_array(inits[init])
+            new = f"{name}/bias_corrected"
+            m.graph.initializer.append(numpy_helper.from_array(b.reshape(old.shape) if old.size == b.size else b, new))
+            holder = node if kind == "input" else consumers[node.output[0]][0]
+            for k, i in enumerate(holder.input):
+                if i == init:
+                    holder.input[k] = new
+            uses[init] -= 1
         elif node.op_type in ("Conv", "Gemm") and (len(node.input) < 3 or not node.input[2]):
             new = f"{name}/bias_corrected"
             m.graph.initializer.append(numpy_helper.from_array(b, new))
