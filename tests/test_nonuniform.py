@@ -217,8 +217,8 @@ def _expand_in_ort(weights, opset=17):
     writer = CodebookWriter(graph, NameAllocator.for_graph(graph))
     vals = []
     for i, (q, axis, bits) in enumerate(weights):
-        val, storage = writer.weight(q, axis, bits, f"w{i}", force="codebook4")
-        assert storage == "codebook4" and val.producer() is None  # built by finish()
+        val, storage = writer.weight(q, axis, bits, f"w{i}", force="codebook")
+        assert storage == f"codebook{bits}" and val.producer() is None  # built by finish()
         vals.append(val)
     writer.finish()
     for val, (q, _, _) in zip(vals, weights):
@@ -311,7 +311,7 @@ def test_realized_weights_exact_and_equal_to_plain_int8(monkeypatch, bits):
     pipe = Pipeline(nu_cnn(), calib(), "x86_avx2", QuantOptions.from_kwargs(weight_scheme="nonuniform",
                                                                               weight_bits=bits))
     built = pipe.build()
-    assert built.plan.layers["convA"].weight.storage == "codebook4"
+    assert built.plan.layers["convA"].weight.storage == f"codebook{bits}"
     assert "GatherElements" in {n.op_type for n in built.model.graph.node}
     # the same plan with plain int8 storage (the codebook never pays off): the reference snapped weights
     monkeypatch.setattr(codebook, "CHAIN_OVERHEAD", 10 ** 9)
@@ -347,7 +347,7 @@ def test_fused_int8_kernels_no_gather_left(cnn_runs, bits):
     ops = Counter(n.op_type for n in optimized_graph(res.model).graph.node)
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1
     assert not {"GatherElements", "BitShift", "Conv", "Gemm", "FusedConv", "Mul", "Add", "Reshape"} & set(ops)
-    assert res.plan.layers["fc"].weight.storage == "codebook4"
+    assert res.plan.layers["fc"].weight.storage == f"codebook{bits}"
     for lp in res.plan.quantized_layers():  # the kernel is the spec's int8 scheme, not simulated
         if lp.weight is not None:
             assert not lp.simulated and lp.weight.dtype == "int8" and lp.weight.bits in (7, 8)
@@ -392,9 +392,9 @@ def test_w3_file_smaller_than_w4(cnn_runs):
     """3-bit indices take 3 bits (a 2-bit and a 1-bit plane, an 8-entry codebook): convA (C=64, K=144) and fc
     (C=48, K=64) are codebook-stored at both widths, the depthwise layer (K=9) is int8 at both."""
     w3, w4 = cnn_runs["w3"], cnn_runs["w4"]
-    for res in (w3, w4):
+    for res, bits in ((w3, 3), (w4, 4)):
         assert {lp.node: lp.weight.storage for lp in res.plan.quantized_layers() if lp.weight is not None} == \
-            {"convA": "codebook4", "dw": "int8", "fc": "codebook4"}
+            {"convA": f"codebook{bits}", "dw": "int8", "fc": f"codebook{bits}"}
     p3 = 64 * (8 + 144 // 4 + 144 // 8) + 48 * (8 + 64 // 4 + 64 // 8)  # C * (8 + ceil(K/4) + ceil(K/8))
     p4 = 64 * (16 + 144 // 2) + 48 * (16 + 64 // 2)                     # C * (16 + ceil(K/2))
     assert _codebook_payload(w3.model) == p3 == 5504 and _codebook_payload(w4.model) == p4 == 7936
@@ -526,7 +526,7 @@ def _grouped_vs_plain(monkeypatch, model, calibration, bits=4, **kw):
 @pytest.mark.parametrize("bits", [4, 3])
 def test_equal_k_layers_grouped_through_realize(monkeypatch, bits):
     built, storage, per_layer, plain = _grouped_vs_plain(monkeypatch, nu_deep(), calib(), bits)
-    assert storage == dict.fromkeys(("cA", "cB", "cC", "cD", "cE", "cF", "fc"), "codebook4")
+    assert storage == dict.fromkeys(("cA", "cB", "cC", "cD", "cE", "cF", "fc"), f"codebook{bits}")
     ops = Counter(n.op_type for n in built.model.graph.node)
     # groups: K=144 {cA, cE}, K=288 {cB, cC, cD}, K=117 {cF}, K=64 {fc}: 4 chains, 2 of them split
     assert ops["GatherElements"] == 4 and ops["Split"] == 2 and ops["BitShift"] == (12 if bits == 4 else 16)

@@ -176,11 +176,12 @@ class CodebookWriter:
     def weight(self, q: np.ndarray, axis: int, bits: int, base: str, *,
                force: Optional[str] = None) -> Tuple[ir.Value, str]:
         """The value holding integer weight ``q`` (int8 / uint8 array, channels on ``axis``): a plain initializer
-        ("int8"), or ("codebook4") a value named ``<base>_quantized`` without a producer yet, which finish() makes
-        the output of its group's expansion chain. ``force`` picks the storage regardless of size."""
+        ("int8"), or ("codebook<bits>", e.g. "codebook3") a value named ``<base>_quantized`` without a producer yet,
+        which finish() makes the output of its group's expansion chain. ``force`` ("int8" or "codebook") picks the
+        storage regardless of size."""
         if self._finished:
             raise RuntimeError("CodebookWriter.weight() after finish()")
-        storage = force or ("codebook4" if codebook_pays(q.shape, axis, bits) else "int8")
+        storage = force or ("codebook" if codebook_pays(q.shape, axis, bits) else "int8")
         if storage == "int8":
             return new_initializer(self.graph, f"{base}_quantized", q, self.names), "int8"
         moved = np.moveaxis(q, axis, 0)
@@ -193,7 +194,7 @@ class CodebookWriter:
         layer = _Layer(base, planes, book, tuple(moved.shape), axis, out)
         key = (k, q.dtype.str, int(bits)) if SHARE_CHAINS else (k, q.dtype.str, int(bits), len(self._groups))
         self._groups.setdefault(key, []).append(layer)
-        return out, "codebook4"
+        return out, f"codebook{int(bits)}"
 
     def finish(self) -> None:
         """Build the expansion chains of every layer weight() recorded and insert them at the start of the graph

@@ -31,7 +31,7 @@ class TensorQuant:
     shared_with: Optional[str] = None   # passthrough tensors reuse the qparams of another tensor
     stats: Dict[str, Any] = field(default_factory=dict)
     # weight grid (weights only): "uniform", or "nonuniform" (at most 2**levels_bits values of the int8 grid per
-    # output channel, quant/nonuniform.py); storage: how realize wrote it ("int8" initializer, or "codebook4":
+    # output channel, quant/nonuniform.py); storage: how realize wrote it ("int8" initializer, or "codebook4" / "codebook3":
     # packed 4- or 3-bit indices + an int8 codebook, quant/codebook.py); levels: per-channel levels-used summary
     scheme: str = "uniform"
     levels_bits: Optional[int] = None
