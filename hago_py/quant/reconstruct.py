@@ -77,19 +77,18 @@ def apply_biases(model: onnx.ModelProto, biases: Mapping[str, np.ndarray]) -> on
         node = nodes[name]
         kind, init = _bias_source(m, node, consumers)
         b = np.asarray(b, np.float32)
-        if kind is not None and uses.get(init, 0) == 1:
+        if kind is not None:
             old = numpy_helper.to_array(inits[init])
             # a broadcast bias (Gemm C of shape [1]) becomes the per-channel vector the correction computed
-            inits[init].CopyFrom(numpy_helper.from_array(b.reshape(old.shape) if old.size == b.size else b, init))
-        elif kind is not None:  # a bias shared with other nodes: this node gets its own corrected copy
-            old = numpy_helper.to_array(inits[init])
-            new = f"{name}/bias_corrected"
-            m.graph.initializer.append(numpy_helper.from_array(b.reshape(old.shape) if old.size == b.size else b, new))
-            holder = node if kind == "input" else consumers[node.output[0]][0]
-            for k, i in enumerate(holder.input):
-                if i == init:
-                    holder.input[k] = new
-            uses[init] -= 1
+            arr = b.reshape(old.shape) if old.size == b.size else b
+            if uses.get(init, 0) == 1:
+                inits[init].CopyFrom(numpy_helper.from_array(arr, init))
+            else:  # a bias shared with other nodes: this node gets its own corrected copy
+                new = f"{name}/bias_corrected"
+                m.graph.initializer.append(numpy_helper.from_array(arr, new))
+                holder = node if kind == "input" else consumers[node.output[0]][0]
+                holder.input[:] = [new if i == init else i for i in holder.input]
+                uses[init] -= 1
         elif node.op_type in ("Conv", "Gemm") and (len(node.input) < 3 or not node.input[2]):
             new = f"{name}/bias_corrected"
             m.graph.initializer.append(numpy_helper.from_array(b, new))
